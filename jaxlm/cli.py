@@ -1,0 +1,98 @@
+"""`jaxlm` command line: parse → config → one function call. User errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+
+from jaxlm.errors import UserError
+
+log = logging.getLogger("jaxlm")
+
+
+class _ProcessIndexFilter(logging.Filter):
+    """Stamp every record with the JAX process index (0 before jax.distributed starts)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.process_index = _process_index()
+        return True
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ProcessIndexFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s jaxlm[p%(process_index)s] %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _use_cpu_devices_for_mesh(config) -> None:
+    """On a CPU-only machine, give XLA as many host devices as the mesh asks for explicitly, so
+    `mesh.fsdp=4 mesh.data=2` works on a laptop without setting XLA_FLAGS by hand."""
+    import jax
+
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    explicit = math.prod(
+        size for size in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) if size > 0
+    )
+    if explicit > 1:
+        jax.config.update("jax_num_cpu_devices", explicit)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxlm.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    _use_cpu_devices_for_mesh(config)
+    from jaxlm.train import train
+
+    train(config)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxlm", description="Train language models on JAX device meshes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser("train", help="train (or resume) the run a config describes")
+    train_parser.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    train_parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100"
+    )
+    train_parser.set_defaults(run=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return args.run(args)
+    except UserError as error:
+        process = _process_index()
+        print(f"jaxlm[p{process}]: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxlm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _process_index() -> int:
+    """The JAX process index, without starting a backend (that must wait for jax.distributed)."""
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        return 0
+    import jax
+
+    return jax.process_index()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""The typed experiment config: YAML file, dotted `key=value` overrides, validation.
+
+Every section is a pydantic model that forbids unknown keys, so a misspelt key fails with one
+line naming it (and the closest real key) before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jaxlm.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Parameters use the plain names; activations the `act_` ones, so that
+# the batch can take `fsdp` on activations while `embed` takes it on parameters.
+DEFAULT_RULES: dict[str, list[str] | None] = {
+    "batch": ["data", "fsdp"],
+    "length": None,
+    "vocab": ["tensor"],
+    "embed": ["fsdp"],
+    "mlp": ["tensor"],
+    "heads": ["tensor"],
+    "kv_heads": ["tensor"],
+    "head_dim": None,
+    "layers": None,
+    "act_embed": None,
+    "act_heads": ["tensor"],
+    "act_kv_heads": ["tensor"],
+    "act_mlp": ["tensor"],
+    "act_vocab": ["tensor"],
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class ModelConfig(Section):
+    vocab_size: int = Field(
+        512, gt=0, description="Rows of the embedding table; ≥ the tokenizer's vocabulary."
+    )
+    d_model: int = Field(128, gt=0, description="Width of the residual stream.")
+    num_layers: int = Field(2, gt=0, description="Transformer blocks (applied with a scan).")
+    num_heads: int = Field(4, gt=0, description="Query heads.")
+    num_kv_heads: int | None = Field(
+        None, gt=0, description="Key/value heads (grouped-query attention); null = num_heads."
+    )
+    head_dim: int | None = Field(None, gt=0, description="Width of one head; null = d_model / num_heads.")
+    mlp_dim: int = Field(512, gt=0, description="Hidden width of the SwiGLU MLP.")
+    rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary position frequencies.")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of RMSNorm.")
+    tie_embeddings: bool = Field(False, description="Use the embedding table as the output projection.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype of activations and matmuls."
+    )
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Storage dtype of parameters and optimizer state."
+    )
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = Field(
+        "none",
+        description="Activation checkpointing of each block: none, full (recompute all), dots (save matmul outputs), dots_no_batch.",
+    )
+    attention: Literal["xla", "cudnn", "auto"] = Field(
+        "xla",
+        description="Kernel of jax.nn.dot_product_attention: xla (any device), cudnn (NVIDIA GPU), auto (JAX picks).",
+    )
+    init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal initialiser.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads="
+                f"{self.num_kv_heads}; pick num_kv_heads among its divisors"
+            )
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(
+                    f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                    f"{self.num_heads}; change one or set model.head_dim"
+                )
+            self.head_dim = self.d_model // self.num_heads
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+        return self
+
+
+class MeshConfig(Section):
+    data: int = Field(1, description="Data-parallel replicas (-1 = the remaining devices).")
+    fsdp: int = Field(
+        -1,
+        description="Fully sharded data parallelism: shards parameters and optimizer state (-1 = the remaining devices).",
+    )
+    tensor: int = Field(1, description="Tensor parallelism over heads and MLP (-1 = the remaining devices).")
+    rules: dict[str, list[str] | None] = Field(
+        default_factory=lambda: {k: (list(v) if v else None) for k, v in DEFAULT_RULES.items()},
+        description="Logical axis → mesh axes (a list, or null to replicate).",
+    )
+
+    @model_validator(mode="after")
+    def _axes(self) -> MeshConfig:
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        for axis, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ValueError(f"mesh.{axis}={size} must be a positive device count or -1")
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        for logical, mesh_axes in self.rules.items():
+            if logical not in DEFAULT_RULES:
+                raise ValueError(
+                    f"mesh.rules.{logical} is not a logical axis{_did_you_mean(logical, DEFAULT_RULES)}"
+                )
+            for mesh_axis in mesh_axes or ():
+                if mesh_axis not in MESH_AXES:
+                    raise ValueError(
+                        f"mesh.rules.{logical}: {mesh_axis!r} is not a mesh axis; use {', '.join(MESH_AXES)}"
+                    )
+        # Rules given in YAML extend the defaults rather than replace them.
+        self.rules = {
+            **{k: (list(v) if v else None) for k, v in DEFAULT_RULES.items()},
+            **self.rules,
+        }
+        return self
+
+
+class DataConfig(Section):
+    path: str | None = Field(
+        None,
+        description="A directory, glob or file of .txt / .jsonl documents; null = this Python's standard library source.",
+    )
+    tokenizer: str = Field(
+        "byte",
+        description="'byte' (built-in, 257 ids) or the path of a Hugging Face tokenizer.json.",
+    )
+    eos_token: str | None = Field(
+        None,
+        description="End-of-document token of a tokenizer.json; null = the first of the usual names it has.",
+    )
+    text_field: str = Field("text", description="Field of a .jsonl record that holds the document.")
+    seq_len: int = Field(128, gt=1, description="Tokens per packed row.")
+    validation_fraction: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Share of documents held out for eval (by a stable hash of their name).",
+    )
+    shards: int = Field(
+        0,
+        ge=0,
+        description="Independent shards of the document stream (0 = one per process); fix it to get the same batches on any process count.",
+    )
+    worker_count: int = Field(
+        0, ge=0, description="Grain worker processes (0 = background threads in this process)."
+    )
+    prefetch: int = Field(4, ge=0, description="Batches buffered ahead of the step.")
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="After warmup: cosine decay, warmup-stable-decay, or constant."
+    )
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup from 0 to optim.lr.")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Final learning rate as a fraction of optim.lr (cosine, wsd)."
+    )
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="Share of the schedule spent decaying (wsd).")
+    schedule_steps: int = Field(
+        0,
+        ge=0,
+        description="Length of the schedule; 0 = train.steps. Set it to extend or split a run without changing the schedule.",
+    )
+    weight_decay: float = Field(
+        0.1, ge=0, description="Decoupled (AdamW) weight decay; never applied to norms."
+    )
+    decay_embeddings: bool = Field(False, description="Apply weight decay to the embedding table too.")
+    b1: float = Field(0.9, ge=0, lt=1, description="Adam β1.")
+    b2: float = Field(0.95, ge=0, lt=1, description="Adam β2.")
+    eps: float = Field(1e-8, gt=0, description="Adam ε.")
+    clip_norm: float = Field(1.0, ge=0, description="Clip gradients to this global norm (0 = off).")
+
+
+class TrainConfig(Section):
+    steps: int = Field(300, gt=0, description="Optimizer steps of the run.")
+    global_batch_size: int = Field(16, gt=0, description="Rows per step, over all devices and micro-batches.")
+    micro_batches: int = Field(
+        1,
+        gt=0,
+        description="Gradient accumulation: micro-batches per step, inside the one jitted step.",
+    )
+    seed: int = Field(0, description="Seed of parameter init and data order.")
+    log_every: int = Field(10, gt=0, description="Fetch and write metrics every this many steps.")
+    eval_every: int = Field(
+        100, ge=0, description="Evaluate on the validation split every this many steps (0 = never)."
+    )
+    eval_batches: int = Field(4, gt=0, description="Batches per evaluation.")
+
+    @model_validator(mode="after")
+    def _micro(self) -> TrainConfig:
+        if self.global_batch_size % self.micro_batches:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.micro_batches={self.micro_batches}"
+            )
+        return self
+
+
+class CheckpointConfig(Section):
+    every: int = Field(100, ge=0, description="Save every this many steps and at the end (0 = never save).")
+    keep: int = Field(3, gt=0, description="Keep the newest this many checkpoints.")
+    dir: str | None = Field(None, description="Where checkpoints go; null = <run.dir>/checkpoints.")
+    async_save: bool = Field(True, description="Write checkpoints in the background while training goes on.")
+
+
+class RunConfig(Section):
+    dir: str = Field(
+        "runs/tiny",
+        description="Run directory: config.yaml, metrics.jsonl, TensorBoard events, checkpoints.",
+    )
+    cpu_peak_flops: float = Field(
+        1e11,
+        gt=0,
+        description="Peak FLOP/s of one CPU device, for MFU on CPU (accelerators use a built-in table).",
+    )
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Config:
+        schedule_steps = self.optim.schedule_steps or self.train.steps
+        if self.optim.warmup_steps > schedule_steps:
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} is longer than the schedule "
+                f"({schedule_steps} steps); lower it or raise train.steps"
+            )
+        return self
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run.dir) / "checkpoints"
+
+    @property
+    def schedule_steps(self) -> int:
+        return self.optim.schedule_steps or self.train.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} does not exist; pass the path of a YAML file such as configs/tiny.yaml"
+            )
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {_first_line(error)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
+    for override in overrides:
+        apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    """Validate a nested dict into a Config; the first problem becomes one ConfigError line."""
+    try:
+        return Config.model_validate(raw)
+    except pydantic.ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`4`, `true`, `[a, b]`, `null`)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"override {override!r} is not of the form section.key=value (e.g. train.steps=100)"
+        )
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    node = raw
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parents[: depth + 1])} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(error: pydantic.ValidationError) -> str:
+    problems = error.errors()
+    first = problems[0]
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc)
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        message = f"{key} is not a config key{_did_you_mean(loc[-1], _keys_at(loc[:-1]), prefix=loc[:-1])}"
+    elif kind == "value_error":
+        message = str(first["msg"]).removeprefix("Value error, ")
+    elif kind in ("model_type", "dict_type") and loc:
+        message = f"{key} must be a section (a mapping of keys), got {first['input']!r}"
+    else:
+        message = f"{key}={first['input']!r} is invalid: {first['msg'].lower()}" if key else first["msg"]
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
+    return message
+
+
+def _keys_at(loc: Sequence[str]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _did_you_mean(name: str, candidates, prefix: Sequence[str] = ()) -> str:
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    if not matches:
+        return ""
+    return f"; did you mean {'.'.join([*prefix, matches[0]])}?"
+
+
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split())

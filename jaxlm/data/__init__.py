@@ -1,0 +1,1 @@
+"""Input pipeline: sources (documents), tokenizers, and the Grain pipeline."""

@@ -1,0 +1,172 @@
+"""The Grain input pipeline: documents → tokens → packed rows → host batches → global arrays.
+
+The training stream is split into `data.shards` independent shards of the document list; each
+process reads only the shards it owns. A host batch is the rows of its shards side by side, so a
+given `data.shards` yields the same global batch whatever the number of processes.
+
+Rows are packed by concatenating documents and cutting at `seq_len`; `segment_ids` number the
+documents within a row (attention never crosses them) and `positions` restart at each document.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from jaxlm.config import Config
+from jaxlm.data.sources import DocumentRef, DocumentSource
+from jaxlm.data.tokenizers import Tokenizer
+from jaxlm.errors import ConfigError, DataError
+
+Batch = dict[str, np.ndarray]  # inputs, targets, segment_ids, positions: [rows, seq_len] int32
+FIELDS = ("inputs", "targets", "segment_ids", "positions")
+
+
+class _Tokenize(grain.transforms.Map):
+    """Document text → next-token pairs, with the end-of-document token as both BOS and EOS."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def map(self, text: str) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode(text)
+        eos = np.array([self.tokenizer.eos_id], np.int32)
+        return {"inputs": np.concatenate([eos, ids]), "targets": np.concatenate([ids, eos])}
+
+
+def _rename(packed: dict[str, np.ndarray]) -> Batch:
+    return {
+        "inputs": packed["inputs"],
+        "targets": packed["targets"],
+        "segment_ids": packed["inputs_segment_ids"],
+        "positions": packed["inputs_positions"],
+    }
+
+
+def packed_rows(
+    refs: list[DocumentRef],
+    config: Config,
+    tokenizer: Tokenizer,
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    shuffle: bool = True,
+) -> grain.IterDataset:
+    """An endless stream of packed [seq_len] rows from one shard of the documents."""
+    documents = grain.MapDataset.source(DocumentSource(refs, config.data.text_field))
+    documents = documents[shard_index::shard_count]
+    if len(documents) == 0:
+        raise DataError(
+            f"data shard {shard_index} of {shard_count} has no documents ({len(refs)} in all); "
+            "use fewer data.shards or add documents"
+        )
+    if shuffle:
+        documents = documents.shuffle(seed=config.train.seed + shard_index)
+    tokens = documents.repeat(None).map(_Tokenize(tokenizer))
+    rows = tokens.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
+    seq_len = config.data.seq_len
+    rows = grain.experimental.ConcatThenSplitIterDataset(
+        rows, length_struct={"inputs": seq_len, "targets": seq_len}
+    )
+    return rows.map(_rename)
+
+
+def shard_count(config: Config) -> int:
+    shards = config.data.shards or jax.process_count()
+    if shards % jax.process_count():
+        raise ConfigError(
+            f"data.shards={shards} is not a multiple of the {jax.process_count()} processes; "
+            "use a multiple, or 0 for one shard per process"
+        )
+    if config.train.global_batch_size % shards:
+        raise ConfigError(
+            f"train.global_batch_size={config.train.global_batch_size} is not divisible by data.shards={shards}"
+        )
+    return shards
+
+
+class HostBatches:
+    """This process's rows of each global batch, drawn from the data shards it owns.
+
+    Checkpointable: `get_state`/`set_state` cover every shard's Grain iterator, in the form the
+    Grain Orbax handler saves per process.
+    """
+
+    def __init__(self, refs: list[DocumentRef], config: Config, tokenizer: Tokenizer):
+        shards = shard_count(config)
+        per_process = shards // jax.process_count()
+        first = jax.process_index() * per_process
+        rows_per_shard = config.train.global_batch_size // shards
+        self._iterators = []
+        for shard_index in range(first, first + per_process):
+            stream = packed_rows(refs, config, tokenizer, shard_index=shard_index, shard_count=shards)
+            stream = stream.batch(rows_per_shard, drop_remainder=True)
+            if config.data.worker_count:
+                stream = stream.mp_prefetch(
+                    grain.MultiprocessingOptions(num_workers=config.data.worker_count)
+                )
+            elif config.data.prefetch:
+                stream = grain.experimental.ThreadPrefetchIterDataset(
+                    stream, prefetch_buffer_size=config.data.prefetch
+                )
+            self._iterators.append(iter(stream))
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        parts = [next(iterator) for iterator in self._iterators]
+        return {field: np.concatenate([part[field] for part in parts]) for field in FIELDS}
+
+    def get_state(self) -> bytes:
+        return json.dumps([iterator.get_state() for iterator in self._iterators]).encode()
+
+    def set_state(self, state: bytes) -> None:
+        states = json.loads(state)
+        if len(states) != len(self._iterators):
+            raise DataError(
+                f"the checkpoint holds {len(states)} data shard(s) for process {jax.process_index()} "
+                f"but this run has {len(self._iterators)}; resume with the same data.shards"
+            )
+        for iterator, shard_state in zip(self._iterators, states, strict=True):
+            iterator.set_state(shard_state)
+
+    def start_prefetch(self) -> None:
+        for iterator in self._iterators:
+            if hasattr(iterator, "start_prefetch"):
+                iterator.start_prefetch()
+
+    def close(self) -> None:
+        for iterator in self._iterators:
+            if hasattr(iterator, "close"):
+                iterator.close()
+
+
+def eval_host_batches(refs: list[DocumentRef], config: Config, tokenizer: Tokenizer) -> list[Batch]:
+    """The fixed validation batches (this process's rows), read once and reused by every eval.
+
+    Every process packs the same validation stream and keeps its rows, so tiny validation splits
+    work on any number of processes.
+    """
+    rows = packed_rows(refs, config, tokenizer, shuffle=False).batch(
+        config.train.global_batch_size, drop_remainder=True
+    )
+    per_process = config.train.global_batch_size // jax.process_count()
+    start = jax.process_index() * per_process
+    iterator = iter(rows)
+    batches = []
+    for _ in range(config.train.eval_batches):
+        batch = next(iterator)
+        batches.append({field: batch[field][start : start + per_process] for field in FIELDS})
+    iterator.close()
+    return batches
+
+
+def to_global(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays with the batch sharding."""
+    return {field: jax.make_array_from_process_local_data(sharding, batch[field]) for field in FIELDS}

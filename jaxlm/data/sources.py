@@ -1,0 +1,155 @@
+"""Where documents come from: .txt / .jsonl files, or this Python's own standard library.
+
+A document is addressed by a `DocumentRef` (file, and byte offset of the line for .jsonl), so the
+index is small and Grain reads documents lazily, in any order, from any process.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from jaxlm.errors import DataError
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass(frozen=True)
+class DocumentRef:
+    path: str
+    offset: int = -1  # byte offset of the line in a .jsonl file; -1 = the whole .txt file
+    name: str = ""  # stable across machines: relative path (and line), used for the split
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_documents() -> list[DocumentRef]:
+    """Every .py file of the running interpreter's standard library (not site-packages)."""
+    root = stdlib_root()
+    refs = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if {"site-packages", "dist-packages"} & set(relative.parts) or path.stat().st_size == 0:
+            continue
+        refs.append(DocumentRef(str(path), -1, relative.as_posix()))
+    if not refs:
+        raise DataError(
+            f"found no .py files under the standard library at {root}; set data.path to your own text"
+        )
+    return refs
+
+
+def find_files(spec: str) -> tuple[list[Path], Path]:
+    """Files named by a directory, a glob or a single file, and the root to name them from."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+        root = path
+    elif path.is_file():
+        files, root = [path], path.parent
+    elif glob.has_magic(spec):
+        files = sorted(
+            Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()
+        )
+        root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path(".")
+    else:
+        raise DataError(
+            f"data.path={spec} does not exist; point it at a directory, glob or file of .txt/.jsonl "
+            "documents, or leave it null for the built-in corpus"
+        )
+    files = [f for f in files if f.suffix in TEXT_SUFFIXES]
+    if not files:
+        raise DataError(f"data.path={spec} holds no .txt or .jsonl files; add some or point it elsewhere")
+    return files, root
+
+
+def file_documents(spec: str, text_field: str) -> list[DocumentRef]:
+    """One document per .txt file and one per non-blank .jsonl line."""
+    files, root = find_files(spec)
+    refs = []
+    for path in files:
+        relative = path.relative_to(root).as_posix()
+        if path.suffix == ".txt":
+            if path.stat().st_size:
+                refs.append(DocumentRef(str(path), -1, relative))
+            continue
+        offset = 0
+        with path.open("rb") as lines:
+            for line_number, line in enumerate(lines, start=1):
+                if line.strip():
+                    _check_record(line, text_field, f"{path}:{line_number}")
+                    refs.append(DocumentRef(str(path), offset, f"{relative}:{line_number}"))
+                offset += len(line)
+    if not refs:
+        raise DataError(f"data.path={spec} has no non-empty documents; the corpus is empty")
+    return refs
+
+
+def _check_record(line: bytes, text_field: str, where: str) -> None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where} is not valid JSON ({error.msg}); fix or remove that line") from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        raise DataError(
+            f"{where} has no string field {text_field!r}; set data.text_field to the field that holds the text"
+        )
+
+
+def read_document(ref: DocumentRef, text_field: str) -> str:
+    if ref.offset < 0:
+        return Path(ref.path).read_text(encoding="utf-8", errors="replace")
+    with open(ref.path, "rb") as file:
+        file.seek(ref.offset)
+        return json.loads(file.readline())[text_field]
+
+
+def list_documents(path: str | None, text_field: str) -> list[DocumentRef]:
+    return stdlib_documents() if path is None else file_documents(path, text_field)
+
+
+def split_documents(
+    refs: list[DocumentRef], validation_fraction: float
+) -> tuple[list[DocumentRef], list[DocumentRef]]:
+    """Train / validation split by a stable hash of each document's name (same on every machine)."""
+    if validation_fraction == 0:
+        return refs, []
+    scores = [_unit_hash(ref.name) for ref in refs]
+    train = [ref for ref, score in zip(refs, scores, strict=True) if score >= validation_fraction]
+    validation = [ref for ref, score in zip(refs, scores, strict=True) if score < validation_fraction]
+    if not validation and len(refs) > 1:
+        # Too few documents for the fraction to pick any: hold out the lowest-scoring one.
+        held_out = min(range(len(refs)), key=scores.__getitem__)
+        validation = [refs[held_out]]
+        train = [ref for i, ref in enumerate(refs) if i != held_out]
+    if not train:
+        raise DataError(
+            f"data.validation_fraction={validation_fraction} leaves no training documents; lower it or add documents"
+        )
+    return train, validation
+
+
+def _unit_hash(name: str) -> float:
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class DocumentSource:
+    """Grain random-access source: index → document text."""
+
+    def __init__(self, refs: list[DocumentRef], text_field: str):
+        self.refs = refs
+        self.text_field = text_field
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> str:
+        return read_document(self.refs[index], self.text_field)

@@ -1,0 +1,89 @@
+"""Tokenizers: a built-in byte-level one, and any local Hugging Face `tokenizer.json`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from jaxlm.config import DataConfig
+from jaxlm.errors import DataError
+
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def token_bytes(self) -> np.ndarray:
+        """[vocab_size] UTF-8 bytes each token stands for (0 for special tokens): for bits per byte."""
+        ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are the tokens 0..255; 256 marks document boundaries."""
+
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+    def token_bytes(self) -> np.ndarray:
+        return np.array([1] * 256 + [0], np.int32)
+
+
+class HuggingFaceTokenizer:
+    """A `tokenizer.json` read with the `tokenizers` library (no network)."""
+
+    def __init__(self, path: str, eos_token: str | None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self._tokenizer = HFTokenizer.from_file(path)
+        except Exception as error:
+            raise DataError(
+                f"data.tokenizer={path} could not be loaded as a tokenizer.json ({error})"
+            ) from None
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        names = [eos_token] if eos_token else list(EOS_CANDIDATES)
+        ids = [self._tokenizer.token_to_id(name) for name in names]
+        found = [i for i in ids if i is not None]
+        if not found:
+            raise DataError(
+                f"data.tokenizer={path} has no end-of-document token among {', '.join(names)}; "
+                "set data.eos_token to the one it uses"
+            )
+        self.eos_id = found[0]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def token_bytes(self) -> np.ndarray:
+        # A byte-level BPE token may hold part of a multi-byte character; decoding it alone gives
+        # U+FFFD (3 bytes), so this count is close, not exact, for non-ASCII text.
+        lengths = np.zeros(self.vocab_size, np.int32)
+        special = {
+            token.content for token in self._tokenizer.get_added_tokens_decoder().values() if token.special
+        }
+        for token_id in range(self.vocab_size):
+            if self._tokenizer.id_to_token(token_id) in special:
+                continue
+            lengths[token_id] = len(
+                self._tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+            )
+        return lengths
+
+
+def load_tokenizer(config: DataConfig) -> Tokenizer:
+    if config.tokenizer == "byte":
+        return ByteTokenizer()
+    if not Path(config.tokenizer).is_file():
+        raise DataError(
+            f"data.tokenizer={config.tokenizer} is neither 'byte' nor an existing tokenizer.json file"
+        )
+    return HuggingFaceTokenizer(config.tokenizer, config.eos_token)

@@ -1,0 +1,17 @@
+"""Errors that are the user's to fix: the CLI prints them as one line, without a traceback."""
+
+
+class UserError(Exception):
+    """Bad config, data, checkpoint or command line; the message names the problem and the fix."""
+
+
+class ConfigError(UserError):
+    """The experiment config is invalid."""
+
+
+class DataError(UserError):
+    """The training data cannot be read or is unusable."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became non-finite."""

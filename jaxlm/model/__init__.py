@@ -1,0 +1,5 @@
+"""The language model (Flax NNX)."""
+
+from jaxlm.model.transformer import Transformer
+
+__all__ = ["Transformer"]

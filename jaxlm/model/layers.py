@@ -1,0 +1,116 @@
+"""Building blocks of the Llama-family transformer: params with logical axes, RMSNorm, RoPE,
+grouped-query attention, SwiGLU MLP.
+
+Every parameter names its logical axes (`embed`, `heads`, ...); nothing here knows about
+devices. `constrain` pins activations by logical name and is a no-op outside a train step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.parallel import constrain
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def param(
+    rngs: nnx.Rngs,
+    shape: Sequence[int],
+    logical_axes: Sequence[str],
+    std: float,
+    dtype: jnp.dtype,
+) -> nnx.Param:
+    """A normal-initialised parameter that carries its logical axis names."""
+    value = std * jax.random.normal(rngs.params(), tuple(shape), dtype)
+    return nnx.Param(value, sharding_names=tuple(logical_axes), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("embed",), eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in float32 whatever the compute dtype: bf16 mean-of-squares loses too much.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate pairs of channels by position-dependent angles.
+
+    x: [batch, length, heads, head_dim]; positions: [batch, length] (restart per document).
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # [half]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, length, half]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[batch, 1, length, length] bool: causal, and never across documents of a packed row."""
+    length = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+    same_document = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same_document)[:, None]
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary positions."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+        pdt = dtype_of(config.param_dtype)
+        out_std = config.init_std / (2 * config.num_layers) ** 0.5
+        self.rope_theta = config.rope_theta
+        self.implementation = None if config.attention == "auto" else config.attention
+        self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), config.init_std, pdt)
+        self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
+        self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
+        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, pdt)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        dt = x.dtype
+        q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(dt))  # [batch, length, heads, head_dim]
+        k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))  # [batch, length, kv_heads, head_dim]
+        v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
+        q = constrain(rotary(q, positions, self.rope_theta), ("batch", "length", "act_heads", None))
+        k = constrain(rotary(k, positions, self.rope_theta), ("batch", "length", "act_kv_heads", None))
+        v = constrain(v, ("batch", "length", "act_kv_heads", None))
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=attention_mask(segment_ids), implementation=self.implementation
+        )  # [batch, length, heads, head_dim]
+        out = constrain(out, ("batch", "length", "act_heads", None))
+        return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        d, m = config.d_model, config.mlp_dim
+        pdt = dtype_of(config.param_dtype)
+        out_std = config.init_std / (2 * config.num_layers) ** 0.5
+        self.w_gate = param(rngs, (d, m), ("embed", "mlp"), config.init_std, pdt)
+        self.w_up = param(rngs, (d, m), ("embed", "mlp"), config.init_std, pdt)
+        self.w_down = param(rngs, (m, d), ("mlp", "embed"), out_std, pdt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        gate = jnp.einsum("bte,em->btm", x, self.w_gate[...].astype(dt))
+        up = jnp.einsum("bte,em->btm", x, self.w_up[...].astype(dt))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))  # [batch, length, mlp]
+        return jnp.einsum("btm,me->bte", hidden, self.w_down[...].astype(dt))

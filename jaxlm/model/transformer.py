@@ -1,0 +1,80 @@
+"""The decoder-only language model: embed → scanned blocks → norm → logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.model.layers import MLP, Attention, RMSNorm, dtype_of, param
+from jaxlm.parallel import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        pdt = dtype_of(config.param_dtype)
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
+        self.attention = Attention(config, rngs)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        x = x + self.attention(self.attention_norm(x), positions, segment_ids)
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "length", "act_embed"))
+
+
+class Transformer(nnx.Module):
+    """Llama-style causal LM. Blocks are stacked on a leading `layers` axis and run with a scan,
+    so compile time does not grow with depth."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        pdt = dtype_of(config.param_dtype)
+        self.dtype = dtype_of(config.dtype)
+        self.remat = config.remat
+        self.tie_embeddings = config.tie_embeddings
+        self.embedding = param(
+            rngs, (config.vocab_size, config.d_model), ("vocab", "embed"), config.init_std, pdt
+        )
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(config, rngs)
+
+        self.blocks = stacked_blocks(rngs)
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
+        if not config.tie_embeddings:
+            self.lm_head = param(
+                rngs, (config.d_model, config.vocab_size), ("embed", "vocab"), config.init_std, pdt
+            )
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """tokens, positions, segment_ids: [batch, length] int32 → logits [batch, length, vocab]."""
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)  # [batch, length, embed]
+        x = constrain(x, ("batch", "length", "act_embed"))
+
+        block_def, block_params = nnx.split(self.blocks)
+
+        def apply_block(x, layer_params):
+            return nnx.merge(block_def, layer_params)(x, positions, segment_ids), None
+
+        if self.remat != "none":
+            apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(apply_block, x, block_params)
+
+        x = self.final_norm(x)
+        if self.tie_embeddings:
+            logits = jnp.einsum("bte,ve->btv", x, self.embedding[...].astype(self.dtype))
+        else:
+            logits = jnp.einsum("bte,ev->btv", x, self.lm_head[...].astype(self.dtype))
+        return constrain(logits, ("batch", "length", "act_vocab"))

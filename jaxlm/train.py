@@ -1,0 +1,348 @@
+"""The train step (a pure function of pytrees) and the loop around it (the only side effects)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm import parallel
+from jaxlm.checkpoint import Checkpointer, abstract_with_shardings, has_checkpoints
+from jaxlm.config import Config
+from jaxlm.data import pipeline, sources
+from jaxlm.data.tokenizers import load_tokenizer
+from jaxlm.errors import ConfigError, DataError, TrainingDiverged
+from jaxlm.metrics import MetricsWriter, Progress, model_flops_per_step, peak_flops_per_device
+from jaxlm.model import Transformer
+from jaxlm.optim import make_optimizer
+
+log = logging.getLogger("jaxlm")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # nested dict of arrays, the model's nnx.Param values
+    opt_state: Any
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure core: loss, train step, eval step.
+
+
+def next_token_loss(logits: jax.Array, targets: jax.Array, segment_ids: jax.Array):
+    """Sum of token cross-entropies (float32) and the number of real (non-padding) targets."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    mask = segment_ids > 0  # [batch, length]
+    return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def _loss_fn(graphdef: nnx.GraphDef, params, batch):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # [batch, length, vocab]
+    return next_token_loss(logits, batch["targets"], batch["segment_ids"])
+
+
+def make_train_step(graphdef, optimizer, schedule, micro_batches: int, mesh: Mesh, rules) -> Callable:
+    """(state, batch) → (state, metrics). Gradients are summed over `micro_batches` inside the
+    step, then divided by the token count, so any accumulation gives the same update."""
+    grad_fn = jax.value_and_grad(lambda params, batch: _loss_fn(graphdef, params, batch), has_aux=True)
+
+    def summed_grads(params, batch):
+        if micro_batches == 1:
+            (loss_sum, count), grads = grad_fn(params, batch)
+            return loss_sum, count, grads
+
+        def split(x):  # [batch, length] → [micro, batch / micro, length], rows strided so every
+            # micro-batch keeps rows on every data-parallel device (no resharding).
+            x = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:])
+            x = parallel.constrain(x, ("batch", None, "length"))
+            return jnp.swapaxes(x, 0, 1)
+
+        def accumulate(carry, micro_batch):
+            loss_sum, count, grads = carry
+            (micro_loss, micro_count), micro_grads = grad_fn(params, micro_batch)
+            return (
+                loss_sum + micro_loss,
+                count + micro_count,
+                jax.tree.map(jnp.add, grads, micro_grads),
+            ), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
+        (loss_sum, count, grads), _ = jax.lax.scan(accumulate, init, jax.tree.map(split, batch))
+        return loss_sum, count, grads
+
+    def train_step(state: TrainState, batch):
+        with parallel.activation_sharding(mesh, rules):
+            loss_sum, count, grads = summed_grads(state.params, batch)
+        denominator = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / denominator,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state.step),
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, token_bytes: np.ndarray, mesh: Mesh, rules) -> Callable:
+    """params, batch → (sum of losses in nats, target tokens, target bytes)."""
+    token_bytes = jnp.asarray(token_bytes)
+
+    def eval_step(params, batch):
+        with parallel.activation_sharding(mesh, rules):
+            loss_sum, count = _loss_fn(graphdef, params, batch)
+        byte_count = jnp.sum(token_bytes[batch["targets"]] * (batch["segment_ids"] > 0))
+        return loss_sum, count, byte_count
+
+    return eval_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the sharded state.
+
+
+@dataclass
+class Setup:
+    """Everything compiled or sharded for one run: built before any data is read."""
+
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    init: Callable  # key → TrainState, jitted straight into its shardings
+    abstract_state: TrainState
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def build(config: Config, devices: Sequence[jax.Device] | None = None) -> Setup:
+    """Mesh, model definition, optimizer and the shardings of the whole train state.
+
+    Raises ConfigError for anything the device count makes impossible, before compiling.
+    """
+    mesh = parallel.make_mesh(config, devices)
+    rules = config.mesh.rules
+    parallel.check_batch(config, mesh)
+    optimizer, schedule = make_optimizer(config)
+
+    abstract_model = nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    logical_axes = jax.tree.map(
+        tuple,
+        nnx.get_partition_spec(abstract_params).to_pure_dict(),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+    def init(key: jax.Array) -> TrainState:
+        model = Transformer(config.model, nnx.Rngs(params=key))
+        params = nnx.state(model, nnx.Param).to_pure_dict()
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    abstract_state = jax.eval_shape(init, jax.random.key(0))
+    param_shardings = parallel.shardings_from_logical(abstract_state.params, logical_axes, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        abstract_state.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    state_shardings = TrainState(replicated, param_shardings, opt_shardings)
+    return Setup(
+        mesh=mesh,
+        graphdef=graphdef,
+        init=jax.jit(init, out_shardings=state_shardings),
+        abstract_state=abstract_state,
+        state_shardings=state_shardings,
+        batch_sharding=parallel.batch_sharding(mesh, rules),
+        optimizer=optimizer,
+        schedule=schedule,
+    )
+
+
+def count_params(abstract_state: TrainState) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_state.params))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train(config: Config, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+    """Run (or resume) the experiment in `config`; returns the last logged metrics."""
+    run_dir = Path(config.run.dir)
+    setup = build(config, devices)
+    tokenizer = load_tokenizer(config.data)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens; raise it to at least {tokenizer.vocab_size}"
+        )
+    documents = sources.list_documents(config.data.path, config.data.text_field)
+    train_docs, validation_docs = sources.split_documents(documents, config.data.validation_fraction)
+    if config.train.eval_every and not validation_docs:
+        raise DataError(
+            "train.eval_every is set but the validation split is empty; "
+            "set data.validation_fraction > 0 or train.eval_every=0"
+        )
+
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml())
+    log.info(
+        "model: %s parameters; mesh %s over %d devices (%s); %d train / %d validation documents",
+        f"{count_params(setup.abstract_state):,}",
+        dict(setup.mesh.shape),
+        setup.mesh.size,
+        setup.mesh.devices.flat[0].device_kind,
+        len(train_docs),
+        len(validation_docs),
+    )
+
+    data = pipeline.HostBatches(train_docs, config, tokenizer)
+    checkpointer = None
+    if config.checkpoint.every or has_checkpoints(config.checkpoint_dir):
+        checkpointer = Checkpointer(config)
+    try:
+        state = _restore_or_init(config, setup, checkpointer, data)
+        return _loop(config, setup, state, data, checkpointer, validation_docs, tokenizer, run_dir)
+    finally:
+        data.close()
+        if checkpointer is not None:
+            checkpointer.close()
+
+
+def _restore_or_init(config: Config, setup: Setup, checkpointer: Checkpointer | None, data) -> TrainState:
+    latest = checkpointer.latest_step() if checkpointer else None
+    if latest is None:
+        return setup.init(jax.random.key(config.train.seed))
+    log.info("resuming from checkpoint step %d in %s", latest, checkpointer.directory)
+    target = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+    return checkpointer.restore(latest, target, data, config)
+
+
+def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, tokenizer, run_dir) -> dict:
+    train_config = config.train
+    first_step = int(jax.device_get(state.step))
+    if first_step >= train_config.steps:
+        log.info(
+            "run is already at step %d of train.steps=%d; nothing to do",
+            first_step,
+            train_config.steps,
+        )
+        return {"step": first_step}
+
+    mesh, rules = setup.mesh, config.mesh.rules
+    train_step = jax.jit(
+        make_train_step(
+            setup.graphdef, setup.optimizer, setup.schedule, train_config.micro_batches, mesh, rules
+        ),
+        in_shardings=(setup.state_shardings, setup.batch_sharding),
+        out_shardings=(setup.state_shardings, None),
+        donate_argnums=0,
+    )
+    evaluate = None
+    if train_config.eval_every:
+        eval_batches = pipeline.eval_host_batches(validation_docs, config, tokenizer)
+        eval_step = jax.jit(make_eval_step(setup.graphdef, tokenizer.token_bytes(), mesh, rules))
+
+        def evaluate(params) -> dict[str, float]:
+            totals = np.zeros(3)
+            for batch in eval_batches:
+                totals += np.asarray(
+                    jax.device_get(eval_step(params, pipeline.to_global(batch, setup.batch_sharding)))
+                )
+            loss_sum, tokens, byte_count = totals
+            return {
+                "eval_loss": loss_sum / tokens,
+                "eval_bits_per_byte": loss_sum / math.log(2) / max(byte_count, 1),
+            }
+
+    tokens_per_step = train_config.global_batch_size * config.data.seq_len
+    peak_flops = peak_flops_per_device(setup.mesh.devices.flat[0], config) * setup.mesh.size
+    flops_per_step = model_flops_per_step(config)
+    writer = MetricsWriter(run_dir)
+    progress = Progress(first_step, train_config.steps)
+    last_logged: dict[str, Any] = {"step": first_step}
+    try:
+        window_start, window_first_step = None, first_step
+        for step in range(first_step + 1, train_config.steps + 1):
+            batch = pipeline.to_global(next(data), setup.batch_sharding)
+            state, metrics = train_step(state, batch)
+            if window_start is None:  # the first step compiles; time the rest
+                jax.block_until_ready(metrics)
+                log.info(
+                    "first step (with compilation) took %.1fs",
+                    time.perf_counter() - progress.started,
+                )
+                window_start, window_first_step = time.perf_counter(), step
+            if step % train_config.log_every == 0 or step == train_config.steps:
+                values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+                _check_finite(values["loss"], step, checkpointer)
+                now = time.perf_counter()
+                steps_in_window = step - window_first_step
+                seconds = (now - window_start) / max(steps_in_window, 1)
+                record = {
+                    **values,
+                    "tokens_per_s": tokens_per_step / seconds if steps_in_window else 0.0,
+                    "mfu": flops_per_step / seconds / peak_flops if steps_in_window and peak_flops else 0.0,
+                    "step_time_s": seconds if steps_in_window else 0.0,
+                    "tokens": step * tokens_per_step,
+                }
+                writer.write(step, record)
+                progress.update(step, record["loss"], record["tokens_per_s"])
+                last_logged = {"step": step, **record}
+                window_start, window_first_step = time.perf_counter(), step
+            else:
+                progress.update(step)
+            if evaluate and (step % train_config.eval_every == 0 or step == train_config.steps):
+                eval_start = time.perf_counter()
+                eval_metrics = evaluate(state.params)
+                writer.write(step, eval_metrics)
+                last_logged.update(eval_metrics)
+                log.info("step %d  eval_loss %.4f  bits/byte %.4f", step, *eval_metrics.values())
+                window_start += time.perf_counter() - eval_start  # eval time is not train time
+            if (
+                checkpointer
+                and config.checkpoint.every
+                and (step % config.checkpoint.every == 0 or step == train_config.steps)
+            ):
+                _check_finite(float(jax.device_get(metrics["loss"])), step, checkpointer)
+                checkpointer.save(step, state, data, config)
+    finally:
+        progress.close()
+        writer.close()
+    log.info("done: step %d, loss %.4f", last_logged["step"], last_logged.get("loss", float("nan")))
+    return last_logged
+
+
+def _check_finite(loss: float, step: int, checkpointer: Checkpointer | None) -> None:
+    if math.isfinite(loss):
+        return
+    kept = checkpointer.latest_step() if checkpointer else None
+    where = (
+        f"the last checkpoint (step {kept}) is intact" if kept is not None else "no checkpoint was written"
+    )
+    raise TrainingDiverged(
+        f"loss is {loss} at step {step}; {where}. Lower optim.lr, raise optim.warmup_steps or "
+        "check the data, then run again"
+    )
