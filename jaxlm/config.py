@@ -243,16 +243,6 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
-    @model_validator(mode="after")
-    def _cross_section(self) -> Config:
-        schedule_steps = self.optim.schedule_steps or self.train.steps
-        if self.optim.warmup_steps > schedule_steps:
-            raise ValueError(
-                f"optim.warmup_steps={self.optim.warmup_steps} is longer than the schedule "
-                f"({schedule_steps} steps); lower it or raise train.steps"
-            )
-        return self
-
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run.dir) / "checkpoints"

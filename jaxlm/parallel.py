@@ -72,8 +72,8 @@ def check_divisible(name: str, shape: Sequence[int], spec: PartitionSpec, mesh: 
     for dim, axes, logical in zip(shape, spec, logical_axes, strict=False):
         if axes is None:
             continue
+        parts = _axis_size(mesh, axes)
         axes = (axes,) if isinstance(axes, str) else axes
-        parts = math.prod(mesh.shape[axis] for axis in axes)
         if dim % parts:
             raise ConfigError(
                 f"{name}: dimension {logical}={dim} does not divide over mesh axes {'×'.join(axes)} "
@@ -152,7 +152,20 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if context is None:
         return x
     mesh, rules = context
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
+    spec = logical_to_spec(logical_axes, rules)
+    # An activation dimension that does not divide over its mesh axes (e.g. 2 kv heads on 4-way
+    # tensor parallelism) is left to the compiler rather than padded.
+    spec = PartitionSpec(
+        *(
+            axes if axes is None or dim % _axis_size(mesh, axes) == 0 else None
+            for dim, axes in zip(x.shape, spec, strict=False)
+        )
+    )
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _axis_size(mesh: Mesh, axes: str | Sequence[str]) -> int:
+    return math.prod(mesh.shape[axis] for axis in ((axes,) if isinstance(axes, str) else axes))
 
 
 def _describe_sizes(sizes: Mapping[str, int]) -> str:

@@ -94,7 +94,7 @@ def make_train_step(graphdef, optimizer, schedule, micro_batches: int, mesh: Mes
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss_sum / denominator,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
         }
         return TrainState(state.step + 1, params, opt_state), metrics
@@ -147,13 +147,13 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None) -> Setup:
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     logical_axes = jax.tree.map(
         tuple,
-        nnx.get_partition_spec(abstract_params).to_pure_dict(),
+        nnx.to_pure_dict(nnx.get_partition_spec(abstract_params)),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
 
     def init(key: jax.Array) -> TrainState:
         model = Transformer(config.model, nnx.Rngs(params=key))
-        params = nnx.state(model, nnx.Param).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
     abstract_state = jax.eval_shape(init, jax.random.key(0))
@@ -205,6 +205,12 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> dict[s
             "set data.validation_fraction > 0 or train.eval_every=0"
         )
 
+    if config.optim.warmup_steps >= config.schedule_steps:
+        log.warning(
+            "optim.warmup_steps=%d covers the whole %d-step schedule: the learning rate never reaches optim.lr",
+            config.optim.warmup_steps,
+            config.schedule_steps,
+        )
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config.to_yaml())

@@ -30,13 +30,13 @@ def param(
 ) -> nnx.Param:
     """A normal-initialised parameter that carries its logical axis names."""
     value = std * jax.random.normal(rngs.params(), tuple(shape), dtype)
-    return nnx.Param(value, sharding_names=tuple(logical_axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(logical_axes), eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("embed",), eager_sharding=False)
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Normalise in float32 whatever the compute dtype: bf16 mean-of-squares loses too much.

@@ -60,7 +60,10 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """tokens, positions, segment_ids: [batch, length] int32 → logits [batch, length, vocab]."""
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)  # [batch, length, embed]
+        # Gather from a table replicated for the lookup (as FSDP gathers every weight before use);
+        # a gather from a vocab- and embed-sharded table cannot be partitioned without copies.
+        table = constrain(self.embedding[...], (None, "act_embed"))
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)  # [batch, length, embed]
         x = constrain(x, ("batch", "length", "act_embed"))
 
         block_def, block_params = nnx.split(self.blocks)

@@ -1,0 +1,201 @@
+"""The Grain pipeline: sources, packing without cross-document attention, determinism, sharding,
+checkpointable iterators, tokenizers, and clear errors for bad data."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from jaxlm.data import pipeline, sources
+from jaxlm.data.tokenizers import ByteTokenizer, load_tokenizer
+from jaxlm.errors import DataError
+from jaxlm.model import Transformer
+from jaxlm.model.layers import attention_mask
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def docs_of(tmp_path, texts):
+    root = tmp_path / "docs"
+    root.mkdir()
+    for i, text in enumerate(texts):
+        (root / f"{i:03d}.txt").write_text(text)
+    return sources.list_documents(str(root), "text")
+
+
+def test_packed_rows_keep_documents_apart(tmp_path):
+    texts = ["alpha beta", "gamma", "delta epsilon zeta eta", "theta iota kappa lambda mu nu xi"]
+    refs = docs_of(tmp_path, texts)
+    config = tiny_config(tmp_path, "data.seq_len=16")
+    stream = iter(pipeline.packed_rows(refs, config, ByteTokenizer(), shuffle=False))
+    rows = take(stream, 4)
+    eos = ByteTokenizer.eos_id
+    # Rows are the documents' (input, target) pairs, in order, cut every seq_len tokens.
+    stream_inputs = np.concatenate([row["inputs"] for row in rows])
+    stream_targets = np.concatenate([row["targets"] for row in rows])
+    expected_inputs = np.concatenate([[eos, *text.encode()] for text in texts * 2])
+    expected_targets = np.concatenate([[*text.encode(), eos] for text in texts * 2])
+    n = min(len(stream_inputs), len(expected_inputs))
+    np.testing.assert_array_equal(stream_inputs[:n], expected_inputs[:n])
+    np.testing.assert_array_equal(stream_targets[:n], expected_targets[:n])
+    for row in rows:
+        # Within a row, segment ids number documents and positions restart with each one.
+        assert row["segment_ids"][0] == 1 and np.all(np.diff(row["segment_ids"]) >= 0)
+        new_document = np.flatnonzero(np.diff(row["segment_ids"])) + 1
+        assert np.all(row["positions"][new_document] == 0)
+        continues = np.diff(row["segment_ids"]) == 0
+        assert np.all(np.diff(row["positions"])[continues] == 1)
+        # Targets are the next inputs inside a document.
+        same = row["segment_ids"][1:] == row["segment_ids"][:-1]
+        assert np.array_equal(row["targets"][:-1][same], row["inputs"][1:][same])
+
+
+def test_attention_never_crosses_documents():
+    segment_ids = jnp.array([[1, 1, 1, 2, 2, 3, 3, 3]])
+    mask = np.asarray(attention_mask(segment_ids))[0, 0]
+    for q in range(8):
+        for k in range(8):
+            assert mask[q, k] == (k <= q and segment_ids[0, q] == segment_ids[0, k])
+
+
+def test_changing_one_document_leaves_the_others_logits_unchanged(tmp_path):
+    config = tiny_config(tmp_path)
+    model = Transformer(config.model, nnx.Rngs(0))
+    segment_ids = jnp.array([[1] * 10 + [2] * 12 + [3] * 10])
+    positions = jnp.array([list(range(10)) + list(range(12)) + list(range(10))])
+    tokens = jax.random.randint(jax.random.key(1), (1, 32), 0, 256)
+    changed = tokens.at[0, 10:22].set((tokens[0, 10:22] + 7) % 256)  # only document 2 changes
+    before, after = model(tokens, positions, segment_ids), model(changed, positions, segment_ids)
+    others = np.asarray(segment_ids[0] != 2)
+    np.testing.assert_array_equal(np.asarray(before)[0, others], np.asarray(after)[0, others])
+    assert not np.allclose(np.asarray(before)[0, ~others], np.asarray(after)[0, ~others])
+
+
+def test_same_seed_same_batches_and_another_seed_another_order(tmp_path, corpus):
+    refs = sources.list_documents(str(corpus), "text")
+    tokenizer = ByteTokenizer()
+    first = pipeline.HostBatches(refs, tiny_config(tmp_path, "train.seed=3"), tokenizer)
+    second = pipeline.HostBatches(refs, tiny_config(tmp_path, "train.seed=3"), tokenizer)
+    other = pipeline.HostBatches(refs, tiny_config(tmp_path, "train.seed=4"), tokenizer)
+    a, b, c = take(first, 6), take(second, 6), take(other, 6)
+    for x, y in zip(a, b, strict=True):
+        for field in pipeline.FIELDS:
+            np.testing.assert_array_equal(x[field], y[field])
+    assert any(not np.array_equal(x["inputs"], z["inputs"]) for x, z in zip(a, c, strict=True))
+    for iterator in (first, second, other):
+        iterator.close()
+
+
+def test_iterator_state_restores_the_exact_position(tmp_path, corpus):
+    refs = sources.list_documents(str(corpus), "text")
+    config = tiny_config(tmp_path, "data.shards=2")
+    iterator = pipeline.HostBatches(refs, config, ByteTokenizer())
+    take(iterator, 5)
+    state = iterator.get_state()
+    expected = take(iterator, 3)
+    resumed = pipeline.HostBatches(refs, config, ByteTokenizer())
+    resumed.set_state(state)
+    for x, y in zip(expected, take(resumed, 3), strict=True):
+        np.testing.assert_array_equal(x["inputs"], y["inputs"])
+    iterator.close()
+    resumed.close()
+
+
+def test_shards_read_disjoint_documents(tmp_path):
+    texts = [f"document number {i} " * (i + 1) for i in range(12)]
+    refs = docs_of(tmp_path, texts)
+    config = tiny_config(tmp_path, "data.seq_len=512")
+    seen = []
+    for shard in range(3):
+        stream = iter(
+            pipeline.packed_rows(
+                refs, config, ByteTokenizer(), shard_index=shard, shard_count=3, shuffle=False
+            )
+        )
+        text = bytes(b for b in next(stream)["inputs"] if b < 256).decode()
+        seen.append({i for i in range(12) if f"document number {i} " in text})
+    assert seen[0] and seen[1] and seen[2]
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert set().union(*seen) == set(range(12))
+
+
+def test_host_batches_have_the_global_batch_shape_and_become_sharded_arrays(tmp_path, corpus):
+    from jaxlm import parallel
+
+    config = tiny_config(tmp_path, "mesh.fsdp=4", "mesh.data=2")
+    mesh = parallel.make_mesh(config)
+    iterator = pipeline.HostBatches(sources.list_documents(str(corpus), "text"), config, ByteTokenizer())
+    batch = pipeline.to_global(next(iterator), parallel.batch_sharding(mesh, config.mesh.rules))
+    iterator.close()
+    assert batch["inputs"].shape == (8, 32)
+    assert batch["inputs"].sharding.spec[0] == ("data", "fsdp")
+    assert len(batch["inputs"].addressable_shards) == 8
+
+
+def test_validation_split_is_stable_and_disjoint():
+    refs = sources.stdlib_documents()
+    train, validation = sources.split_documents(refs, 0.05)
+    _, again_validation = sources.split_documents(list(reversed(refs)), 0.05)
+    assert {r.name for r in validation} == {r.name for r in again_validation}
+    assert not {r.name for r in train} & {r.name for r in validation}
+    assert 0.02 < len(validation) / len(refs) < 0.09
+    assert all(not r.name.startswith(("site-packages", "dist-packages")) for r in refs)
+
+
+def test_jsonl_and_txt_documents_are_read(corpus):
+    refs = sources.list_documents(str(corpus), "text")
+    assert len(refs) == 8  # 5 .txt files + 3 .jsonl lines
+    jsonl = [r for r in refs if r.offset >= 0]
+    assert "keyword" in sources.read_document(jsonl[1], "text") or "kwlist" in sources.read_document(
+        jsonl[1], "text"
+    )
+    glob_refs = sources.list_documents(str(corpus / "*.jsonl"), "text")
+    assert len(glob_refs) == 3
+
+
+def test_hugging_face_tokenizer_json_is_used(tmp_path, corpus):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"])
+    tokenizer.train([str(p) for p in corpus.glob("*.txt")], trainer)
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+
+    config = tiny_config(tmp_path, f"data.tokenizer={path}")
+    loaded = load_tokenizer(config.data)
+    assert loaded.eos_id == tokenizer.token_to_id("<|endoftext|>")
+    ids = loaded.encode("def main():\n    return 0\n")
+    assert len(ids) < len("def main():\n    return 0\n")  # merges happened
+    assert loaded.token_bytes()[loaded.eos_id] == 0
+    rows = iter(pipeline.packed_rows(sources.list_documents(str(corpus), "text"), config, loaded))
+    assert next(rows)["inputs"].max() < loaded.vocab_size
+
+
+def test_missing_path_and_empty_corpus_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match=r"data.path=.*does not exist"):
+        sources.list_documents(str(tmp_path / "missing"), "text")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"holds no \.txt or \.jsonl files"):
+        sources.list_documents(str(empty), "text")
+    (empty / "blank.txt").write_text("")
+    with pytest.raises(DataError, match="corpus is empty"):
+        sources.list_documents(str(empty), "text")
+
+
+def test_bad_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + "{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2 is not valid JSON"):
+        sources.list_documents(str(path), "text")
+    path.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"no string field 'text'; set data.text_field"):
+        sources.list_documents(str(path), "text")

@@ -1,0 +1,100 @@
+"""The runner: metrics, eval, checkpoints, exact resume, and refusing to go on after a NaN."""
+
+import math
+
+import pytest
+import yaml
+from conftest import read_metrics, tiny_config, train_losses
+
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.errors import TrainingDiverged, UserError
+from jaxlm.train import train
+
+RESUMABLE = ["train.steps=8", "checkpoint.every=2", "optim.schedule_steps=8", "mesh.fsdp=4", "mesh.data=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    train(tiny_config(run_dir, *RESUMABLE, "train.eval_every=4"))
+    return run_dir
+
+
+def test_metrics_have_the_promised_fields_every_log_step(uninterrupted):
+    records = read_metrics(uninterrupted)
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 9))
+    for record in train_records:
+        for field in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+            assert isinstance(record[field], float | int) and math.isfinite(record[field])
+    assert train_records[-1]["tokens_per_s"] > 0 and train_records[-1]["mfu"] > 0
+    assert train_records[-1]["loss"] < train_records[0]["loss"]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    for r in evals:  # byte tokens are 1 byte each; the end-of-document token stands for none
+        assert r["eval_loss"] / math.log(2) <= r["eval_bits_per_byte"] < 1.05 * r["eval_loss"] / math.log(2)
+    assert list((uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
+    resolved = yaml.safe_load((uninterrupted / "config.yaml").read_text())
+    assert resolved["train"]["steps"] == 8 and resolved["model"]["head_dim"] == 16
+
+
+def test_checkpoints_keep_the_newest_n(uninterrupted):
+    steps = sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4, 6, 8]  # checkpoint.keep=3 of saves at 2, 4, 6, 8
+
+
+def test_resumed_run_logs_exactly_the_losses_of_an_uninterrupted_one(tmp_path, uninterrupted):
+    # First half: stop at step 4 (same schedule), then resume to step 8 from the checkpoint.
+    train(tiny_config(tmp_path, *RESUMABLE, "train.eval_every=4", "train.steps=4"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    result = train(tiny_config(tmp_path, *RESUMABLE, "train.eval_every=4"))
+    assert result["step"] == 8
+    expected, resumed = train_losses(uninterrupted), train_losses(tmp_path)
+    assert resumed.keys() == expected.keys()
+    for step in expected:
+        assert abs(resumed[step] - expected[step]) <= 1e-6, (step, resumed[step], expected[step])
+    expected_eval = [r["eval_loss"] for r in read_metrics(uninterrupted) if "eval_loss" in r]
+    resumed_eval = [r["eval_loss"] for r in read_metrics(tmp_path) if "eval_loss" in r]
+    assert resumed_eval == pytest.approx(expected_eval, abs=1e-6)
+
+
+def test_resume_onto_another_mesh_restores_resharded_state(tmp_path, uninterrupted):
+    first = tiny_config(tmp_path, *RESUMABLE, "train.steps=4")
+    train(first)
+    train(tiny_config(tmp_path, *RESUMABLE, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"))
+    expected, resumed = train_losses(uninterrupted), train_losses(tmp_path)
+    for step in range(5, 9):
+        assert abs(resumed[step] - expected[step]) / expected[step] < 1e-4
+
+
+def test_a_finished_run_does_nothing_more(uninterrupted):
+    before = (uninterrupted / "metrics.jsonl").read_text()
+    assert train(tiny_config(uninterrupted, *RESUMABLE))["step"] == 8
+    assert (uninterrupted / "metrics.jsonl").read_text() == before
+
+
+def test_checkpoint_of_another_model_is_refused_with_one_line(tmp_path, uninterrupted):
+    config = tiny_config(
+        tmp_path, *RESUMABLE, "model.mlp_dim=64", f"checkpoint.dir={uninterrupted / 'checkpoints'}"
+    )
+    with pytest.raises(UserError, match=r"different model \(model.mlp_dim differ\)"):
+        train(config)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=2", "checkpoint.every=2", "optim.schedule_steps=6"))
+    good = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    diverging = tiny_config(
+        tmp_path,
+        "train.steps=6",
+        "checkpoint.every=2",
+        "optim.schedule_steps=6",
+        "optim.lr=1e30",
+        "optim.clip_norm=0",
+    )
+    with pytest.raises(
+        TrainingDiverged, match=r"loss is nan at step \d; the last checkpoint \(step 2\) is intact"
+    ):
+        train(diverging)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == good
+    assert Checkpointer(diverging).latest_step() == 2
