@@ -337,7 +337,13 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
     finally:
         progress.close()
         writer.close()
-    log.info("done: step %d, loss %.4f", last_logged["step"], last_logged.get("loss", float("nan")))
+    log.info(
+        "done: step %d, loss %.4f; metrics in %s, TensorBoard events in %s",
+        last_logged["step"],
+        last_logged.get("loss", float("nan")),
+        run_dir / "metrics.jsonl",
+        run_dir / "tensorboard",
+    )
     return last_logged
 
 
