@@ -160,7 +160,9 @@ class DataConfig(Section):
         description="Independent shards of the document stream (0 = one per process); fix it to get the same batches on any process count.",
     )
     worker_count: int = Field(
-        0, ge=0, description="Grain worker processes (0 = background threads in this process)."
+        0,
+        ge=0,
+        description="Grain worker processes per data shard (0 = background threads in this process). The data order depends on it: resume with the same value.",
     )
     prefetch: int = Field(4, ge=0, description="Batches buffered ahead of the step.")
 

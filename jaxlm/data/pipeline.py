@@ -107,6 +107,7 @@ class HostBatches:
             stream = packed_rows(refs, config, tokenizer, shard_index=shard_index, shard_count=shards)
             stream = stream.batch(rows_per_shard, drop_remainder=True)
             if config.data.worker_count:
+                _use_default_grain_flags()
                 stream = stream.mp_prefetch(
                     grain.MultiprocessingOptions(num_workers=config.data.worker_count)
                 )
@@ -145,6 +146,14 @@ class HostBatches:
         for iterator in self._iterators:
             if hasattr(iterator, "close"):
                 iterator.close()
+
+
+def _use_default_grain_flags() -> None:
+    """Grain's worker processes read absl flags; jaxlm has none of its own, so take the defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def eval_host_batches(refs: list[DocumentRef], config: Config, tokenizer: Tokenizer) -> list[Batch]:
