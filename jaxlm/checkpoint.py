@@ -2,18 +2,21 @@
 
 Saves are asynchronous (training goes on while arrays are written) and atomic: Orbax writes a
 step to a temporary directory and renames it when complete, so `latest_step` never returns a
-half-written step. Restores place every array directly onto the shardings of the current mesh.
+half-written step (those are reported and skipped). Restores place every array directly onto
+the shardings of the current mesh, whatever mesh or process count saved it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-from pathlib import Path
+import re
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxlm.config import Config
 from jaxlm.errors import UserError
@@ -21,9 +24,53 @@ from jaxlm.errors import UserError
 log = logging.getLogger("jaxlm")
 
 
+class DataShardsHandler(ocp.CheckpointHandler):
+    """Saves each data shard's Grain iterator state as `shard_<i>-of-<n>.json`, written by the
+    process that reads that shard, so any process layout with the same shards can restore it."""
+
+    def save(self, directory: epath.Path, args: DataShardsSave) -> None:
+        shard_count = args.item.shard_count
+        for index, state in args.item.shard_states().items():
+            (directory / f"shard_{index}-of-{shard_count}.json").write_text(json.dumps(state))
+
+    def restore(self, directory: epath.Path, args: DataShardsRestore) -> bool:
+        """Restore the iterators in place; False when the checkpoint has another shard count."""
+        item = args.item
+        files = {
+            int(m.group(1)): (m.group(2), path)
+            for path in directory.iterdir()
+            if (m := _SHARD_FILE.match(path.name))
+        }
+        saved_counts = {int(count) for count, _ in files.values()}
+        if saved_counts != {item.shard_count}:
+            return False
+        item.restore_shard_states(
+            {index: json.loads(files[index][1].read_text()) for index in item.shard_indices}
+        )
+        return True
+
+
+_SHARD_FILE = re.compile(r"shard_(\d+)-of-(\d+)\.json")
+
+
+@ocp.args.register_with_handler(DataShardsHandler, for_save=True)
+@dataclasses.dataclass
+class DataShardsSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataShardsHandler, for_restore=True)
+@dataclasses.dataclass
+class DataShardsRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 class Checkpointer:
     def __init__(self, config: Config):
-        self.directory = config.checkpoint_dir.absolute()
+        self.directory = config.checkpoint_dir
+        if jax.process_index() == 0:
+            for incomplete in incomplete_steps(self.directory):
+                log.warning("ignoring incomplete checkpoint %s (a save that was interrupted)", incomplete)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.checkpoint.keep,
             enable_async_checkpointing=config.checkpoint.async_save,
@@ -39,7 +86,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iterator),
+                data=DataShardsSave(data_iterator),
                 config=ocp.args.JsonSave(config.to_dict()),
             ),
             force=True,
@@ -63,9 +110,18 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                data=DataShardsRestore(data_iterator),
             ),
         )
+        if not restored.data:
+            log.warning(
+                "checkpoint step %d holds the data position for another number of data shards than this "
+                "run's %d (data.shards changed, or it defaults to one per process and the process count "
+                "changed): the model and optimizer state are restored, the data starts again from the "
+                "beginning of its seeded order. Keep data.shards fixed to resume the data position exactly.",
+                step,
+                data_iterator.shard_count,
+            )
         return restored.state
 
     def wait(self) -> None:
@@ -85,5 +141,14 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
     )
 
 
-def has_checkpoints(directory: Path) -> bool:
+def incomplete_steps(directory: epath.Path) -> list[epath.Path]:
+    """Step directories Orbax never finalised (it renames them from a temporary name when done)."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        child for child in directory.iterdir() if child.is_dir() and ".orbax-checkpoint-tmp" in child.name
+    )
+
+
+def has_checkpoints(directory: epath.Path) -> bool:
     return directory.is_dir() and any(child.name.isdigit() for child in directory.iterdir())

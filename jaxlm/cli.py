@@ -50,7 +50,11 @@ def _train(args: argparse.Namespace) -> int:
     from jaxlm.config import load_config
 
     config = load_config(args.config, args.overrides)
-    _use_cpu_devices_for_mesh(config)
+    from jaxlm import distributed
+
+    if not distributed.is_multi_process(config.distributed):
+        _use_cpu_devices_for_mesh(config)
+    distributed.initialize(config.distributed)
     from jaxlm.train import train
 
     train(config)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
+from etils import epath
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jaxlm.errors import ConfigError
@@ -96,12 +97,25 @@ class ModelConfig(Section):
 
 
 class MeshConfig(Section):
-    data: int = Field(1, description="Data-parallel replicas (-1 = the remaining devices).")
+    data: int = Field(1, description="Data-parallel replicas within a slice (-1 = the remaining devices).")
     fsdp: int = Field(
         -1,
-        description="Fully sharded data parallelism: shards parameters and optimizer state (-1 = the remaining devices).",
+        description="Fully sharded data parallelism within a slice: shards parameters and optimizer state (-1 = the remaining devices).",
     )
-    tensor: int = Field(1, description="Tensor parallelism over heads and MLP (-1 = the remaining devices).")
+    tensor: int = Field(
+        1, description="Tensor parallelism over heads and MLP within a slice (-1 = the remaining devices)."
+    )
+    dcn_data: int = Field(
+        1,
+        gt=0,
+        description="Data parallelism across slices (over the data-center network); multiplies mesh.data.",
+    )
+    dcn_fsdp: int = Field(
+        1, gt=0, description="FSDP across slices; multiplies mesh.fsdp. Rarely worth the DCN traffic."
+    )
+    dcn_tensor: int = Field(
+        1, gt=0, description="Tensor parallelism across slices; multiplies mesh.tensor. Almost never wise."
+    )
     rules: dict[str, list[str] | None] = Field(
         default_factory=lambda: {k: (list(v) if v else None) for k, v in DEFAULT_RULES.items()},
         description="Logical axis → mesh axes (a list, or null to replicate).",
@@ -220,8 +234,35 @@ class TrainConfig(Section):
 class CheckpointConfig(Section):
     every: int = Field(100, ge=0, description="Save every this many steps and at the end (0 = never save).")
     keep: int = Field(3, gt=0, description="Keep the newest this many checkpoints.")
-    dir: str | None = Field(None, description="Where checkpoints go; null = <run.dir>/checkpoints.")
+    dir: str | None = Field(
+        None,
+        description="Where checkpoints go, a path or gs:// URL shared by all hosts; null = <run.dir>/checkpoints.",
+    )
     async_save: bool = Field(True, description="Write checkpoints in the background while training goes on.")
+
+
+class DistributedConfig(Section):
+    coordinator_address: str | None = Field(
+        None, description="host:port of process 0's coordination service; null = cluster auto-detection."
+    )
+    num_processes: int | None = Field(
+        None, gt=0, description="Processes in the run (with coordinator_address)."
+    )
+    process_id: int | None = Field(None, ge=0, description="This process's index (with coordinator_address).")
+    auto_detect: bool = Field(
+        True, description="Ask JAX to detect TPU VM / GKE / SLURM / Open MPI / Kubernetes clusters."
+    )
+    initialization_timeout_s: int = Field(
+        300, gt=0, description="How long processes wait for each other at start-up."
+    )
+    heartbeat_timeout_s: int = Field(
+        100,
+        gt=0,
+        description="A process silent this long is dead: the others stop with an error instead of hanging.",
+    )
+    preemption_grace_s: float = Field(
+        30.0, gt=0, description="After SIGTERM, the time allowed to save the preemption checkpoint and exit."
+    )
 
 
 class RunConfig(Section):
@@ -243,11 +284,15 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run.dir) / "checkpoints"
+    def checkpoint_dir(self) -> epath.Path:
+        """Local path or object-store URL (gs://...) of the checkpoints."""
+        if self.checkpoint.dir:
+            return epath.Path(self.checkpoint.dir)
+        return epath.Path(Path(self.run.dir).absolute() / "checkpoints")
 
     @property
     def schedule_steps(self) -> int:

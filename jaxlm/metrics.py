@@ -126,7 +126,7 @@ class Progress:
         fields = {}
         if loss is not None:
             fields = {"loss": f"{loss:.4f}", "tokens_per_s": f"{tokens_per_s:,.0f}"}
-            if self._bar is None:
+            if self._bar is None and jax.process_index() == 0:
                 log.info(
                     "step %d/%d  loss %.4f  %s tok/s  eta %s",
                     step,

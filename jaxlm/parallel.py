@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.config import MESH_AXES, Config, MeshConfig
@@ -46,14 +47,54 @@ def mesh_shape(mesh_config: MeshConfig, device_count: int) -> dict[str, int]:
 
 
 def make_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+    With `mesh.dcn_*` > 1 the devices form slices joined by the data-center network: each mesh
+    axis is the DCN size (major) times the within-slice (ICI) size, so collectives over the
+    within-slice part stay on the fast interconnect.
+    """
     devices = list(devices if devices is not None else jax.devices())
-    sizes = mesh_shape(config.mesh, len(devices))
-    shape = tuple(sizes[axis] for axis in MESH_AXES)
-    if len(devices) == len(jax.devices()):
-        # Lets JAX order devices for the physical topology (ICI rings on TPU, NVLink on GPU).
-        return jax.make_mesh(shape, MESH_AXES, axis_types=AUTO_AXES, devices=devices)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=AUTO_AXES)
+    dcn = {axis: getattr(config.mesh, f"dcn_{axis}") for axis in MESH_AXES}
+    slice_count = math.prod(dcn.values())
+    if len(devices) % slice_count:
+        raise ConfigError(
+            f"mesh.dcn_* ask for {slice_count} slices but {len(devices)} devices do not split into "
+            f"{slice_count} equal slices; make dcn_data × dcn_fsdp × dcn_tensor divide {len(devices)}"
+        )
+    ici = mesh_shape(config.mesh, len(devices) // slice_count)
+    shape = tuple(ici[axis] * dcn[axis] for axis in MESH_AXES)
+    if slice_count == 1:
+        if len(devices) == len(jax.devices()):
+            # Lets JAX order devices for the physical topology (ICI rings on TPU, NVLink on GPU).
+            return jax.make_mesh(shape, MESH_AXES, axis_types=AUTO_AXES, devices=devices)
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=AUTO_AXES)
+    ici_shape = tuple(ici[axis] for axis in MESH_AXES)
+    dcn_shape = tuple(dcn[axis] for axis in MESH_AXES)
+    granules = _slices(devices, slice_count)
+    blocks = np.empty(dcn_shape, dtype=object)
+    for index, granule in zip(np.ndindex(dcn_shape), granules, strict=True):
+        blocks[index] = mesh_utils.create_device_mesh(
+            ici_shape, devices=granule, allow_split_physical_axes=True
+        )
+    return Mesh(np.block(blocks.tolist()), MESH_AXES, axis_types=AUTO_AXES)
+
+
+def _slices(devices: Sequence[jax.Device], slice_count: int) -> list[list[jax.Device]]:
+    """Devices grouped by slice: TPU slices, else processes, else (one process, e.g. a CPU test)
+    consecutive blocks standing in for slices."""
+    for key in ("slice_index", "process_index"):
+        groups: dict[int, list[jax.Device]] = {}
+        for device in devices:
+            groups.setdefault(getattr(device, key, 0), []).append(device)
+        if len(groups) == slice_count:
+            return [groups[k] for k in sorted(groups)]
+        if len(groups) > 1:
+            raise ConfigError(
+                f"mesh.dcn_* ask for {slice_count} slices but the devices come in {len(groups)} "
+                f"({key.replace('_index', '')}s); make dcn_data × dcn_fsdp × dcn_tensor equal {len(groups)}"
+            )
+    per_slice = len(devices) // slice_count
+    return [list(devices[i * per_slice : (i + 1) * per_slice]) for i in range(slice_count)]
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> PartitionSpec:

@@ -23,6 +23,7 @@ from jaxlm.checkpoint import Checkpointer, abstract_with_shardings, has_checkpoi
 from jaxlm.config import Config
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import load_tokenizer
+from jaxlm.distributed import PreemptionWatch
 from jaxlm.errors import ConfigError, DataError, TrainingDiverged
 from jaxlm.metrics import MetricsWriter, Progress, model_flops_per_step, peak_flops_per_device
 from jaxlm.model import Transformer
@@ -288,6 +289,7 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
     flops_per_step = model_flops_per_step(config)
     writer = MetricsWriter(run_dir)
     progress = Progress(first_step, train_config.steps)
+    preemption = PreemptionWatch(config.distributed.preemption_grace_s)
     last_logged: dict[str, Any] = {"step": first_step}
     try:
         window_start, window_first_step = None, first_step
@@ -325,26 +327,41 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
                 eval_metrics = evaluate(state.params)
                 writer.write(step, eval_metrics)
                 last_logged.update(eval_metrics)
-                log.info("step %d  eval_loss %.4f  bits/byte %.4f", step, *eval_metrics.values())
+                if jax.process_index() == 0:
+                    log.info("step %d  eval_loss %.4f  bits/byte %.4f", step, *eval_metrics.values())
                 window_start += time.perf_counter() - eval_start  # eval time is not train time
-            if (
-                checkpointer
-                and config.checkpoint.every
-                and (step % config.checkpoint.every == 0 or step == train_config.steps)
-            ):
+            preempted = preemption.reached(step)
+            if preempted:
+                preemption.start_grace_timer()
+            if checkpointer and (preempted or _checkpoint_due(config, step)):
                 _check_finite(float(jax.device_get(metrics["loss"])), step, checkpointer)
                 checkpointer.save(step, state, data, config)
+            if preempted:
+                log.warning(
+                    "preempted: stopping at step %d%s", step, " after saving it" if checkpointer else ""
+                )
+                last_logged["preempted_at"] = step
+                break
     finally:
+        preemption.close()
         progress.close()
         writer.close()
-    log.info(
-        "done: step %d, loss %.4f; metrics in %s, TensorBoard events in %s",
-        last_logged["step"],
-        last_logged.get("loss", float("nan")),
-        run_dir / "metrics.jsonl",
-        run_dir / "tensorboard",
-    )
+    if jax.process_index() == 0:
+        stopped_at = last_logged.get("preempted_at", last_logged["step"])
+        log.info(
+            "%s at step %d (last logged loss %.4f); metrics in %s, TensorBoard events in %s",
+            "preempted, checkpoint saved," if "preempted_at" in last_logged else "done",
+            stopped_at,
+            last_logged.get("loss", float("nan")),
+            run_dir / "metrics.jsonl",
+            run_dir / "tensorboard",
+        )
     return last_logged
+
+
+def _checkpoint_due(config: Config, step: int) -> bool:
+    every = config.checkpoint.every
+    return bool(every) and (step % every == 0 or step == config.train.steps)
 
 
 def _check_finite(loss: float, step: int, checkpointer: Checkpointer | None) -> None:

@@ -1,6 +1,7 @@
 """Config: YAML + dotted overrides, typed validation, one-line errors before any compile."""
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,7 +19,7 @@ def test_yaml_and_overrides_resolve_into_typed_sections():
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (2, 4, 1)
     assert config.train.steps == 200
     assert config.model.head_dim == config.model.d_model // config.model.num_heads
-    assert str(config.checkpoint_dir) == f"{config.run.dir}/checkpoints"
+    assert str(config.checkpoint_dir) == str(Path(config.run.dir).absolute() / "checkpoints")
 
 
 def test_override_values_are_parsed_as_yaml():

@@ -97,10 +97,11 @@ def test_iterator_state_restores_the_exact_position(tmp_path, corpus):
     config = tiny_config(tmp_path, "data.shards=2")
     iterator = pipeline.HostBatches(refs, config, ByteTokenizer())
     take(iterator, 5)
-    state = iterator.get_state()
+    states = iterator.shard_states()
+    assert sorted(states) == [0, 1]
     expected = take(iterator, 3)
     resumed = pipeline.HostBatches(refs, config, ByteTokenizer())
-    resumed.set_state(state)
+    resumed.restore_shard_states(states)
     for x, y in zip(expected, take(resumed, 3), strict=True):
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
     iterator.close()

@@ -10,7 +10,6 @@ documents within a row (attention never crosses them) and `positions` restart at
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import grain
@@ -93,18 +92,21 @@ def shard_count(config: Config) -> int:
 class HostBatches:
     """This process's rows of each global batch, drawn from the data shards it owns.
 
-    Checkpointable: `get_state`/`set_state` cover every shard's Grain iterator, in the form the
-    Grain Orbax handler saves per process.
+    Checkpointable per shard (`shard_states` / `restore_shard_states`), so a run may resume on
+    another number of processes as long as `data.shards` stays the same.
     """
 
     def __init__(self, refs: list[DocumentRef], config: Config, tokenizer: Tokenizer):
-        shards = shard_count(config)
-        per_process = shards // jax.process_count()
+        self.shard_count = shard_count(config)
+        per_process = self.shard_count // jax.process_count()
         first = jax.process_index() * per_process
-        rows_per_shard = config.train.global_batch_size // shards
+        self.shard_indices = list(range(first, first + per_process))
+        rows_per_shard = config.train.global_batch_size // self.shard_count
         self._iterators = []
-        for shard_index in range(first, first + per_process):
-            stream = packed_rows(refs, config, tokenizer, shard_index=shard_index, shard_count=shards)
+        for shard_index in self.shard_indices:
+            stream = packed_rows(
+                refs, config, tokenizer, shard_index=shard_index, shard_count=self.shard_count
+            )
             stream = stream.batch(rows_per_shard, drop_remainder=True)
             if config.data.worker_count:
                 _use_default_grain_flags()
@@ -124,23 +126,13 @@ class HostBatches:
         parts = [next(iterator) for iterator in self._iterators]
         return {field: np.concatenate([part[field] for part in parts]) for field in FIELDS}
 
-    def get_state(self) -> bytes:
-        return json.dumps([iterator.get_state() for iterator in self._iterators]).encode()
+    def shard_states(self) -> dict[int, dict]:
+        """Grain iterator state of each shard this process reads, by shard index."""
+        return {index: it.get_state() for index, it in zip(self.shard_indices, self._iterators, strict=True)}
 
-    def set_state(self, state: bytes) -> None:
-        states = json.loads(state)
-        if len(states) != len(self._iterators):
-            raise DataError(
-                f"the checkpoint holds {len(states)} data shard(s) for process {jax.process_index()} "
-                f"but this run has {len(self._iterators)}; resume with the same data.shards"
-            )
-        for iterator, shard_state in zip(self._iterators, states, strict=True):
-            iterator.set_state(shard_state)
-
-    def start_prefetch(self) -> None:
-        for iterator in self._iterators:
-            if hasattr(iterator, "start_prefetch"):
-                iterator.start_prefetch()
+    def restore_shard_states(self, states: dict[int, dict]) -> None:
+        for index, iterator in zip(self.shard_indices, self._iterators, strict=True):
+            iterator.set_state(states[index])
 
     def close(self) -> None:
         for iterator in self._iterators:
