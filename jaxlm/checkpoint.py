@@ -148,7 +148,3 @@ def incomplete_steps(directory: epath.Path) -> list[epath.Path]:
     return sorted(
         child for child in directory.iterdir() if child.is_dir() and ".orbax-checkpoint-tmp" in child.name
     )
-
-
-def has_checkpoints(directory: epath.Path) -> bool:
-    return directory.is_dir() and any(child.name.isdigit() for child in directory.iterdir())

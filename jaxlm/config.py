@@ -232,7 +232,9 @@ class TrainConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every: int = Field(100, ge=0, description="Save every this many steps and at the end (0 = never save).")
+    every: int = Field(
+        100, ge=0, description="Save every this many steps and at the end (0 = only when preempted)."
+    )
     keep: int = Field(3, gt=0, description="Keep the newest this many checkpoints.")
     dir: str | None = Field(
         None,
@@ -249,6 +251,10 @@ class DistributedConfig(Section):
         None, gt=0, description="Processes in the run (with coordinator_address)."
     )
     process_id: int | None = Field(None, ge=0, description="This process's index (with coordinator_address).")
+    local_device_ids: list[int] | None = Field(
+        None,
+        description="Accelerators this process drives (e.g. [0,1,2,3,4,5,6,7] for one process per GPU node); null = JAX's choice.",
+    )
     auto_detect: bool = Field(
         True, description="Ask JAX to detect TPU VM / GKE / SLURM / Open MPI / Kubernetes clusters."
     )

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import parallel
-from jaxlm.checkpoint import Checkpointer, abstract_with_shardings, has_checkpoints
+from jaxlm.checkpoint import Checkpointer, abstract_with_shardings
 from jaxlm.config import Config
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import load_tokenizer
@@ -226,20 +226,17 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> dict[s
     )
 
     data = pipeline.HostBatches(train_docs, config, tokenizer)
-    checkpointer = None
-    if config.checkpoint.every or has_checkpoints(config.checkpoint_dir):
-        checkpointer = Checkpointer(config)
+    checkpointer = Checkpointer(config)  # even with checkpoint.every=0: resume, and preemption saves
     try:
         state = _restore_or_init(config, setup, checkpointer, data)
         return _loop(config, setup, state, data, checkpointer, validation_docs, tokenizer, run_dir)
     finally:
         data.close()
-        if checkpointer is not None:
-            checkpointer.close()
+        checkpointer.close()
 
 
-def _restore_or_init(config: Config, setup: Setup, checkpointer: Checkpointer | None, data) -> TrainState:
-    latest = checkpointer.latest_step() if checkpointer else None
+def _restore_or_init(config: Config, setup: Setup, checkpointer: Checkpointer, data) -> TrainState:
+    latest = checkpointer.latest_step()
     if latest is None:
         return setup.init(jax.random.key(config.train.seed))
     log.info("resuming from checkpoint step %d in %s", latest, checkpointer.directory)
@@ -333,13 +330,11 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
             preempted = preemption.reached(step)
             if preempted:
                 preemption.start_grace_timer()
-            if checkpointer and (preempted or _checkpoint_due(config, step)):
+            if preempted or _checkpoint_due(config, step):
                 _check_finite(float(jax.device_get(metrics["loss"])), step, checkpointer)
                 checkpointer.save(step, state, data, config)
             if preempted:
-                log.warning(
-                    "preempted: stopping at step %d%s", step, " after saving it" if checkpointer else ""
-                )
+                log.warning("preempted: stopping at step %d after saving it", step)
                 last_logged["preempted_at"] = step
                 break
     finally:
@@ -364,10 +359,10 @@ def _checkpoint_due(config: Config, step: int) -> bool:
     return bool(every) and (step % every == 0 or step == config.train.steps)
 
 
-def _check_finite(loss: float, step: int, checkpointer: Checkpointer | None) -> None:
+def _check_finite(loss: float, step: int, checkpointer: Checkpointer) -> None:
     if math.isfinite(loss):
         return
-    kept = checkpointer.latest_step() if checkpointer else None
+    kept = checkpointer.latest_step()
     where = (
         f"the last checkpoint (step {kept}) is intact" if kept is not None else "no checkpoint was written"
     )

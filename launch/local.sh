@@ -23,7 +23,7 @@ port=$("${PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bind(("127
 
 pids=()
 for ((process = 0; process < num_processes; process++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=${devices_per_process} ${XLA_FLAGS:-}" \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices_per_process}" \
     JAX_PLATFORMS=cpu \
     "${jaxlm[@]}" train "$config" "$@" \
     distributed.coordinator_address="127.0.0.1:${port}" \

@@ -98,3 +98,18 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
         train(diverging)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == good
     assert Checkpointer(diverging).latest_step() == 2
+
+
+def test_an_interrupted_save_is_reported_and_never_resumed_from(tmp_path, uninterrupted, caplog):
+    import shutil
+
+    train(tiny_config(tmp_path, *RESUMABLE, "train.steps=4"))
+    # What an interrupted save of step 6 leaves: Orbax's temporary directory, never renamed.
+    shutil.copytree(tmp_path / "checkpoints" / "4", tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1234")
+    (tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1234" / "state").rename(tmp_path / "partial")
+    with caplog.at_level("INFO", logger="jaxlm"):
+        train(tiny_config(tmp_path, *RESUMABLE))
+    assert "ignoring incomplete checkpoint" in caplog.text and "6.orbax-checkpoint-tmp-1234" in caplog.text
+    assert "resuming from checkpoint step 4" in caplog.text
+    expected, resumed = train_losses(uninterrupted), train_losses(tmp_path)
+    assert all(abs(resumed[step] - expected[step]) <= 1e-6 for step in range(5, 9))
