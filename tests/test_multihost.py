@@ -194,7 +194,7 @@ def test_a_killed_process_stops_the_others_and_the_run_resumes_from_the_last_che
     assert result["step"] == saved + 1
 
 
-def test_slurm_script_runs_through_jax_auto_detection(tmp_path):
+def test_slurm_script_runs_through_jax_auto_detection(tmp_path, one_process_reference):
     """launch/slurm.sbatch under a stand-in `srun` that starts the tasks on this machine with the
     variables real srun sets; JAX's SLURM detection finds coordinator, count and ids itself."""
     port = free_port(low=61440)  # JAX derives the port from the job id: 61440 + job_id % 4096
@@ -232,6 +232,8 @@ def test_slurm_script_runs_through_jax_auto_detection(tmp_path):
             "launch/slurm.sbatch",
             "configs/tiny.yaml",
             *SHARED,
+            "mesh.data=1",
+            "mesh.dcn_data=2",  # each process stands for one slice: data parallelism over "DCN"
             "train.steps=2",
             f"run.dir={tmp_path / 'run'}",
         ],
@@ -245,4 +247,7 @@ def test_slurm_script_runs_through_jax_auto_detection(tmp_path):
     assert result.returncode == 0, logs
     for i, log in enumerate(logs):
         assert f"jax.distributed up from slurm auto-detection: process {i} of 2" in log
-    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2]
+    losses = train_losses(tmp_path / "run")
+    assert list(losses) == [1, 2]
+    for step, loss in losses.items():
+        assert abs(loss - one_process_reference[step]) / one_process_reference[step] < 1e-4

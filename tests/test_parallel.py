@@ -36,6 +36,18 @@ def test_every_mesh_split_gives_the_single_device_losses(tmp_path, single_device
         assert abs(loss - single_device_losses[step]) / abs(single_device_losses[step]) < 1e-4
 
 
+def test_simulated_slices_over_dcn_give_the_same_losses(tmp_path, single_device_losses):
+    config = tiny_config(tmp_path, *STEPS, "mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=4")
+    mesh = parallel.make_mesh(config)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    # Each slice (here: a block of 4 devices standing in for one) is one index of the DCN axis.
+    assert {d.id for d in mesh.devices[0].flat} == {0, 1, 2, 3}
+    train(config)
+    losses = train_losses(tmp_path)
+    for step, loss in losses.items():
+        assert abs(loss - single_device_losses[step]) / abs(single_device_losses[step]) < 1e-4
+
+
 def test_gradient_accumulation_gives_the_same_losses(tmp_path, single_device_losses):
     train(
         tiny_config(tmp_path, *STEPS, "train.micro_batches=2", "mesh.fsdp=4", "mesh.data=1", "mesh.tensor=2")
@@ -94,6 +106,7 @@ def test_init_is_sharded_inside_jit_not_gathered_on_one_device(tmp_path):
             ["mesh.fsdp=1", "mesh.tensor=8"],
             r"dimension kv_heads=2 does not divide over mesh axes tensor \(8 devices\)",
         ),
+        (["mesh.dcn_data=3"], r"mesh.dcn_\* ask for 3 slices but 8 devices do not split into 3 equal slices"),
     ],
 )
 def test_impossible_meshes_fail_before_compiling(tmp_path, overrides, expected):
