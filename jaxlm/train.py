@@ -299,6 +299,7 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
                     "first step (with compilation) took %.1fs",
                     time.perf_counter() - progress.started,
                 )
+                progress.compiled(step)
                 window_start, window_first_step = time.perf_counter(), step
             if step % train_config.log_every == 0 or step == train_config.steps:
                 values = {name: float(value) for name, value in jax.device_get(metrics).items()}
