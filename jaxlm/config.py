@@ -152,6 +152,20 @@ class DataConfig(Section):
         None,
         description="A directory, glob or file of .txt / .jsonl documents; null = this Python's standard library source.",
     )
+    tfds: str | None = Field(
+        None,
+        description="A TensorFlow Datasets name (e.g. 'wiki40b/en') prepared as array_record in data.tfds_data_dir; instead of data.path. jaxlm never downloads.",
+    )
+    tfds_data_dir: str | None = Field(
+        None,
+        description="Where the TFDS dataset was prepared; null = TFDS's default (~/tensorflow_datasets).",
+    )
+    tfds_train_split: str = Field(
+        "train", description="TFDS split to train on (slicing works: 'train[:90%]')."
+    )
+    tfds_validation_split: str | None = Field(
+        "validation", description="TFDS split to evaluate on ('train[90%:]' works); null = none."
+    )
     tokenizer: str = Field(
         "byte",
         description="'byte' (built-in, 257 ids) or the path of a Hugging Face tokenizer.json.",
@@ -179,6 +193,12 @@ class DataConfig(Section):
         description="Grain worker processes per data shard (0 = background threads in this process). The data order depends on it: resume with the same value.",
     )
     prefetch: int = Field(4, ge=0, description="Batches buffered ahead of the step.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.tfds and self.path:
+            raise ValueError(f"data.path={self.path} and data.tfds={self.tfds} are both set; keep one")
+        return self
 
 
 class OptimConfig(Section):

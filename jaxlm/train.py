@@ -180,6 +180,25 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None) -> Setup:
     )
 
 
+def jit_train_step(config: Config, setup: Setup) -> Callable:
+    """The train step jitted onto the setup's shardings, state donated: what the loop runs and
+    what `jaxlm plan` compiles for a topology."""
+    step = make_train_step(
+        setup.graphdef,
+        setup.optimizer,
+        setup.schedule,
+        config.train.micro_batches,
+        setup.mesh,
+        config.mesh.rules,
+    )
+    return jax.jit(
+        step,
+        in_shardings=(setup.state_shardings, setup.batch_sharding),
+        out_shardings=(setup.state_shardings, None),
+        donate_argnums=0,
+    )
+
+
 def count_params(abstract_state: TrainState) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_state.params))
 
@@ -198,12 +217,11 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> dict[s
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} tokens; raise it to at least {tokenizer.vocab_size}"
         )
-    documents = sources.list_documents(config.data.path, config.data.text_field)
-    train_docs, validation_docs = sources.split_documents(documents, config.data.validation_fraction)
+    train_docs, validation_docs = sources.document_sources(config.data)
     if config.train.eval_every and not validation_docs:
         raise DataError(
             "train.eval_every is set but the validation split is empty; "
-            "set data.validation_fraction > 0 or train.eval_every=0"
+            "set data.validation_fraction > 0 (or data.tfds_validation_split) or train.eval_every=0"
         )
 
     if config.optim.warmup_steps >= config.schedule_steps:
@@ -222,7 +240,7 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> dict[s
         setup.mesh.size,
         setup.mesh.devices.flat[0].device_kind,
         len(train_docs),
-        len(validation_docs),
+        len(validation_docs) if validation_docs else 0,
     )
 
     data = pipeline.HostBatches(train_docs, config, tokenizer)
@@ -256,14 +274,7 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
         return {"step": first_step}
 
     mesh, rules = setup.mesh, config.mesh.rules
-    train_step = jax.jit(
-        make_train_step(
-            setup.graphdef, setup.optimizer, setup.schedule, train_config.micro_batches, mesh, rules
-        ),
-        in_shardings=(setup.state_shardings, setup.batch_sharding),
-        out_shardings=(setup.state_shardings, None),
-        donate_argnums=0,
-    )
+    train_step = jit_train_step(config, setup)
     evaluate = None
     if train_config.eval_every:
         eval_batches = pipeline.eval_host_batches(validation_docs, config, tokenizer)

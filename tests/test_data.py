@@ -26,7 +26,11 @@ def docs_of(tmp_path, texts):
     root.mkdir()
     for i, text in enumerate(texts):
         (root / f"{i:03d}.txt").write_text(text)
-    return sources.list_documents(str(root), "text")
+    return source_of(str(root))
+
+
+def source_of(path):
+    return sources.DocumentSource(sources.list_documents(path, "text"), "text")
 
 
 def test_packed_rows_keep_documents_apart(tmp_path):
@@ -78,7 +82,7 @@ def test_changing_one_document_leaves_the_others_logits_unchanged(tmp_path):
 
 
 def test_same_seed_same_batches_and_another_seed_another_order(tmp_path, corpus):
-    refs = sources.list_documents(str(corpus), "text")
+    refs = source_of(str(corpus))
     tokenizer = ByteTokenizer()
     first = pipeline.HostBatches(refs, tiny_config(tmp_path, "train.seed=3"), tokenizer)
     second = pipeline.HostBatches(refs, tiny_config(tmp_path, "train.seed=3"), tokenizer)
@@ -93,7 +97,7 @@ def test_same_seed_same_batches_and_another_seed_another_order(tmp_path, corpus)
 
 
 def test_iterator_state_restores_the_exact_position(tmp_path, corpus):
-    refs = sources.list_documents(str(corpus), "text")
+    refs = source_of(str(corpus))
     config = tiny_config(tmp_path, "data.shards=2")
     iterator = pipeline.HostBatches(refs, config, ByteTokenizer())
     take(iterator, 5)
@@ -131,7 +135,7 @@ def test_host_batches_have_the_global_batch_shape_and_become_sharded_arrays(tmp_
 
     config = tiny_config(tmp_path, "mesh.fsdp=4", "mesh.data=2")
     mesh = parallel.make_mesh(config)
-    iterator = pipeline.HostBatches(sources.list_documents(str(corpus), "text"), config, ByteTokenizer())
+    iterator = pipeline.HostBatches(source_of(str(corpus)), config, ByteTokenizer())
     batch = pipeline.to_global(next(iterator), parallel.batch_sharding(mesh, config.mesh.rules))
     iterator.close()
     assert batch["inputs"].shape == (8, 32)
@@ -153,11 +157,48 @@ def test_jsonl_and_txt_documents_are_read(corpus):
     refs = sources.list_documents(str(corpus), "text")
     assert len(refs) == 8  # 5 .txt files + 3 .jsonl lines
     jsonl = [r for r in refs if r.offset >= 0]
-    assert "keyword" in sources.read_document(jsonl[1], "text") or "kwlist" in sources.read_document(
-        jsonl[1], "text"
+    assert "kwlist" in sources.read_document(jsonl[1], "text")  # keyword.py, the second line
+    assert len(sources.list_documents(str(corpus / "*.jsonl"), "text")) == 3
+
+
+def test_tfds_dataset_is_a_source_for_training_and_eval(tmp_path, corpus):
+    import tensorflow_datasets as tfds
+
+    texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+
+    class JaxlmTestCorpus(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()})
+            )
+
+        def _split_generators(self, dl_manager):
+            return {
+                "train": self._generate_examples(texts[:4]),
+                "validation": self._generate_examples(texts[4:]),
+            }
+
+        def _generate_examples(self, documents):
+            for i, text in enumerate(documents):
+                yield i, {"text": text}
+
+    JaxlmTestCorpus(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    config = tiny_config(tmp_path, "data.tfds=jaxlm_test_corpus", f"data.tfds_data_dir={tmp_path / 'tfds'}")
+    train, validation = sources.document_sources(config.data)
+    assert len(train) == 4 and len(validation) == 1
+    assert train[0] in texts[:4] and validation[0] == texts[4]
+    batch = next(pipeline.HostBatches(train, config, ByteTokenizer()))
+    assert batch["inputs"].shape == (8, 32)
+
+    missing = tiny_config(
+        tmp_path, "data.tfds=jaxlm_test_corpus", f"data.tfds_data_dir={tmp_path / 'elsewhere'}"
     )
-    glob_refs = sources.list_documents(str(corpus / "*.jsonl"), "text")
-    assert len(glob_refs) == 3
+    with pytest.raises(
+        DataError, match=r"data.tfds=jaxlm_test_corpus split 'train' cannot be read from .*never downloads"
+    ):
+        sources.document_sources(missing.data)
 
 
 def test_hugging_face_tokenizer_json_is_used(tmp_path, corpus):
@@ -176,7 +217,7 @@ def test_hugging_face_tokenizer_json_is_used(tmp_path, corpus):
     ids = loaded.encode("def main():\n    return 0\n")
     assert len(ids) < len("def main():\n    return 0\n")  # merges happened
     assert loaded.token_bytes()[loaded.eos_id] == 0
-    rows = iter(pipeline.packed_rows(sources.list_documents(str(corpus), "text"), config, loaded))
+    rows = iter(pipeline.packed_rows(source_of(str(corpus)), config, loaded))
     assert next(rows)["inputs"].max() < loaded.vocab_size
 
 

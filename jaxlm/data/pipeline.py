@@ -18,12 +18,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxlm.config import Config
-from jaxlm.data.sources import DocumentRef, DocumentSource
+from jaxlm.data.sources import DocumentSource, TfdsSource
 from jaxlm.data.tokenizers import Tokenizer
 from jaxlm.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]  # inputs, targets, segment_ids, positions: [rows, seq_len] int32
 FIELDS = ("inputs", "targets", "segment_ids", "positions")
+Source = DocumentSource | TfdsSource  # random access: index → document text
 
 
 class _Tokenize(grain.transforms.Map):
@@ -48,7 +49,7 @@ def _rename(packed: dict[str, np.ndarray]) -> Batch:
 
 
 def packed_rows(
-    refs: list[DocumentRef],
+    source: Source,
     config: Config,
     tokenizer: Tokenizer,
     *,
@@ -57,11 +58,10 @@ def packed_rows(
     shuffle: bool = True,
 ) -> grain.IterDataset:
     """An endless stream of packed [seq_len] rows from one shard of the documents."""
-    documents = grain.MapDataset.source(DocumentSource(refs, config.data.text_field))
-    documents = documents[shard_index::shard_count]
+    documents = grain.MapDataset.source(source)[shard_index::shard_count]
     if len(documents) == 0:
         raise DataError(
-            f"data shard {shard_index} of {shard_count} has no documents ({len(refs)} in all); "
+            f"data shard {shard_index} of {shard_count} has no documents ({len(source)} in all); "
             "use fewer data.shards or add documents"
         )
     if shuffle:
@@ -96,7 +96,7 @@ class HostBatches:
     another number of processes as long as `data.shards` stays the same.
     """
 
-    def __init__(self, refs: list[DocumentRef], config: Config, tokenizer: Tokenizer):
+    def __init__(self, source: Source, config: Config, tokenizer: Tokenizer):
         self.shard_count = shard_count(config)
         per_process = self.shard_count // jax.process_count()
         first = jax.process_index() * per_process
@@ -105,7 +105,7 @@ class HostBatches:
         self._iterators = []
         for shard_index in self.shard_indices:
             stream = packed_rows(
-                refs, config, tokenizer, shard_index=shard_index, shard_count=self.shard_count
+                source, config, tokenizer, shard_index=shard_index, shard_count=self.shard_count
             )
             stream = stream.batch(rows_per_shard, drop_remainder=True)
             if config.data.worker_count:
@@ -148,13 +148,13 @@ def _use_default_grain_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def eval_host_batches(refs: list[DocumentRef], config: Config, tokenizer: Tokenizer) -> list[Batch]:
+def eval_host_batches(source: Source, config: Config, tokenizer: Tokenizer) -> list[Batch]:
     """The fixed validation batches (this process's rows), read once and reused by every eval.
 
     Every process packs the same validation stream and keeps its rows, so tiny validation splits
     work on any number of processes.
     """
-    rows = packed_rows(refs, config, tokenizer, shuffle=False).batch(
+    rows = packed_rows(source, config, tokenizer, shuffle=False).batch(
         config.train.global_batch_size, drop_remainder=True
     )
     per_process = config.train.global_batch_size // jax.process_count()

@@ -1,7 +1,9 @@
-"""Where documents come from: .txt / .jsonl files, or this Python's own standard library.
+"""Where documents come from: .txt / .jsonl files, a prepared TFDS dataset, or this Python's own
+standard library.
 
-A document is addressed by a `DocumentRef` (file, and byte offset of the line for .jsonl), so the
-index is small and Grain reads documents lazily, in any order, from any process.
+A source is random access (`len`, index → text), which is what Grain shards and shuffles. A file
+document is addressed by a `DocumentRef` (file, and byte offset of the line for .jsonl), so the
+index is small and documents are read lazily, in any order, from any process.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from jaxlm.config import DataConfig
 from jaxlm.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -153,3 +156,46 @@ class DocumentSource:
 
     def __getitem__(self, index: int) -> str:
         return read_document(self.refs[index], self.text_field)
+
+
+class TfdsSource:
+    """One split of a TensorFlow Datasets dataset prepared as array_record: index → text."""
+
+    def __init__(self, config: DataConfig, split: str):
+        import tensorflow_datasets as tfds
+
+        where = config.tfds_data_dir or "TFDS's default data dir"
+        try:
+            self._records = tfds.data_source(
+                config.tfds, split=split, data_dir=config.tfds_data_dir, download=False
+            )
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(
+                f"data.tfds={config.tfds} split {split!r} cannot be read from {where}: {reason}. Prepare it "
+                "there first (tfds build --file_format=array_record); jaxlm never downloads data"
+            ) from None
+        self.text_field = config.text_field
+        if len(self._records) == 0:
+            raise DataError(f"data.tfds={config.tfds} split {split!r} is empty")
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> str:
+        text = self._records[index][self.text_field]
+        return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+
+def document_sources(
+    config: DataConfig,
+) -> tuple[DocumentSource | TfdsSource, DocumentSource | TfdsSource | None]:
+    """The training and validation sources of a config (validation None when there is none)."""
+    if config.tfds:
+        split = config.tfds_validation_split
+        return TfdsSource(config, config.tfds_train_split), TfdsSource(config, split) if split else None
+    refs = list_documents(config.path, config.text_field)
+    train, validation = split_documents(refs, config.validation_fraction)
+    return DocumentSource(train, config.text_field), DocumentSource(
+        validation, config.text_field
+    ) if validation else None
