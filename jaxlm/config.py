@@ -240,6 +240,17 @@ class TrainConfig(Section):
         100, ge=0, description="Evaluate on the validation split every this many steps (0 = never)."
     )
     eval_batches: int = Field(4, gt=0, description="Batches per evaluation.")
+    profile_steps: list[int] = Field(
+        default_factory=list,
+        description="[first, last]: capture a jax.profiler trace of these steps into <run.dir>/profile (empty = off).",
+    )
+
+    @model_validator(mode="after")
+    def _profile(self) -> TrainConfig:
+        steps = self.profile_steps
+        if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+            raise ValueError(f"train.profile_steps={steps} must be [first, last] with 1 <= first <= last")
+        return self
 
     @model_validator(mode="after")
     def _micro(self) -> TrainConfig:

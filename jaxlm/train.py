@@ -298,12 +298,15 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
     writer = MetricsWriter(run_dir)
     progress = Progress(first_step, train_config.steps)
     preemption = PreemptionWatch(config.distributed.preemption_grace_s)
+    profiler = StepProfiler(train_config.profile_steps, run_dir / "profile")
     last_logged: dict[str, Any] = {"step": first_step}
     try:
         window_start, window_first_step = None, first_step
         for step in range(first_step + 1, train_config.steps + 1):
+            profiler.before(step)
             batch = pipeline.to_global(next(data), setup.batch_sharding)
             state, metrics = train_step(state, batch)
+            profiler.after(step, metrics)
             if window_start is None:  # the first step compiles; time the rest
                 jax.block_until_ready(metrics)
                 log.info(
@@ -350,6 +353,7 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
                 last_logged["preempted_at"] = step
                 break
     finally:
+        profiler.close()
         preemption.close()
         progress.close()
         writer.close()
@@ -364,6 +368,31 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
             run_dir / "tensorboard",
         )
     return last_logged
+
+
+class StepProfiler:
+    """Captures a jax.profiler trace (TensorBoard / Perfetto) of steps [first, last]."""
+
+    def __init__(self, steps: Sequence[int], directory: Path):
+        self.first, self.last = steps if steps else (0, -1)
+        self.directory = directory
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int, metrics) -> None:
+        if self.active and step == self.last:
+            jax.block_until_ready(metrics)  # the trace must hold the whole of the last step
+            self.close()
+            log.info("profile of steps %d-%d written to %s", self.first, self.last, self.directory)
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def _checkpoint_due(config: Config, step: int) -> bool:

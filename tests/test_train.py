@@ -113,3 +113,9 @@ def test_an_interrupted_save_is_reported_and_never_resumed_from(tmp_path, uninte
     assert "resuming from checkpoint step 4" in caplog.text
     expected, resumed = train_losses(uninterrupted), train_losses(tmp_path)
     assert all(abs(resumed[step] - expected[step]) <= 1e-6 for step in range(5, 9))
+
+
+def test_profile_steps_write_a_trace_into_the_run_dir(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=3", "train.profile_steps=[2,3]"))
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
