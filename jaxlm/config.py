@@ -240,6 +240,11 @@ class TrainConfig(Section):
         100, ge=0, description="Evaluate on the validation split every this many steps (0 = never)."
     )
     eval_batches: int = Field(4, gt=0, description="Batches per evaluation.")
+    loss_chunk: int = Field(
+        0,
+        ge=0,
+        description="Compute the output projection and cross-entropy this many positions at a time (0 = the whole row); bounds the memory of the logits for large vocabularies.",
+    )
     profile_steps: list[int] = Field(
         default_factory=list,
         description="[first, last]: capture a jax.profiler trace of these steps into <run.dir>/profile (empty = off).",
@@ -323,6 +328,15 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _loss_chunk(self) -> Config:
+        chunk, seq_len = self.train.loss_chunk, self.data.seq_len
+        if chunk and seq_len % chunk:
+            raise ValueError(
+                f"train.loss_chunk={chunk} does not divide data.seq_len={seq_len}; use a divisor"
+            )
+        return self
 
     @property
     def checkpoint_dir(self) -> epath.Path:

@@ -43,23 +43,60 @@ class TrainState:
 # The pure core: loss, train step, eval step.
 
 
-def next_token_loss(logits: jax.Array, targets: jax.Array, segment_ids: jax.Array):
-    """Sum of token cross-entropies (float32) and the number of real (non-padding) targets."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+def next_token_loss(
+    hidden: jax.Array,
+    output_projection: jax.Array,
+    targets: jax.Array,
+    segment_ids: jax.Array,
+    chunk: int = 0,
+):
+    """Sum of token cross-entropies (float32) and the number of real (non-padding) targets.
+
+    hidden: [batch, length, embed]; output_projection: [embed, vocab]. Logits stay in the compute
+    dtype; with `chunk` > 0 they exist `chunk` positions at a time (recomputed in the backward
+    pass), so a large vocabulary never holds [batch, length, vocab] in memory at once.
+    """
     mask = segment_ids > 0  # [batch, length]
-    return jnp.sum(losses * mask), jnp.sum(mask)
+
+    def chunk_loss(hidden, targets, mask):
+        logits = jnp.einsum("bte,ev->btv", hidden, output_projection)  # [batch, chunk, vocab]
+        logits = parallel.constrain(logits, ("batch", "length", "act_vocab"))
+        log_normaliser = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+        target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
+        return jnp.sum((log_normaliser - target_logits) * mask)
+
+    length = hidden.shape[1]
+    if not chunk or chunk >= length:
+        return chunk_loss(hidden, targets, mask), jnp.sum(mask)
+
+    def by_chunk(x):  # [batch, length, ...] → [length / chunk, batch, chunk, ...]
+        return jnp.swapaxes(x.reshape(x.shape[0], length // chunk, chunk, *x.shape[2:]), 0, 1)
+
+    def accumulate(total, chunk_inputs):
+        return total + jax.checkpoint(chunk_loss)(*chunk_inputs), None
+
+    total, _ = jax.lax.scan(
+        accumulate, jnp.zeros((), jnp.float32), (by_chunk(hidden), by_chunk(targets), by_chunk(mask))
+    )
+    return total, jnp.sum(mask)
 
 
-def _loss_fn(graphdef: nnx.GraphDef, params, batch):
+def _loss_fn(graphdef: nnx.GraphDef, params, batch, loss_chunk: int = 0):
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # [batch, length, vocab]
-    return next_token_loss(logits, batch["targets"], batch["segment_ids"])
+    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])  # [batch, length, embed]
+    return next_token_loss(
+        hidden, model.output_projection(), batch["targets"], batch["segment_ids"], loss_chunk
+    )
 
 
-def make_train_step(graphdef, optimizer, schedule, micro_batches: int, mesh: Mesh, rules) -> Callable:
+def make_train_step(
+    graphdef, optimizer, schedule, micro_batches: int, mesh: Mesh, rules, loss_chunk: int = 0
+) -> Callable:
     """(state, batch) → (state, metrics). Gradients are summed over `micro_batches` inside the
     step, then divided by the token count, so any accumulation gives the same update."""
-    grad_fn = jax.value_and_grad(lambda params, batch: _loss_fn(graphdef, params, batch), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda params, batch: _loss_fn(graphdef, params, batch, loss_chunk), has_aux=True
+    )
 
     def summed_grads(params, batch):
         if micro_batches == 1:
@@ -103,13 +140,13 @@ def make_train_step(graphdef, optimizer, schedule, micro_batches: int, mesh: Mes
     return train_step
 
 
-def make_eval_step(graphdef, token_bytes: np.ndarray, mesh: Mesh, rules) -> Callable:
+def make_eval_step(graphdef, token_bytes: np.ndarray, mesh: Mesh, rules, loss_chunk: int = 0) -> Callable:
     """params, batch → (sum of losses in nats, target tokens, target bytes)."""
     token_bytes = jnp.asarray(token_bytes)
 
     def eval_step(params, batch):
         with parallel.activation_sharding(mesh, rules):
-            loss_sum, count = _loss_fn(graphdef, params, batch)
+            loss_sum, count = _loss_fn(graphdef, params, batch, loss_chunk)
         byte_count = jnp.sum(token_bytes[batch["targets"]] * (batch["segment_ids"] > 0))
         return loss_sum, count, byte_count
 
@@ -190,6 +227,7 @@ def jit_train_step(config: Config, setup: Setup) -> Callable:
         config.train.micro_batches,
         setup.mesh,
         config.mesh.rules,
+        config.train.loss_chunk,
     )
     return jax.jit(
         step,
@@ -278,7 +316,9 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
     evaluate = None
     if train_config.eval_every:
         eval_batches = pipeline.eval_host_batches(validation_docs, config, tokenizer)
-        eval_step = jax.jit(make_eval_step(setup.graphdef, tokenizer.token_bytes(), mesh, rules))
+        eval_step = jax.jit(
+            make_eval_step(setup.graphdef, tokenizer.token_bytes(), mesh, rules, train_config.loss_chunk)
+        )
 
         def evaluate(params) -> dict[str, float]:
             totals = np.zeros(3)

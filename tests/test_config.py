@@ -50,6 +50,7 @@ def test_override_values_are_parsed_as_yaml():
         (["mesh.rules.embed=[fsdq]"], r"'fsdq' is not a mesh axis"),
         (["train.global_batch_size=6", "train.micro_batches=4"], r"not divisible by train\.micro_batches=4"),
         (["train.steps"], r"not of the form section\.key=value"),
+        (["train.loss_chunk=10"], r"train\.loss_chunk=10 does not divide data\.seq_len=128"),
         (["train.profile_steps=[5]"], r"train\.profile_steps=\[5\] must be \[first, last\]"),
         (["train=3"], r"train must be a section"),
     ],

@@ -29,7 +29,7 @@ def loss_and_grads(config):
     params = nnx.to_pure_dict(params)
 
     def mean_loss(params):
-        loss_sum, count = _loss_fn(graphdef, params, batch_of(config))
+        loss_sum, count = _loss_fn(graphdef, params, batch_of(config), config.train.loss_chunk)
         return loss_sum / count
 
     return jax.jit(jax.value_and_grad(mean_loss))(params)
@@ -58,6 +58,23 @@ def test_remat_policies_give_the_same_loss_and_gradients(tmp_path, policy, float
     assert float(loss) == pytest.approx(float(reference_loss), rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(tmp_path, float32_reference):
+    reference_loss, reference_grads = float32_reference
+    loss, grads = loss_and_grads(tiny_config(tmp_path, "train.loss_chunk=8"))
+    assert float(loss) == pytest.approx(float(reference_loss), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_logits_are_the_hidden_state_times_the_output_projection(tmp_path):
+    config = tiny_config(tmp_path)
+    model = Transformer(config.model, nnx.Rngs(0))
+    batch = batch_of(config)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    np.testing.assert_allclose(logits, hidden @ model.output_projection(), rtol=1e-5, atol=1e-5)
 
 
 def test_untrained_loss_is_near_uniform_and_bf16_compute_agrees(tmp_path, float32_reference):

@@ -48,9 +48,17 @@ def test_simulated_slices_over_dcn_give_the_same_losses(tmp_path, single_device_
         assert abs(loss - single_device_losses[step]) / abs(single_device_losses[step]) < 1e-4
 
 
-def test_gradient_accumulation_gives_the_same_losses(tmp_path, single_device_losses):
+def test_gradient_accumulation_and_chunked_loss_give_the_same_losses(tmp_path, single_device_losses):
     train(
-        tiny_config(tmp_path, *STEPS, "train.micro_batches=2", "mesh.fsdp=4", "mesh.data=1", "mesh.tensor=2")
+        tiny_config(
+            tmp_path,
+            *STEPS,
+            "train.micro_batches=2",
+            "train.loss_chunk=8",
+            "mesh.fsdp=4",
+            "mesh.data=1",
+            "mesh.tensor=2",
+        )
     )
     losses = train_losses(tmp_path)
     for step, loss in losses.items():

@@ -60,6 +60,13 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """tokens, positions, segment_ids: [batch, length] int32 → logits [batch, length, vocab]."""
+        logits = jnp.einsum(
+            "bte,ev->btv", self.hidden(tokens, positions, segment_ids), self.output_projection()
+        )
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """The final normed residual stream [batch, length, embed], before the output projection."""
         # Gather from a table replicated for the lookup (as FSDP gathers every weight before use);
         # a gather from a vocab- and embed-sharded table cannot be partitioned without copies.
         table = constrain(self.embedding[...], (None, "act_embed"))
@@ -74,10 +81,9 @@ class Transformer(nnx.Module):
         if self.remat != "none":
             apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         x, _ = jax.lax.scan(apply_block, x, block_params)
+        return self.final_norm(x)
 
-        x = self.final_norm(x)
-        if self.tie_embeddings:
-            logits = jnp.einsum("bte,ve->btv", x, self.embedding[...].astype(self.dtype))
-        else:
-            logits = jnp.einsum("bte,ev->btv", x, self.lm_head[...].astype(self.dtype))
-        return constrain(logits, ("batch", "length", "act_vocab"))
+    def output_projection(self) -> jax.Array:
+        """[embed, vocab] in the compute dtype: the LM head, or the transposed embedding if tied."""
+        weight = self.embedding[...].T if self.tie_embeddings else self.lm_head[...]
+        return weight.astype(self.dtype)
