@@ -1,4 +1,5 @@
-"""FLOPs and MFU accounting, and where metrics go: metrics.jsonl, TensorBoard, the console."""
+"""FLOPs and MFU accounting, and where metrics go: metrics.jsonl, TensorBoard, the console, and
+profiler traces."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +154,28 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+class StepProfiler:
+    """Captures a jax.profiler trace (TensorBoard / Perfetto) of steps [first, last]."""
+
+    def __init__(self, steps: Sequence[int], directory: Path):
+        self.first, self.last = steps if steps else (0, -1)
+        self.directory = directory
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int, metrics) -> None:
+        if self.active and step == self.last:
+            jax.block_until_ready(metrics)  # the trace must hold the whole of the last step
+            self.close()
+            log.info("profile of steps %d-%d written to %s", self.first, self.last, self.directory)
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False

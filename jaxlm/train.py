@@ -25,7 +25,7 @@ from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import load_tokenizer
 from jaxlm.distributed import PreemptionWatch
 from jaxlm.errors import ConfigError, DataError, TrainingDiverged
-from jaxlm.metrics import MetricsWriter, Progress, model_flops_per_step, peak_flops_per_device
+from jaxlm.metrics import MetricsWriter, Progress, StepProfiler, model_flops_per_step, peak_flops_per_device
 from jaxlm.model import Transformer
 from jaxlm.optim import make_optimizer
 
@@ -408,31 +408,6 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
             run_dir / "tensorboard",
         )
     return last_logged
-
-
-class StepProfiler:
-    """Captures a jax.profiler trace (TensorBoard / Perfetto) of steps [first, last]."""
-
-    def __init__(self, steps: Sequence[int], directory: Path):
-        self.first, self.last = steps if steps else (0, -1)
-        self.directory = directory
-        self.active = False
-
-    def before(self, step: int) -> None:
-        if step == self.first:
-            jax.profiler.start_trace(str(self.directory))
-            self.active = True
-
-    def after(self, step: int, metrics) -> None:
-        if self.active and step == self.last:
-            jax.block_until_ready(metrics)  # the trace must hold the whole of the last step
-            self.close()
-            log.info("profile of steps %d-%d written to %s", self.first, self.last, self.directory)
-
-    def close(self) -> None:
-        if self.active:
-            jax.profiler.stop_trace()
-            self.active = False
 
 
 def _checkpoint_due(config: Config, step: int) -> bool:
