@@ -1,0 +1,117 @@
+"""Compile time of the train step against model depth: the scan over layers should keep it flat.
+
+For each --layers depth, the config (with `model.num_layers` set to that depth) is built with
+`jaxlm.train.build`, and `jaxlm.train.jit_train_step` is lowered and compiled ahead of time on
+abstract inputs (jax.ShapeDtypeStruct carrying the state and batch shardings): no parameter is
+ever allocated. Lowering (tracing to StableHLO) and compiling (XLA) are timed apart. An untimed
+compile of the shallowest depth first takes the process's one-time start-up costs out of the
+figures, and each depth is timed --repeats times, the depths interleaved, keeping the median.
+
+compile_ratio = compile seconds of the deepest ÷ the shallowest (the target: ≤ 1.5 from 2 to 32).
+Prints one JSON line to stdout; logs go to stderr.
+
+    python bench/compile_time.py configs/tiny.yaml --layers 2 32
+    python bench/compile_time.py configs/small_20m.yaml --layers 2 8 32 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlm.checkpoint import abstract_with_shardings
+from jaxlm.cli import setup_logging
+from jaxlm.config import Config, load_config
+from jaxlm.data import pipeline
+from jaxlm.errors import UserError
+from jaxlm.train import Setup, build, count_params, jit_train_step
+
+log = logging.getLogger("jaxlm")
+
+
+def abstract_batch(config: Config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch as shapes with the batch sharding: [global_batch_size, seq_len] int32."""
+    shape = (config.train.global_batch_size, config.data.seq_len)
+    return {
+        field: jax.ShapeDtypeStruct(shape, np.int32, sharding=setup.batch_sharding)
+        for field in pipeline.FIELDS
+    }
+
+
+def time_compile(config: Config) -> dict[str, float]:
+    """Seconds to lower and to compile one freshly built train step, and its parameter count."""
+    setup = build(config)
+    state = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+    train_step = jit_train_step(config, setup)
+    started = time.perf_counter()
+    lowered = train_step.lower(state, abstract_batch(config, setup))
+    lowered_at = time.perf_counter()
+    lowered.compile()
+    compiled_at = time.perf_counter()
+    return {
+        "lower_s": lowered_at - started,
+        "compile_s": compiled_at - lowered_at,
+        "params": count_params(setup.abstract_state),
+    }
+
+
+def benchmark(config_path: str, overrides: list[str], depths: list[int], repeats: int) -> dict[str, Any]:
+    """Median lower and compile seconds per depth; the figures of the JSON line."""
+    configs = {depth: load_config(config_path, [*overrides, f"model.num_layers={depth}"]) for depth in depths}
+    time_compile(configs[depths[0]])  # untimed: the process's first compile pays one-time costs
+    timings: dict[int, list[dict[str, float]]] = {depth: [] for depth in depths}
+    for repeat in range(repeats):
+        for depth in depths:
+            timings[depth].append(time_compile(configs[depth]))
+            log.info("repeat %d, %d layers: %s", repeat + 1, depth, timings[depth][-1])
+    per_depth = {
+        str(depth): {
+            "params": runs[0]["params"],
+            "lower_s": statistics.median(run["lower_s"] for run in runs),
+            "compile_s": statistics.median(run["compile_s"] for run in runs),
+        }
+        for depth, runs in timings.items()
+    }
+    shallowest, deepest = per_depth[str(min(depths))], per_depth[str(max(depths))]
+    device = jax.devices()[0]
+    return {
+        "config": config_path,
+        "overrides": overrides,
+        "devices": {"count": jax.device_count(), "platform": device.platform, "kind": device.device_kind},
+        "jax": jax.__version__,
+        "repeats": repeats,
+        "layers": per_depth,
+        "compile_ratio": deepest["compile_s"] / shallowest["compile_s"],
+        "lower_ratio": deepest["lower_s"] / shallowest["lower_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", default="configs/tiny.yaml", help="YAML config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 32], help="depths to compile")
+    parser.add_argument("--repeats", type=int, default=3, help="timed compiles per depth (median kept)")
+    args = parser.parse_intermixed_args(argv)
+    if args.repeats < 1 or min(args.layers) < 1:
+        parser.error("--repeats and every --layers depth must be at least 1")
+    setup_logging()
+    try:
+        result = benchmark(args.config, args.overrides, sorted(set(args.layers)), args.repeats)
+    except UserError as error:
+        print(f"compile_time: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
