@@ -32,3 +32,55 @@ def test_train_throughput_bench_prints_one_json_line():
     assert figures["devices"]["count"] == 2 and figures["steps"] == 4
     for key in ("train_tokens_per_s", "bare_tokens_per_s", "overhead_ratio", "train_step_time_s", "mfu"):
         assert figures[key] > 0, key
+
+
+def run_bench(script: str, *args: str, host_devices: int = 1) -> dict:
+    """Run bench/<script> on the tiny test model; the one JSON line it prints, parsed."""
+    result = subprocess.run(
+        [sys.executable, f"bench/{script}", "configs/tiny.yaml", *TINY, *args],
+        cwd=REPO,
+        env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={host_devices}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_compile_time_bench_times_each_depth():
+    figures = run_bench("compile_time.py", "--layers", "1", "2", "--repeats", "1")
+    assert set(figures["layers"]) == {"1", "2"}
+    for depth in figures["layers"].values():
+        assert depth["lower_s"] > 0 and depth["compile_s"] > 0
+    assert figures["layers"]["2"]["params"] > figures["layers"]["1"]["params"]
+    assert figures["compile_ratio"] > 0
+
+
+def test_memory_bench_shows_fsdp_halving_the_state_per_device():
+    figures = run_bench("memory.py", "--devices", "1", "2", host_devices=2)
+    one, two = figures["fsdp"]["1"], figures["fsdp"]["2"]
+    assert one["state_bytes"] > 0 and one["argument_bytes"] > 0
+    assert abs(two["state_ratio"] - 0.5) < 0.01
+    assert abs(two["argument_ratio"] - 0.5) < 0.01
+
+
+def test_reference_step_bench_times_both_steps():
+    figures = run_bench("reference_step.py", "train.log_every=1", "--steps", "1", "--warmup", "1")
+    for key in ("reference_tokens_per_s", "jaxlm_tokens_per_s", "ratio"):
+        assert figures[key] > 0, key
+
+
+def test_flops_check_bench_finds_the_counter_within_ten_percent_of_xla():
+    figures = run_bench("flops_check.py")
+    assert figures["model_flops"] > 0 and figures["xla_flops"] > figures["xla_flops_loop_once"]
+    assert abs(figures["relative_difference"]) < 0.1
+    assert figures["matmul_flops"] == figures["model_flops"]
+
+
+def test_data_throughput_bench_draws_batches():
+    figures = run_bench("data_throughput.py", "--batches", "20", "--warmup", "2")
+    assert figures["tokens_per_batch"] == 8 * 32
+    assert figures["tokens_per_s"] > 0 and figures["next_ms_median"] > 0
