@@ -61,6 +61,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import jax
+
+    # Compile-only TPU devices need no backend but the CPU; never open this host's accelerators.
+    jax.config.update("jax_platforms", "cpu")
+    from jaxlm import plan
+    from jaxlm.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.sweep:
+        trials = plan.sweep(config, args.topology)
+        print(plan.format_sweep(args.topology, trials))
+        return 0 if any(trial.plan and trial.plan.fits for trial in trials) else 1
+    log.info("compiling the train step of %s for %s", args.config, args.topology)
+    result = plan.plan(config, args.topology)
+    print(plan.format_plan(result))
+    return 0 if result.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description="Train language models on JAX device meshes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,11 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100"
     )
     train_parser.set_defaults(run=_train)
+    plan_parser = commands.add_parser(
+        "plan",
+        help="compile the train step for a TPU topology on this host: does it fit, how fast will it run",
+    )
+    plan_parser.add_argument("config", help="YAML config, e.g. configs/llama3_8b.yaml")
+    plan_parser.add_argument(
+        "--topology", required=True, help="TPU generation:shape as JAX names it, e.g. v5e:2x2, v5p:4x4x4"
+    )
+    plan_parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="try the splits of the topology over data/fsdp/tensor and the remat policies; rank them",
+    )
+    plan_parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.remat=full"
+    )
+    plan_parser.set_defaults(run=_plan)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unparsed = parser.parse_known_args(argv)
+    # Overrides may follow options: `jaxlm plan CONFIG --topology v5e:2x2 model.remat=full`.
+    unknown_options = [arg for arg in unparsed if arg.startswith("-")]
+    if unknown_options:
+        parser.error(f"unrecognized arguments: {' '.join(unknown_options)}")
+    args.overrides = [*args.overrides, *unparsed]
     setup_logging()
     try:
         return args.run(args)
