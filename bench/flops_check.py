@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
 from unittest import mock
 
@@ -61,6 +62,15 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
     return total
 
 
+def compile_with_scans_unrolled(train_step: Callable, state: Any, batch: Any) -> jax.stages.Compiled:
+    """Compile a jitted step with every `jax.lax.scan` in it fully unrolled: no while loops.
+
+    jaxlm calls `jax.lax.scan` by attribute at trace time, so patching it reaches the model."""
+    unrolled_scan = functools.partial(jax.lax.scan, unroll=True)
+    with mock.patch("jax.lax.scan", unrolled_scan):
+        return train_step.lower(state, batch).compile()
+
+
 def benchmark(config_path: str, overrides: list[str]) -> dict[str, Any]:
     """Count the step's FLOPs three ways; the figures of the JSON line."""
     config = load_config(config_path, overrides)
@@ -70,9 +80,7 @@ def benchmark(config_path: str, overrides: list[str]) -> dict[str, Any]:
 
     traced = jit_train_step(config, setup).trace(state, batch)
     loop_once = traced.lower().compile().cost_analysis()
-    unrolled_scan = functools.partial(jax.lax.scan, unroll=True)
-    with mock.patch("jax.lax.scan", unrolled_scan):  # jaxlm calls jax.lax.scan by attribute: patched
-        unrolled = jit_train_step(config, setup).lower(state, batch).compile().cost_analysis()
+    unrolled = compile_with_scans_unrolled(jit_train_step(config, setup), state, batch).cost_analysis()
     log.info("compiled the step with its scans kept and unrolled")
 
     model_flops = model_flops_per_step(config)

@@ -13,10 +13,13 @@ step of bench/train_throughput.py, and the windows of the two alternate, so that
 other processes falls on both alike. Step time is the median window.
 
 ratio = jaxlm tokens/s ÷ reference tokens/s: at least 1.0 means the framework's step costs
-nothing over hand-written JAX. Prints one JSON line to stdout; logs go to stderr.
+nothing over hand-written JAX. With --unrolled, a third step alternates with the two: jaxlm's
+own, compiled with its scan over layers (and every other `jax.lax.scan`) fully unrolled, as
+the reference's Python loop is; unrolled_ratio is its tokens/s ÷ the reference's. It tells how
+much of a gap the scan accounts for. Prints one JSON line to stdout; logs go to stderr.
 
-    python bench/reference_step.py configs/tiny.yaml --steps 100
-    python bench/reference_step.py configs/small_20m.yaml --steps 30
+    python bench/reference_step.py configs/tiny.yaml --steps 100 --unrolled
+    python bench/reference_step.py configs/small_20m.yaml --steps 30 --unrolled
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from train_throughput import random_batch  # a sibling script: `python bench/...` puts bench/ on sys.path
+
+# Sibling scripts: `python bench/...` puts bench/ on sys.path.
+from flops_check import compile_with_scans_unrolled
+from train_throughput import random_batch
 
 from jaxlm.cli import setup_logging
 from jaxlm.config import Config, ModelConfig, load_config
@@ -175,7 +181,9 @@ def time_alternating(steps: dict[str, tuple[Callable, Any, Any]], config: Config
     return {name: statistics.median(seconds) for name, seconds in per_step.items()}
 
 
-def benchmark(config_path: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
+def benchmark(
+    config_path: str, overrides: list[str], steps: int, warmup: int, unrolled: bool
+) -> dict[str, Any]:
     """Time both steps on one device; the figures of the JSON line."""
     config = load_config(config_path, [*overrides, f"train.steps={steps}"])
     device = jax.devices()[0]
@@ -193,16 +201,17 @@ def benchmark(config_path: str, overrides: list[str], steps: int, warmup: int) -
     if reference_params != params:
         raise RuntimeError(f"the reference has {reference_params} parameters, jaxlm {params}: shapes differ")
 
-    step_time_s = time_alternating(
-        {
-            "reference": (reference_step, reference_state, reference_batch),
-            "jaxlm": (jit_train_step(config, setup), jaxlm_state, jaxlm_batch),
-        },
-        config,
-        warmup,
-    )
+    steps_to_time = {
+        "reference": (reference_step, reference_state, reference_batch),
+        "jaxlm": (jit_train_step(config, setup), jaxlm_state, jaxlm_batch),
+    }
+    if unrolled:
+        unrolled_step = compile_with_scans_unrolled(jit_train_step(config, setup), jaxlm_state, jaxlm_batch)
+        unrolled_state = setup.init(jax.random.key(config.train.seed))
+        steps_to_time["jaxlm_unrolled"] = (unrolled_step, unrolled_state, jaxlm_batch)
+    step_time_s = time_alternating(steps_to_time, config, warmup)
     tokens_per_step = config.train.global_batch_size * config.data.seq_len
-    return {
+    figures = {
         "config": config_path,
         "overrides": overrides,
         "device": {"platform": device.platform, "kind": device.device_kind},
@@ -217,6 +226,10 @@ def benchmark(config_path: str, overrides: list[str], steps: int, warmup: int) -
         "jaxlm_step_time_s": step_time_s["jaxlm"],
         "ratio": step_time_s["reference"] / step_time_s["jaxlm"],
     }
+    if unrolled:
+        figures["jaxlm_unrolled_tokens_per_s"] = tokens_per_step / step_time_s["jaxlm_unrolled"]
+        figures["unrolled_ratio"] = step_time_s["reference"] / step_time_s["jaxlm_unrolled"]
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,12 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.add_argument("--steps", type=int, default=50, help="timed steps of each step function")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps; the first compiles")
+    parser.add_argument(
+        "--unrolled", action="store_true", help="also time jaxlm's step with its scans unrolled"
+    )
     args = parser.parse_intermixed_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1: the first call compiles")
     setup_logging()
     try:
-        result = benchmark(args.config, args.overrides, args.steps, args.warmup)
+        result = benchmark(args.config, args.overrides, args.steps, args.warmup, args.unrolled)
     except UserError as error:
         print(f"reference_step: error: {error}", file=sys.stderr)
         return 2
