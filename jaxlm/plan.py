@@ -224,7 +224,7 @@ class Plan:
     param_count: int
     param_bytes: int
     optimizer_bytes: int
-    total_bytes: int  # compiled: arguments + new outputs + temporaries; refused: the compiler's need
+    peak_bytes: int  # the most live at once, which the compiler holds to the HBM (refused: its need)
     hbm_bytes: float
     argument_bytes: int = 0
     temp_bytes: int = 0
@@ -234,7 +234,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.refusal is None and self.total_bytes <= self.hbm_bytes
+        return self.refusal is None and self.peak_bytes <= self.hbm_bytes
 
 
 def plan(config: Config, topology: str, devices: list[jax.Device] | None = None) -> Plan:
@@ -252,26 +252,26 @@ def plan(config: Config, topology: str, devices: list[jax.Device] | None = None)
         param_count=count_params(state),
         param_bytes=bytes_per_chip(state.params, shardings.params),
         optimizer_bytes=bytes_per_chip(state.opt_state, shardings.opt_state),
-        total_bytes=0,
+        peak_bytes=0,
         hbm_bytes=chip.hbm_bytes,
     )
     if compiled is None:
         figures.refusal = refusal
         needed, available = _needed_and_available(refusal)
-        figures.total_bytes = needed or figures.param_bytes + figures.optimizer_bytes
-        figures.hbm_bytes = available or chip.hbm_bytes
+        figures.peak_bytes, figures.hbm_bytes = needed or 0, available or chip.hbm_bytes
         return figures
     memory = compiled.memory_analysis()
     figures.argument_bytes = memory.argument_size_in_bytes
     figures.temp_bytes = memory.temp_size_in_bytes
     figures.output_bytes = memory.output_size_in_bytes - memory.alias_size_in_bytes
-    figures.total_bytes = figures.argument_bytes + figures.output_bytes + figures.temp_bytes
-    peak = peak_flops_per_device(devices[0], config)
-    figures.speed = _speed(config, figures, traced, compiled.cost_analysis() or {}, peak)
+    # Not all temporaries are live at once: the compiler's peak is what must fit, and what it checks.
+    figures.peak_bytes = memory.peak_memory_in_bytes
+    peak_flops = peak_flops_per_device(devices[0], config)
+    figures.speed = _speed(config, figures, traced, compiled.cost_analysis() or {}, peak_flops)
     return figures
 
 
-def _speed(config: Config, figures: Plan, traced, cost: dict, peak: float) -> Speed:
+def _speed(config: Config, figures: Plan, traced, cost: dict, peak_flops: float) -> Speed:
     chip = figures.chip
     flops = matmul_flops(traced.jaxpr.jaxpr) / figures.chips
     xla_bytes = float(cost.get("bytes accessed", 0.0))
@@ -279,12 +279,12 @@ def _speed(config: Config, figures: Plan, traced, cost: dict, peak: float) -> Sp
     return Speed(
         flops=flops,
         model_flops=model_flops_per_step(config),
-        peak_flops=peak,
+        peak_flops=peak_flops,
         chips=figures.chips,
         tokens_per_step=config.train.global_batch_size * config.data.seq_len,
         xla_bytes=xla_bytes,
         xla_seconds=xla_seconds if xla_seconds and xla_seconds > 0 else None,
-        compute_s=flops / peak,
+        compute_s=flops / peak_flops,
         memory_s=xla_bytes / chip.hbm_bandwidth,
         collective_s=collective_seconds(config, figures.mesh, figures.param_count, chip),
     )
@@ -365,9 +365,9 @@ def _rank(trial: Trial) -> tuple:
     if trial.plan is None:
         return (2,)
     if not trial.plan.fits:
-        return (1, trial.plan.total_bytes)
+        return (1, trial.plan.peak_bytes)
     speed = trial.plan.speed
-    return (0, round(speed.step_s, 6), speed.collective_s, trial.plan.total_bytes)
+    return (0, round(speed.step_s, 6), speed.collective_s, trial.plan.peak_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,14 +395,14 @@ def format_plan(plan: Plan) -> str:
     if plan.refusal is None:
         lines += [
             f"  arguments         {_gib(plan.argument_bytes):>12}   state and batch, padded to TPU tiles",
-            f"  temporaries       {_gib(plan.temp_bytes):>12}   activations, gradients, workspace",
+            f"  temporaries       {_gib(plan.temp_bytes):>12}   activations, gradients, workspace; not all live at once",
             f"  new outputs       {_gib(plan.output_bytes):>12}   outputs not written in place of the state",
         ]
     else:
         lines.append(f"  the compiler refused the program: {plan.refusal}")
-    share = plan.total_bytes / plan.hbm_bytes
+    share = plan.peak_bytes / plan.hbm_bytes
     lines.append(
-        f"  total             {_gib(plan.total_bytes):>12}   of {_gib(plan.hbm_bytes)} HBM ({share:.0%})"
+        f"  peak              {_gib(plan.peak_bytes):>12}   live at once, of {_gib(plan.hbm_bytes)} HBM ({share:.0%})"
     )
     if plan.speed is not None:
         lines += ["", *_speed_lines(plan.speed)]
@@ -427,13 +427,17 @@ def _speed_lines(speed: Speed) -> list[str]:
 def verdict(plan: Plan) -> str:
     hbm = plan.hbm_bytes
     if plan.fits:
-        return f"fits: {_gib(plan.total_bytes)} of the {_gib(hbm)} of HBM per chip ({_gib(hbm - plan.total_bytes)} spare)"
-    excess = plan.total_bytes - hbm
+        return f"fits: {_gib(plan.peak_bytes)} of the {_gib(hbm)} of HBM per chip ({_gib(hbm - plan.peak_bytes)} spare)"
     fixes = ["model.remat=full"] if plan.remat != "full" else []
-    fixes += ["more train.micro_batches", "a larger topology", "jaxlm plan --sweep"]
+    fixes = ", ".join([*fixes, "more train.micro_batches", "a larger topology", "jaxlm plan --sweep"])
+    if plan.peak_bytes <= hbm:  # refused, with a message that does not say how much it needs
+        return (
+            f"does not fit: the compiler ran out of the {_gib(hbm)} of HBM of a {plan.chip.name}; try {fixes}"
+        )
+    excess = plan.peak_bytes - hbm
     return (
-        f"does not fit: needs {_gib(plan.total_bytes)} per chip, {_gib(excess)} ({excess / hbm:.0%}) more "
-        f"than the {_gib(hbm)} of a {plan.chip.name}; try {', '.join(fixes)}"
+        f"does not fit: needs {_gib(plan.peak_bytes)} per chip, {_gib(excess)} ({excess / hbm:.0%}) more "
+        f"than the {_gib(hbm)} of a {plan.chip.name}; try {fixes}"
     )
 
 
@@ -447,7 +451,7 @@ def format_sweep(topology: str, trials: list[Trial]) -> str:
     planned = [trial.plan for trial in trials if trial.plan is not None]
     for rank, plan in enumerate(planned, start=1):
         sizes = f"{plan.mesh['data']:>4}  {plan.mesh['fsdp']:>4}  {plan.mesh['tensor']:>6}  {plan.remat:<13}"
-        memory = f"{plan.total_bytes / GiB:8.2f}"
+        memory = f"{plan.peak_bytes / GiB:8.2f}"
         if plan.fits and plan.speed is not None:
             speed = plan.speed
             figures = f"{speed.step_s:8.3g}  {speed.tokens_per_s:12,.0f}  {speed.mfu:6.1%}  {speed.bound}"
