@@ -17,7 +17,6 @@ Prints one JSON line to stdout; logs go to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -25,34 +24,21 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
+from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
 
-from jaxlm.checkpoint import abstract_with_shardings
-from jaxlm.cli import setup_logging
 from jaxlm.config import Config, load_config
-from jaxlm.data import pipeline
-from jaxlm.errors import UserError
-from jaxlm.train import Setup, build, count_params, jit_train_step
+from jaxlm.train import abstract_inputs, build, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
-
-
-def abstract_batch(config: Config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch as shapes with the batch sharding: [global_batch_size, seq_len] int32."""
-    shape = (config.train.global_batch_size, config.data.seq_len)
-    return {
-        field: jax.ShapeDtypeStruct(shape, np.int32, sharding=setup.batch_sharding)
-        for field in pipeline.FIELDS
-    }
 
 
 def time_compile(config: Config) -> dict[str, float]:
     """Seconds to lower and to compile one freshly built train step, and its parameter count."""
     setup = build(config)
-    state = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+    state, batch = abstract_inputs(config, setup)
     train_step = jit_train_step(config, setup)
     started = time.perf_counter()
-    lowered = train_step.lower(state, abstract_batch(config, setup))
+    lowered = train_step.lower(state, batch)
     lowered_at = time.perf_counter()
     lowered.compile()
     compiled_at = time.perf_counter()
@@ -103,14 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.repeats < 1 or min(args.layers) < 1:
         parser.error("--repeats and every --layers depth must be at least 1")
-    setup_logging()
-    try:
-        result = benchmark(args.config, args.overrides, sorted(set(args.layers)), args.repeats)
-    except UserError as error:
-        print(f"compile_time: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return report(lambda: benchmark(args.config, args.overrides, sorted(set(args.layers)), args.repeats))
 
 
 if __name__ == "__main__":

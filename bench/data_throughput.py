@@ -18,7 +18,6 @@ Prints one JSON line to stdout; logs go to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -26,12 +25,11 @@ import time
 from typing import Any
 
 import jax
+from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
 
-from jaxlm.cli import setup_logging
 from jaxlm.config import load_config
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import load_tokenizer
-from jaxlm.errors import UserError
 
 log = logging.getLogger("jaxlm")
 
@@ -84,14 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.batches < 1 or args.warmup < 0:
         parser.error("--batches must be at least 1 and --warmup at least 0")
-    setup_logging()
-    try:
-        result = benchmark(args.config, args.overrides, args.batches, args.warmup)
-    except UserError as error:
-        print(f"data_throughput: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return report(lambda: benchmark(args.config, args.overrides, args.batches, args.warmup))
 
 
 if __name__ == "__main__":

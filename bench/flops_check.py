@@ -7,9 +7,10 @@ Three counts of one train step (jaxlm.train.jit_train_step, compiled for one dev
   whatever its trip count, so the step is compiled with every `jax.lax.scan` fully unrolled
   (the same computation without loops) for this count. The count of the step as it is
   normally compiled, its loop bodies counted once each, is reported as xla_flops_loop_once.
-- matmul_flops: 2·M·N·K summed over every dot_general of the traced step (the bodies of scans
-  times their length): the matmul part of xla_flops. xla_flops − matmul_flops is elementwise
-  work (norms, softmax, rotary, AdamW) that the counter leaves out.
+- matmul_flops: `jaxlm.metrics.matmul_flops`, the count `jaxlm plan` uses: 2·M·N·K over every
+  dot_general of the traced step, scan bodies times their length. It is the matmul part of
+  xla_flops; xla_flops − matmul_flops is elementwise work (norms, softmax, rotary, AdamW) that
+  the counter leaves out.
 
 relative_difference = model_flops ÷ xla_flops − 1 (the target: within ±10%).
 Prints one JSON line to stdout; logs go to stderr.
@@ -22,44 +23,20 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
-import math
 import sys
 from collections.abc import Callable
 from typing import Any
 from unittest import mock
 
 import jax
-from compile_time import abstract_batch  # a sibling script: `python bench/...` puts bench/ on sys.path
+from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
 
-from jaxlm.checkpoint import abstract_with_shardings
-from jaxlm.cli import setup_logging
 from jaxlm.config import load_config
-from jaxlm.errors import UserError
-from jaxlm.metrics import model_flops_per_step
-from jaxlm.train import build, count_params, jit_train_step
+from jaxlm.metrics import matmul_flops, model_flops_per_step
+from jaxlm.train import abstract_inputs, build, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
-
-
-def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
-    """2·M·N·K of every dot_general, looking into nested jaxprs; scan bodies count `length` times."""
-    total = 0.0
-    for equation in jaxpr.eqns:
-        if equation.primitive.name == "dot_general":
-            lhs, rhs = (variable.aval.shape for variable in equation.invars)
-            (_, rhs_contracting), (_, rhs_batch) = equation.params["dimension_numbers"]
-            rhs_free = [size for axis, size in enumerate(rhs) if axis not in (*rhs_contracting, *rhs_batch)]
-            total += 2 * math.prod(lhs) * math.prod(rhs_free)
-        repeats = equation.params.get("length", 1) if equation.primitive.name == "scan" else 1
-        for value in equation.params.values():
-            for inner in value if isinstance(value, tuple | list) else (value,):
-                if isinstance(inner, jax.extend.core.ClosedJaxpr):
-                    total += repeats * matmul_flops(inner.jaxpr)
-                elif isinstance(inner, jax.extend.core.Jaxpr):
-                    total += repeats * matmul_flops(inner)
-    return total
 
 
 def compile_with_scans_unrolled(train_step: Callable, state: Any, batch: Any) -> jax.stages.Compiled:
@@ -75,8 +52,7 @@ def benchmark(config_path: str, overrides: list[str]) -> dict[str, Any]:
     """Count the step's FLOPs three ways; the figures of the JSON line."""
     config = load_config(config_path, overrides)
     setup = build(config, devices=jax.devices()[:1])
-    state = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-    batch = abstract_batch(config, setup)
+    state, batch = abstract_inputs(config, setup)
 
     traced = jit_train_step(config, setup).trace(state, batch)
     loop_once = traced.lower().compile().cost_analysis()
@@ -109,14 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", default="configs/tiny.yaml", help="YAML config")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_intermixed_args(argv)
-    setup_logging()
-    try:
-        result = benchmark(args.config, args.overrides)
-    except UserError as error:
-        print(f"flops_check: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return report(lambda: benchmark(args.config, args.overrides))
 
 
 if __name__ == "__main__":

@@ -20,31 +20,19 @@ Prints one JSON line to stdout; logs go to stderr. Needs N host devices on a CPU
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import sys
 from typing import Any
 
 import jax
-from compile_time import abstract_batch  # a sibling script: `python bench/...` puts bench/ on sys.path
+from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
 
-from jaxlm.checkpoint import abstract_with_shardings
-from jaxlm.cli import setup_logging
 from jaxlm.config import load_config
 from jaxlm.errors import UserError
-from jaxlm.train import build, count_params, jit_train_step
+from jaxlm.parallel import bytes_per_device
+from jaxlm.train import abstract_inputs, build, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
-
-
-def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
-    """Bytes of one device's shards of every leaf (the largest shard, where shards differ)."""
-
-    def shard_bytes(leaf: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding) -> int:
-        return math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-
-    return sum(jax.tree.leaves(jax.tree.map(shard_bytes, abstract_tree, shardings)))
 
 
 def measure(config_path: str, overrides: list[str], device_count: int) -> dict[str, Any]:
@@ -52,8 +40,7 @@ def measure(config_path: str, overrides: list[str], device_count: int) -> dict[s
     mesh_overrides = [f"mesh.fsdp={device_count}", "mesh.data=1", "mesh.tensor=1"]
     config = load_config(config_path, [*overrides, *mesh_overrides])
     setup = build(config, devices=jax.devices()[:device_count])
-    state = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-    batch = abstract_batch(config, setup)
+    state, batch = abstract_inputs(config, setup)
     memory = jit_train_step(config, setup).lower(state, batch).compile().memory_analysis()
     batch_bytes = bytes_per_device(batch, {field: setup.batch_sharding for field in batch})
     return {
@@ -101,14 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if min(args.devices) < 1:
         parser.error("every --devices count must be at least 1")
-    setup_logging()
-    try:
-        result = benchmark(args.config, args.overrides, sorted(set(args.devices)))
-    except UserError as error:
-        print(f"memory: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return report(lambda: benchmark(args.config, args.overrides, sorted(set(args.devices))))
 
 
 if __name__ == "__main__":

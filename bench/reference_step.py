@@ -25,7 +25,6 @@ much of a gap the scan accounts for. Prints one JSON line to stdout; logs go to 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
@@ -40,12 +39,11 @@ import optax
 
 # Sibling scripts: `python bench/...` puts bench/ on sys.path.
 from flops_check import compile_with_scans_unrolled
+from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
 from train_throughput import random_batch
 
-from jaxlm.cli import setup_logging
 from jaxlm.config import Config, ModelConfig, load_config
 from jaxlm.data import pipeline
-from jaxlm.errors import UserError
 from jaxlm.train import build, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
@@ -244,14 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1: the first call compiles")
-    setup_logging()
-    try:
-        result = benchmark(args.config, args.overrides, args.steps, args.warmup, args.unrolled)
-    except UserError as error:
-        print(f"reference_step: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return report(lambda: benchmark(args.config, args.overrides, args.steps, args.warmup, args.unrolled))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
 
-from jaxlm.cli import setup_logging
 from jaxlm.config import Config, load_config
 from jaxlm.data import pipeline
 from jaxlm.errors import UserError
@@ -160,14 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1: the first call compiles")
-    setup_logging()
-    try:
-        result = benchmark(args.config, args.overrides, args.steps, args.warmup)
-    except UserError as error:
-        print(f"train_throughput: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return report(lambda: benchmark(args.config, args.overrides, args.steps, args.warmup))
 
 
 if __name__ == "__main__":

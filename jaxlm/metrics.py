@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.extend.core
 
 from jaxlm.config import Config, ModelConfig
 
@@ -68,6 +70,22 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
 def model_flops_per_step(config: Config) -> float:
     tokens = config.train.global_batch_size * config.data.seq_len
     return flops_per_token(config.model, config.data.seq_len) * tokens
+
+
+def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
+    """FLOPs of every matmul in a jaxpr (2 per multiply-add), each scan body counted as many times
+    as it runs, so rematerialised forward passes and micro-batches are included."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            contracted = math.prod(lhs_shape[dim] for dim in contracting)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
+        repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for inner in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += repeats * matmul_flops(inner)
+    return total
 
 
 class MetricsWriter:

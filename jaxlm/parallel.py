@@ -141,6 +141,14 @@ def shardings_from_logical(abstract_tree, logical_tree, mesh: Mesh, rules: Rules
     )
 
 
+def bytes_per_device(abstract_tree, shardings) -> int:
+    """Bytes of one device's shard of every array in a tree (the largest shard, where they differ)."""
+    return sum(
+        math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings), strict=True)
+    )
+
+
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Sharding of a [batch, length] host batch assembled into a global array."""
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))

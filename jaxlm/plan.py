@@ -17,17 +17,14 @@ import re
 from dataclasses import dataclass
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 from jax.experimental import topologies
 
 from jaxlm import parallel
-from jaxlm.checkpoint import abstract_with_shardings
 from jaxlm.config import MESH_AXES, Config, apply_override, config_from_dict
-from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError, UserError
-from jaxlm.metrics import model_flops_per_step, peak_flops_per_device
-from jaxlm.train import build, count_params, jit_train_step
+from jaxlm.metrics import matmul_flops, model_flops_per_step, peak_flops_per_device
+from jaxlm.train import abstract_inputs, build, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
 
@@ -98,13 +95,7 @@ def compile_step(config: Config, devices: list[jax.Device]):
         )
     setup = build(config, _in_mesh_order(config, devices))
     step = jit_train_step(config, setup)
-    state = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-    rows, length = config.train.global_batch_size, config.data.seq_len
-    batch = {
-        field: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=setup.batch_sharding)
-        for field in pipeline.FIELDS
-    }
-    traced = step.trace(state, batch)
+    traced = step.trace(*abstract_inputs(config, setup))
     try:
         return setup, traced, traced.lower().compile(), None
     except jax.errors.JaxRuntimeError as error:
@@ -126,30 +117,6 @@ def _in_mesh_order(config: Config, devices: list[jax.Device]) -> list[jax.Device
             f"({str(error).splitlines()[0]}); choose axis sizes that follow the topology's shape"
         ) from None
     return list(mesh.devices.flat)
-
-
-def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
-    """FLOPs of every matmul in a jaxpr (2 per multiply-add), each scan body counted as many times
-    as it runs, so rematerialised forward passes and micro-batches are included."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (contracting, _), _ = eqn.params["dimension_numbers"]
-            lhs_shape = eqn.invars[0].aval.shape
-            contracted = math.prod(lhs_shape[dim] for dim in contracting)
-            total += 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
-        repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
-        for inner in jax.extend.core.jaxprs_in_params(eqn.params):
-            total += repeats * matmul_flops(inner)
-    return total
-
-
-def bytes_per_chip(abstract_tree, shardings) -> int:
-    """Bytes of one device's shard of every array in a tree."""
-    return sum(
-        math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-        for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings), strict=True)
-    )
 
 
 def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: int, chip: Chip) -> float:
@@ -250,8 +217,8 @@ def plan(config: Config, topology: str, devices: list[jax.Device] | None = None)
         mesh=dict(setup.mesh.shape),
         remat=config.model.remat,
         param_count=count_params(state),
-        param_bytes=bytes_per_chip(state.params, shardings.params),
-        optimizer_bytes=bytes_per_chip(state.opt_state, shardings.opt_state),
+        param_bytes=parallel.bytes_per_device(state.params, shardings.params),
+        optimizer_bytes=parallel.bytes_per_device(state.opt_state, shardings.opt_state),
         peak_bytes=0,
         hbm_bytes=chip.hbm_bytes,
     )

@@ -8,32 +8,6 @@ import sys
 from conftest import REPO, TINY
 
 
-def test_train_throughput_bench_prints_one_json_line():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "bench/train_throughput.py",
-            "configs/tiny.yaml",
-            *TINY,
-            "train.log_every=2",
-            "--steps",
-            "4",
-        ],
-        cwd=REPO,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1
-    figures = json.loads(lines[0])
-    assert figures["devices"]["count"] == 2 and figures["steps"] == 4
-    for key in ("train_tokens_per_s", "bare_tokens_per_s", "overhead_ratio", "train_step_time_s", "mfu"):
-        assert figures[key] > 0, key
-
-
 def run_bench(script: str, *args: str, host_devices: int = 1) -> dict:
     """Run bench/<script> on the tiny test model; the one JSON line it prints, parsed."""
     result = subprocess.run(
@@ -48,6 +22,13 @@ def run_bench(script: str, *args: str, host_devices: int = 1) -> dict:
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
     return json.loads(lines[0])
+
+
+def test_train_throughput_bench_prints_one_json_line():
+    figures = run_bench("train_throughput.py", "train.log_every=2", "--steps", "4", host_devices=2)
+    assert figures["devices"]["count"] == 2 and figures["steps"] == 4
+    for key in ("train_tokens_per_s", "bare_tokens_per_s", "overhead_ratio", "train_step_time_s", "mfu"):
+        assert figures[key] > 0, key
 
 
 def test_compile_time_bench_times_each_depth():

@@ -15,6 +15,7 @@ from conftest import REPO, TINY, tiny_config
 from jaxlm import plan
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError
+from jaxlm.metrics import matmul_flops
 from jaxlm.train import jit_train_step
 
 needs_libtpu = pytest.mark.skipif(
@@ -67,7 +68,7 @@ def test_matmul_flops_counts_a_scan_body_once_per_iteration():
         return jax.lax.scan(lambda carry, _: (carry @ carry, None), x, length=5)[0]
 
     jaxpr = jax.make_jaxpr(five_matmuls)(jnp.ones((4, 3, 3)))
-    assert plan.matmul_flops(jaxpr.jaxpr) == 5 * 2 * 4 * 3 * 3 * 3
+    assert matmul_flops(jaxpr.jaxpr) == 5 * 2 * 4 * 3 * 3 * 3
 
 
 @needs_libtpu
