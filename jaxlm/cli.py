@@ -8,6 +8,7 @@ import math
 import os
 import sys
 
+from jaxlm.config import MESH_AXES
 from jaxlm.errors import UserError
 
 log = logging.getLogger("jaxlm")
@@ -32,6 +33,13 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def cpu_devices_for_mesh(mesh) -> int:
+    """Devices the mesh names explicitly: the product of its fixed axis sizes, DCN slices included
+    (an axis at -1 adds none)."""
+    sizes = [getattr(mesh, axis) for axis in MESH_AXES] + [getattr(mesh, f"dcn_{axis}") for axis in MESH_AXES]
+    return math.prod(size for size in sizes if size > 0)
+
+
 def _use_cpu_devices_for_mesh(config) -> None:
     """On a CPU-only machine, give XLA as many host devices as the mesh asks for explicitly, so
     `mesh.fsdp=4 mesh.data=2` works on a laptop without setting XLA_FLAGS by hand."""
@@ -39,9 +47,7 @@ def _use_cpu_devices_for_mesh(config) -> None:
 
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
-    explicit = math.prod(
-        size for size in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) if size > 0
-    )
+    explicit = cpu_devices_for_mesh(config.mesh)
     if explicit > 1:
         jax.config.update("jax_num_cpu_devices", explicit)
 

@@ -63,3 +63,12 @@ def test_empty_corpus_is_refused(tmp_path):
     result = jaxlm("train", "configs/tiny.yaml", f"data.path={corpus}", f"run.dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "the corpus is empty" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cpu_device_count_covers_dcn_slices():
+    from jaxlm.cli import cpu_devices_for_mesh
+    from jaxlm.config import load_config
+
+    assert cpu_devices_for_mesh(load_config(None, ["mesh.fsdp=4", "mesh.data=2"]).mesh) == 8
+    assert cpu_devices_for_mesh(load_config(None, ["mesh.fsdp=4", "mesh.dcn_data=2"]).mesh) == 8
+    assert cpu_devices_for_mesh(load_config(None, ["mesh.fsdp=-1", "mesh.tensor=2"]).mesh) == 2
