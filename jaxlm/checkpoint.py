@@ -100,8 +100,9 @@ class Checkpointer:
         """The train state at `step`, placed on the shardings in `abstract_state`; the data
         iterator is restored in place."""
         saved_model = self.saved_config(step).get("model")
-        if saved_model != config.to_dict()["model"]:
-            changed = sorted(k for k in saved_model if saved_model[k] != config.to_dict()["model"].get(k))
+        model = config.to_dict()["model"]
+        if saved_model != model:
+            changed = sorted(k for k in saved_model if saved_model[k] != model.get(k))
             raise UserError(
                 f"checkpoint {self.directory / str(step)} was saved with a different model "
                 f"(model.{', model.'.join(changed)} differ); use its model config or a new run.dir"
@@ -123,9 +124,6 @@ class Checkpointer:
                 data_iterator.shard_count,
             )
         return restored.state
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
