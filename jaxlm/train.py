@@ -326,7 +326,11 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
     train_step = jit_train_step(config, setup)
     evaluate = None
     if train_config.eval_every:
-        eval_batches = pipeline.eval_host_batches(validation_docs, config, tokenizer)
+        # Fixed validation batches, placed on the devices once and reused by every eval.
+        eval_batches = [
+            pipeline.to_global(batch, setup.batch_sharding)
+            for batch in pipeline.eval_host_batches(validation_docs, config, tokenizer)
+        ]
         eval_step = jax.jit(
             make_eval_step(setup.graphdef, tokenizer.token_bytes(), mesh, rules, train_config.loss_chunk)
         )
@@ -334,9 +338,7 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
         def evaluate(params) -> dict[str, float]:
             totals = np.zeros(3)
             for batch in eval_batches:
-                totals += np.asarray(
-                    jax.device_get(eval_step(params, pipeline.to_global(batch, setup.batch_sharding)))
-                )
+                totals += np.asarray(jax.device_get(eval_step(params, batch)))
             loss_sum, tokens, byte_count = totals
             return {
                 "eval_loss": loss_sum / tokens,
