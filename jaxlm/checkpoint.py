@@ -23,6 +23,9 @@ from jaxlm.errors import UserError
 
 log = logging.getLogger("jaxlm")
 
+# Model keys that change how the step runs, not the parameters: a run may resume with new values.
+HOW_TO_RUN_MODEL_KEYS = frozenset({"dtype", "remat", "scan_layers", "attention"})
+
 
 class DataShardsHandler(ocp.CheckpointHandler):
     """Saves each data shard's Grain iterator state as `shard_<i>-of-<n>.json`, written by the
@@ -99,10 +102,14 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data_iterator: Any, config: Config) -> Any:
         """The train state at `step`, placed on the shardings in `abstract_state`; the data
         iterator is restored in place."""
-        saved_model = self.saved_config(step).get("model")
+        saved_model = self.saved_config(step).get("model", {})
         model = config.to_dict()["model"]
-        if saved_model != model:
-            changed = sorted(k for k in saved_model if saved_model[k] != model.get(k))
+        changed = sorted(
+            key
+            for key in saved_model.keys() | model.keys()
+            if key not in HOW_TO_RUN_MODEL_KEYS and saved_model.get(key) != model.get(key)
+        )
+        if changed:
             raise UserError(
                 f"checkpoint {self.directory / str(step)} was saved with a different model "
                 f"(model.{', model.'.join(changed)} differ); use its model config or a new run.dir"

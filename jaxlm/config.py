@@ -49,7 +49,7 @@ class ModelConfig(Section):
         512, gt=0, description="Rows of the embedding table; ≥ the tokenizer's vocabulary."
     )
     d_model: int = Field(128, gt=0, description="Width of the residual stream.")
-    num_layers: int = Field(2, gt=0, description="Transformer blocks (applied with a scan).")
+    num_layers: int = Field(2, gt=0, description="Transformer blocks (see scan_layers).")
     num_heads: int = Field(4, gt=0, description="Query heads.")
     num_kv_heads: int | None = Field(
         None, gt=0, description="Key/value heads (grouped-query attention); null = num_heads."
@@ -69,9 +69,13 @@ class ModelConfig(Section):
         "none",
         description="Activation checkpointing of each block: none, full (recompute all), dots (save matmul outputs), dots_no_batch.",
     )
+    scan_layers: bool = Field(
+        True,
+        description="Run the blocks with a scan (compile time flat in depth); false unrolls them, faster per step on CPU.",
+    )
     attention: Literal["xla", "cudnn", "auto"] = Field(
         "xla",
-        description="Kernel of jax.nn.dot_product_attention: xla (any device), cudnn (NVIDIA GPU), auto (JAX picks).",
+        description="Attention kernel: xla (jaxlm's einsums, any device), cudnn (jax.nn.dot_product_attention's cuDNN kernel, NVIDIA GPU), auto (jax.nn.dot_product_attention picks).",
     )
     init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal initialiser.")
 

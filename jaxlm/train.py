@@ -92,16 +92,20 @@ def _loss_fn(graphdef: nnx.GraphDef, params, batch, loss_chunk: int = 0):
 def make_train_step(
     graphdef, optimizer, schedule, micro_batches: int, mesh: Mesh, rules, loss_chunk: int = 0
 ) -> Callable:
-    """(state, batch) → (state, metrics). Gradients are summed over `micro_batches` inside the
-    step, then divided by the token count, so any accumulation gives the same update."""
-    grad_fn = jax.value_and_grad(
-        lambda params, batch: _loss_fn(graphdef, params, batch, loss_chunk), has_aux=True
-    )
+    """(state, batch) → (state, metrics). The loss is the mean over the batch's real target
+    tokens: each micro-batch's summed loss is divided by the whole batch's token count (known
+    from the batch before any forward pass), so gradients summed over `micro_batches` are the
+    mean gradient whatever the accumulation."""
 
-    def summed_grads(params, batch):
+    def mean_loss(params, batch, denominator):
+        loss_sum, _ = _loss_fn(graphdef, params, batch, loss_chunk)
+        return loss_sum / denominator
+
+    grad_fn = jax.value_and_grad(mean_loss)
+
+    def loss_and_grads(params, batch, denominator):
         if micro_batches == 1:
-            (loss_sum, count), grads = grad_fn(params, batch)
-            return loss_sum, count, grads
+            return grad_fn(params, batch, denominator)
 
         def split(x):  # [batch, length] → [micro, batch / micro, length], rows strided so every
             # micro-batch keeps rows on every data-parallel device (no resharding).
@@ -110,31 +114,21 @@ def make_train_step(
             return jnp.swapaxes(x, 0, 1)
 
         def accumulate(carry, micro_batch):
-            loss_sum, count, grads = carry
-            (micro_loss, micro_count), micro_grads = grad_fn(params, micro_batch)
-            return (
-                loss_sum + micro_loss,
-                count + micro_count,
-                jax.tree.map(jnp.add, grads, micro_grads),
-            ), None
+            loss, grads = carry
+            micro_loss, micro_grads = grad_fn(params, micro_batch, denominator)
+            return (loss + micro_loss, jax.tree.map(jnp.add, grads, micro_grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
-        (loss_sum, count, grads), _ = jax.lax.scan(accumulate, init, jax.tree.map(split, batch))
-        return loss_sum, count, grads
+        init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(accumulate, init, jax.tree.map(split, batch))
+        return loss, grads
 
     def train_step(state: TrainState, batch):
+        denominator = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
         with parallel.activation_sharding(mesh, rules):
-            loss_sum, count, grads = summed_grads(state.params, batch)
-        denominator = jnp.maximum(count, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / denominator, grads)
+            loss, grads = loss_and_grads(state.params, batch, denominator)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss_sum / denominator,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": schedule(state.step),
-        }
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step

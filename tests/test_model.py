@@ -60,6 +60,14 @@ def test_remat_policies_give_the_same_loss_and_gradients(tmp_path, policy, float
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_unrolled_layers_give_the_same_loss_and_gradients(tmp_path, float32_reference):
+    reference_loss, reference_grads = float32_reference
+    loss, grads = loss_and_grads(tiny_config(tmp_path, "model.scan_layers=false"))
+    assert float(loss) == pytest.approx(float(reference_loss), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(tmp_path, float32_reference):
     reference_loss, reference_grads = float32_reference
     loss, grads = loss_and_grads(tiny_config(tmp_path, "train.loss_chunk=8"))

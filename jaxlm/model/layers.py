@@ -45,16 +45,18 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate pairs of channels by position-dependent angles.
+def rotary_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """sin and cos of each position's rotation angles, [batch, length, 1, head_dim / 2] float32.
 
-    x: [batch, length, heads, head_dim]; positions: [batch, length] (restart per document).
-    """
-    half = x.shape[-1] // 2
+    Computed once per step and shared by every layer (positions restart per document)."""
+    half = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # [half]
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, length, half]
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
+    angles = positions[..., None, None].astype(jnp.float32) * inv_freq  # [batch, length, 1, half]
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotate pairs of channels of x [batch, length, heads, head_dim] by `rotary_angles`."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
@@ -68,6 +70,24 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & same_document)[:, None]
 
 
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention in plain einsums: q [batch, length, heads, head_dim], k and v
+    [batch, length, kv_heads, head_dim], mask [batch, 1, length, length] → like q.
+
+    The same computation as jax.nn.dot_product_attention's XLA path, with the scale applied to
+    q (length × head_dim values) rather than to the scores (length × length)."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = (q * jnp.asarray(head_dim**-0.5, q.dtype)).reshape(
+        batch, length, kv_heads, heads // kv_heads, head_dim
+    )
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, length, heads, head_dim)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with rotary positions."""
 
@@ -75,24 +95,25 @@ class Attention(nnx.Module):
         d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
         pdt = dtype_of(config.param_dtype)
         out_std = config.init_std / (2 * config.num_layers) ** 0.5
-        self.rope_theta = config.rope_theta
         self.implementation = None if config.attention == "auto" else config.attention
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), config.init_std, pdt)
         self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
         self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
         self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, pdt)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
+        """x: [batch, length, embed]; rope: `rotary_angles`; mask: `attention_mask`."""
         dt = x.dtype
         q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(dt))  # [batch, length, heads, head_dim]
         k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))  # [batch, length, kv_heads, head_dim]
         v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
-        q = constrain(rotary(q, positions, self.rope_theta), ("batch", "length", "act_heads", None))
-        k = constrain(rotary(k, positions, self.rope_theta), ("batch", "length", "act_kv_heads", None))
+        q = constrain(rotary(q, *rope), ("batch", "length", "act_heads", None))
+        k = constrain(rotary(k, *rope), ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=attention_mask(segment_ids), implementation=self.implementation
-        )  # [batch, length, heads, head_dim]
+        if self.implementation == "xla":
+            out = xla_attention(q, k, v, mask)  # [batch, length, heads, head_dim]
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(dt))
 
