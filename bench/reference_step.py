@@ -13,13 +13,14 @@ step of bench/train_throughput.py, and the windows of the two alternate, so that
 other processes falls on both alike. Step time is the median window.
 
 ratio = jaxlm tokens/s ÷ reference tokens/s: at least 1.0 means the framework's step costs
-nothing over hand-written JAX. With --unrolled, a third step alternates with the two: jaxlm's
-own, compiled with its scan over layers (and every other `jax.lax.scan`) fully unrolled, as
-the reference's Python loop is; unrolled_ratio is its tokens/s ÷ the reference's. It tells how
-much of a gap the scan accounts for. Prints one JSON line to stdout; logs go to stderr.
+nothing over hand-written JAX. With --layer-modes, jaxlm's step is timed both ways, with its
+scan over layers (model.scan_layers=true, the default) and unrolled (false, as the CPU configs
+set it), in the same alternation: scan_ratio and unrolled_ratio are their tokens/s ÷ the
+reference's, and ratio is the one the config asks for. Prints one JSON line to stdout; logs go
+to stderr.
 
-    python bench/reference_step.py configs/tiny.yaml --steps 100 --unrolled
-    python bench/reference_step.py configs/small_20m.yaml --steps 30 --unrolled
+    python bench/reference_step.py configs/tiny.yaml --steps 200 --layer-modes
+    python bench/reference_step.py configs/small_20m.yaml --steps 30 --layer-modes
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import jax.numpy as jnp
 import optax
 
 # Sibling scripts: `python bench/...` puts bench/ on sys.path.
-from flops_check import compile_with_scans_unrolled
 from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
 from train_throughput import random_batch
 
@@ -180,33 +180,37 @@ def time_alternating(steps: dict[str, tuple[Callable, Any, Any]], config: Config
 
 
 def benchmark(
-    config_path: str, overrides: list[str], steps: int, warmup: int, unrolled: bool
+    config_path: str, overrides: list[str], steps: int, warmup: int, layer_modes: bool
 ) -> dict[str, Any]:
-    """Time both steps on one device; the figures of the JSON line."""
+    """Time the reference and jaxlm's step on one device; the figures of the JSON line."""
     config = load_config(config_path, [*overrides, f"train.steps={steps}"])
     device = jax.devices()[0]
     host_batch = random_batch(config)
-
-    setup = build(config, devices=[device])
-    jaxlm_state = setup.init(jax.random.key(config.train.seed))
-    jaxlm_batch = pipeline.to_global(host_batch, setup.batch_sharding)
     reference_step, reference_init = make_reference_step(config)
     reference_state = reference_init(jax.random.key(config.train.seed))
     reference_batch = {field: jax.device_put(host_batch[field], device) for field in ("inputs", "targets")}
+    steps_to_time = {"reference": (reference_step, reference_state, reference_batch)}
 
-    params = count_params(setup.abstract_state)
+    configured = "jaxlm_scan" if config.model.scan_layers else "jaxlm_unrolled"
+    variants = {configured: config}
+    if layer_modes:
+        for name, scan_layers in (("jaxlm_scan", True), ("jaxlm_unrolled", False)):
+            variants[name] = load_config(
+                config_path, [*overrides, f"train.steps={steps}", f"model.scan_layers={scan_layers}"]
+            )
+    for name, variant in sorted(variants.items()):
+        setup = build(variant, devices=[device])
+        params = count_params(setup.abstract_state)
+        state = setup.init(jax.random.key(variant.train.seed))
+        steps_to_time[name] = (
+            jit_train_step(variant, setup),
+            state,
+            pipeline.to_global(host_batch, setup.batch_sharding),
+        )
     reference_params = sum(leaf.size for leaf in jax.tree.leaves(reference_state[0]))
     if reference_params != params:
         raise RuntimeError(f"the reference has {reference_params} parameters, jaxlm {params}: shapes differ")
 
-    steps_to_time = {
-        "reference": (reference_step, reference_state, reference_batch),
-        "jaxlm": (jit_train_step(config, setup), jaxlm_state, jaxlm_batch),
-    }
-    if unrolled:
-        unrolled_step = compile_with_scans_unrolled(jit_train_step(config, setup), jaxlm_state, jaxlm_batch)
-        unrolled_state = setup.init(jax.random.key(config.train.seed))
-        steps_to_time["jaxlm_unrolled"] = (unrolled_step, unrolled_state, jaxlm_batch)
     step_time_s = time_alternating(steps_to_time, config, warmup)
     tokens_per_step = config.train.global_batch_size * config.data.seq_len
     figures = {
@@ -218,15 +222,17 @@ def benchmark(
         "global_batch_size": config.train.global_batch_size,
         "seq_len": config.data.seq_len,
         "params": params,
+        "scan_layers": config.model.scan_layers,
         "reference_tokens_per_s": tokens_per_step / step_time_s["reference"],
         "reference_step_time_s": step_time_s["reference"],
-        "jaxlm_tokens_per_s": tokens_per_step / step_time_s["jaxlm"],
-        "jaxlm_step_time_s": step_time_s["jaxlm"],
-        "ratio": step_time_s["reference"] / step_time_s["jaxlm"],
+        "jaxlm_tokens_per_s": tokens_per_step / step_time_s[configured],
+        "jaxlm_step_time_s": step_time_s[configured],
+        "ratio": step_time_s["reference"] / step_time_s[configured],
     }
-    if unrolled:
-        figures["jaxlm_unrolled_tokens_per_s"] = tokens_per_step / step_time_s["jaxlm_unrolled"]
-        figures["unrolled_ratio"] = step_time_s["reference"] / step_time_s["jaxlm_unrolled"]
+    if layer_modes:
+        for name in ("jaxlm_scan", "jaxlm_unrolled"):
+            figures[f"{name}_tokens_per_s"] = tokens_per_step / step_time_s[name]
+            figures[f"{name.removeprefix('jaxlm_')}_ratio"] = step_time_s["reference"] / step_time_s[name]
     return figures
 
 
@@ -237,12 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="timed steps of each step function")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps; the first compiles")
     parser.add_argument(
-        "--unrolled", action="store_true", help="also time jaxlm's step with its scans unrolled"
+        "--layer-modes", action="store_true", help="time jaxlm's step with its layers scanned and unrolled"
     )
     args = parser.parse_intermixed_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1: the first call compiles")
-    return report(lambda: benchmark(args.config, args.overrides, args.steps, args.warmup, args.unrolled))
+    return report(lambda: benchmark(args.config, args.overrides, args.steps, args.warmup, args.layer_modes))
 
 
 if __name__ == "__main__":

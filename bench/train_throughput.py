@@ -1,19 +1,24 @@
 """Training throughput of the whole framework against the bare jitted step, for one config.
 
-- train: `jaxlm.train.train` for --steps steps in a fresh temporary run dir, with the config's own
-  logging, eval and checkpoint cadence. Step time is the median of the windows the framework logs
-  to metrics.jsonl, leaving out the first (the framework already leaves eval time out of them).
-  Wall time runs from the end of the first (compiling) step to the return of `train`: data, eval,
-  checkpoints and the final wait for the async save all included.
-- bare: the same jitted train step (`jaxlm.train.jit_train_step`, as the loop uses it), on one
-  device-resident batch of random tokens, after --warmup untimed calls. Timed in windows of
-  train.log_every steps that block only at their end, as the framework's logging does.
+- train: `jaxlm.train.train` for --steps steps in a fresh temporary run dir, at the config's own
+  logging, eval and checkpoint cadence. Wall time runs from the end of the first step (both
+  steps compile before it) to the return of `train`: host batches, metrics, evals, checkpoint
+  saves and the final wait for the last asynchronous save are all in it. The step time of the
+  windows the framework logs (which leave eval time out) is reported too.
+- bare: the same jitted train step (`jaxlm.train.jit_train_step`, as the loop uses it) on one
+  device-resident batch of random tokens, in windows of train.log_every steps that block only
+  at their end, as the framework's logging does.
 
-overhead_ratio = train tokens/s ÷ bare tokens/s: 1.0 means the framework costs nothing per step.
-Prints one JSON line to stdout; logs go to stderr.
+The bare step first runs --warmup untimed steps (a fresh process runs its first ~100 steps
+slower), then --repeats rounds each time the framework and then the bare step, so that load
+from elsewhere and drift fall on both alike; every figure is the median over rounds.
 
-    python bench/train_throughput.py configs/tiny.yaml --steps 100
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/train_throughput.py configs/tiny.yaml --steps 100
+overhead_ratio = bare wall time per step ÷ train wall time per step: 1.0 means the framework,
+evals and checkpoints included, costs nothing. step_overhead_ratio is the same from median
+windows (no evals). Prints one JSON line to stdout; logs go to stderr.
+
+    python bench/train_throughput.py configs/tiny.yaml --steps 300
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/train_throughput.py configs/tiny.yaml --steps 300
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ class _FirstStepClock(logging.Handler):
 
 
 def measure_train(config: Config) -> dict[str, float]:
-    """Per-step seconds of the full framework: median logged window, and steady-state wall time."""
+    """Per-step seconds of the full framework: steady-state wall time, and median logged window."""
     clock = _FirstStepClock()
     log.addHandler(clock)
     try:
@@ -67,9 +72,9 @@ def measure_train(config: Config) -> dict[str, float]:
     records = [json.loads(line) for line in (Path(config.run.dir) / "metrics.jsonl").open()]
     windows = [record for record in records if "loss" in record][1:]  # eval lines have eval_loss
     return {
+        "wall_step_time_s": (finished - clock.at) / (config.train.steps - 1),
         "step_time_s": statistics.median(window["step_time_s"] for window in windows),
         "mfu": statistics.median(window["mfu"] for window in windows),
-        "wall_step_time_s": (finished - clock.at) / (config.train.steps - 1),
     }
 
 
@@ -86,45 +91,82 @@ def random_batch(config: Config) -> pipeline.Batch:
     }
 
 
-def measure_bare(config: Config, warmup: int) -> dict[str, float]:
-    """Per-step seconds of the jitted train step alone: median window and mean over all steps."""
-    setup = build(config)
-    train_step = jit_train_step(config, setup)  # the very step `jaxlm train` runs
-    state = setup.init(jax.random.key(config.train.seed))
-    batch = pipeline.to_global(random_batch(config), setup.batch_sharding)
-    for _ in range(warmup):  # the first call compiles
-        state, metrics = train_step(state, batch)
-    jax.block_until_ready(metrics)
+class BareStep:
+    """The jitted train step `jaxlm train` runs, looping on one device-resident batch."""
 
-    window_seconds, window_steps = [], []
-    for first in range(0, config.train.steps, config.train.log_every):
-        steps = min(config.train.log_every, config.train.steps - first)
-        started = time.perf_counter()
+    def __init__(self, config: Config):
+        self.config = config
+        setup = build(config)
+        self.params = count_params(setup.abstract_state)
+        self.train_step = jit_train_step(config, setup)
+        self.state = setup.init(jax.random.key(config.train.seed))
+        self.batch = pipeline.to_global(random_batch(config), setup.batch_sharding)
+
+    def run(self, steps: int) -> None:
+        """`steps` steps, dispatched ahead as the loop dispatches them, waited for at the end."""
         for _ in range(steps):
-            state, metrics = train_step(state, batch)
+            self.state, metrics = self.train_step(self.state, self.batch)
         jax.block_until_ready(metrics)
-        window_seconds.append(time.perf_counter() - started)
-        window_steps.append(steps)
-    return {
-        "step_time_s": statistics.median(s / n for s, n in zip(window_seconds, window_steps, strict=True)),
-        "wall_step_time_s": sum(window_seconds) / sum(window_steps),
-        "params": count_params(setup.abstract_state),
-    }
+
+    def warm_up(self, steps: int) -> None:
+        for first in range(0, steps, self.config.train.log_every):
+            self.run(min(self.config.train.log_every, steps - first))
+
+    def measure(self) -> dict[str, float]:
+        """Per-step seconds over train.steps steps: median window, and mean over all steps."""
+        steps, log_every = self.config.train.steps, self.config.train.log_every
+        window_seconds, window_steps = [], []
+        for first in range(0, steps, log_every):
+            window = min(log_every, steps - first)
+            started = time.perf_counter()
+            self.run(window)
+            window_seconds.append(time.perf_counter() - started)
+            window_steps.append(window)
+        return {
+            "wall_step_time_s": sum(window_seconds) / sum(window_steps),
+            "step_time_s": statistics.median(
+                s / n for s, n in zip(window_seconds, window_steps, strict=True)
+            ),
+        }
 
 
-def benchmark(config_path: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
-    """Measure the framework and the bare step on one config; the figures of the JSON line."""
-    with tempfile.TemporaryDirectory(prefix="jaxlm-bench-") as run_dir:
-        # A fresh run dir and default checkpoint dir, so the run can never resume an old one.
-        forced = [f"train.steps={steps}", f"run.dir={run_dir}", "checkpoint.dir=null"]
-        config = load_config(config_path, [*overrides, *forced])
-        if steps < 2 * config.train.log_every:
-            raise UserError(
-                f"--steps={steps} logs fewer than two windows of train.log_every={config.train.log_every}; "
-                f"use --steps {2 * config.train.log_every} or more"
+def benchmark(
+    config_path: str, overrides: list[str], steps: int, warmup: int, repeats: int
+) -> dict[str, Any]:
+    """Rounds of framework then bare step on one config; the figures of the JSON line."""
+    config = load_config(config_path, [*overrides, f"train.steps={steps}"])
+    if steps < 2 * config.train.log_every:
+        raise UserError(
+            f"--steps={steps} logs fewer than two windows of train.log_every={config.train.log_every}; "
+            f"use --steps {2 * config.train.log_every} or more"
+        )
+    bare = BareStep(config)
+    bare.warm_up(1 + warmup)  # the first call compiles
+    log.info("bare step compiled and warmed up (%d steps)", warmup)
+    rounds = []
+    for round_index in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="jaxlm-bench-") as run_dir:
+            # A fresh run dir and default checkpoint dir, so the run can never resume an old one.
+            run_config = load_config(
+                config_path, [*overrides, f"train.steps={steps}", f"run.dir={run_dir}", "checkpoint.dir=null"]
             )
-        framework = measure_train(config)
-    bare = measure_bare(config, warmup)
+            framework = measure_train(run_config)
+        bare_figures = bare.measure()
+        rounds.append(
+            {
+                "overhead_ratio": bare_figures["wall_step_time_s"] / framework["wall_step_time_s"],
+                "step_overhead_ratio": bare_figures["step_time_s"] / framework["step_time_s"],
+                "train_wall_step_time_s": framework["wall_step_time_s"],
+                "train_step_time_s": framework["step_time_s"],
+                "bare_wall_step_time_s": bare_figures["wall_step_time_s"],
+                "bare_step_time_s": bare_figures["step_time_s"],
+                "mfu": framework["mfu"],
+            }
+        )
+        log.info("round %d of %d: %s", round_index + 1, repeats, rounds[-1])
+
+    def median(key: str) -> float:
+        return statistics.median(figures[key] for figures in rounds)
 
     device = jax.devices()[0]
     tokens_per_step = config.train.global_batch_size * config.data.seq_len
@@ -135,19 +177,23 @@ def benchmark(config_path: str, overrides: list[str], steps: int, warmup: int) -
         "devices": {"count": jax.device_count(), "platform": device.platform, "kind": device.device_kind},
         "jax": jax.__version__,
         "steps": steps,
+        "repeats": repeats,
         "global_batch_size": config.train.global_batch_size,
         "seq_len": config.data.seq_len,
-        "params": bare["params"],
-        "train_tokens_per_s": tokens_per_step / framework["step_time_s"],
-        "train_step_time_s": framework["step_time_s"],
-        "train_wall_tokens_per_s": tokens_per_step / framework["wall_step_time_s"],
-        "bare_tokens_per_s": tokens_per_step / bare["step_time_s"],
-        "bare_step_time_s": bare["step_time_s"],
-        "bare_wall_tokens_per_s": tokens_per_step / bare["wall_step_time_s"],
-        "overhead_ratio": bare["step_time_s"] / framework["step_time_s"],
-        "wall_overhead_ratio": bare["wall_step_time_s"] / framework["wall_step_time_s"],
-        "mfu": framework["mfu"],
-        "bare_mfu": model_flops_per_step(config) / bare["step_time_s"] / peak_flops,
+        "params": bare.params,
+        "eval_every": config.train.eval_every,
+        "checkpoint_every": config.checkpoint.every,
+        "overhead_ratio": median("overhead_ratio"),
+        "step_overhead_ratio": median("step_overhead_ratio"),
+        "train_wall_tokens_per_s": tokens_per_step / median("train_wall_step_time_s"),
+        "bare_wall_tokens_per_s": tokens_per_step / median("bare_wall_step_time_s"),
+        "train_tokens_per_s": tokens_per_step / median("train_step_time_s"),
+        "bare_tokens_per_s": tokens_per_step / median("bare_step_time_s"),
+        "mfu": median("mfu"),
+        "bare_mfu": model_flops_per_step(config) / median("bare_step_time_s") / peak_flops,
+        "rounds": [
+            {key: figures[key] for key in ("overhead_ratio", "step_overhead_ratio")} for figures in rounds
+        ],
     }
 
 
@@ -155,12 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default="configs/tiny.yaml", help="YAML config")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    parser.add_argument("--steps", type=int, default=50, help="timed steps of each measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed bare steps; the first compiles")
+    parser.add_argument("--steps", type=int, default=300, help="steps of each timed run")
+    parser.add_argument("--warmup", type=int, default=100, help="untimed bare steps before the first round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of framework then bare (median kept)")
     args = parser.parse_intermixed_args(argv)
-    if args.warmup < 1:
-        parser.error("--warmup must be at least 1: the first call compiles")
-    return report(lambda: benchmark(args.config, args.overrides, args.steps, args.warmup))
+    if args.warmup < 0 or args.repeats < 1:
+        parser.error("--warmup must be at least 0 and --repeats at least 1")
+    return report(lambda: benchmark(args.config, args.overrides, args.steps, args.warmup, args.repeats))
 
 
 if __name__ == "__main__":

@@ -158,8 +158,8 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self._task, completed=step, **fields)
 
-    def compiled(self, step: int) -> None:
-        """Step `step` (the first) included compilation: estimate the ETA from the steps after it."""
+    def first_step_done(self, step: int) -> None:
+        """The first step is slower (warm-up): estimate the ETA from the steps after it."""
         self.started, self.first_step = time.perf_counter(), step
 
     def _eta(self, step: int) -> str:

@@ -317,7 +317,10 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
         return {"step": first_step}
 
     mesh, rules = setup.mesh, config.mesh.rules
-    train_step = jit_train_step(config, setup)
+    # Both steps compile before the first step, so no compilation falls inside the run's timing
+    # and an eval step that cannot compile fails now, not at the first evaluation.
+    abstract_state, abstract_batch = abstract_inputs(config, setup)
+    train_step = _compile("train", jit_train_step(config, setup), abstract_state, abstract_batch)
     evaluate = None
     if train_config.eval_every:
         # Fixed validation batches, placed on the devices once and reused by every eval.
@@ -325,15 +328,19 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
             pipeline.to_global(batch, setup.batch_sharding)
             for batch in pipeline.eval_host_batches(validation_docs, config, tokenizer)
         ]
-        eval_step = jax.jit(
-            make_eval_step(setup.graphdef, tokenizer.token_bytes(), mesh, rules, train_config.loss_chunk)
+        eval_step = _compile(
+            "eval",
+            jax.jit(
+                make_eval_step(setup.graphdef, tokenizer.token_bytes(), mesh, rules, train_config.loss_chunk)
+            ),
+            abstract_state.params,
+            abstract_batch,
         )
 
         def evaluate(params) -> dict[str, float]:
-            totals = np.zeros(3)
-            for batch in eval_batches:
-                totals += np.asarray(jax.device_get(eval_step(params, batch)))
-            loss_sum, tokens, byte_count = totals
+            # Dispatch every batch, then fetch the per-batch sums once: one host sync per eval.
+            sums = jax.device_get([eval_step(params, batch) for batch in eval_batches])
+            loss_sum, tokens, byte_count = np.sum(np.asarray(sums, np.float64), axis=0)
             return {
                 "eval_loss": loss_sum / tokens,
                 "eval_bits_per_byte": loss_sum / math.log(2) / max(byte_count, 1),
@@ -354,13 +361,10 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
             batch = pipeline.to_global(next(data), setup.batch_sharding)
             state, metrics = train_step(state, batch)
             profiler.after(step, metrics)
-            if window_start is None:  # the first step compiles; time the rest
+            if window_start is None:  # the first step warms up; time the rest
                 jax.block_until_ready(metrics)
-                log.info(
-                    "first step (with compilation) took %.1fs",
-                    time.perf_counter() - progress.started,
-                )
-                progress.compiled(step)
+                log.info("first step took %.1fs", time.perf_counter() - progress.started)
+                progress.first_step_done(step)
                 window_start, window_first_step = time.perf_counter(), step
             if step % train_config.log_every == 0 or step == train_config.steps:
                 values = {name: float(value) for name, value in jax.device_get(metrics).items()}
@@ -415,6 +419,13 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
             run_dir / "tensorboard",
         )
     return last_logged
+
+
+def _compile(name: str, jitted: Callable, *abstract_args) -> Callable:
+    started = time.perf_counter()
+    compiled = jitted.lower(*abstract_args).compile()
+    log.info("compiled the %s step in %.1fs", name, time.perf_counter() - started)
+    return compiled
 
 
 def _checkpoint_due(config: Config, step: int) -> bool:

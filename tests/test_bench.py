@@ -25,19 +25,36 @@ def run_bench(script: str, *args: str, host_devices: int = 1) -> dict:
 
 
 def test_train_throughput_bench_prints_one_json_line():
-    figures = run_bench("train_throughput.py", "train.log_every=2", "--steps", "4", host_devices=2)
-    assert figures["devices"]["count"] == 2 and figures["steps"] == 4
-    for key in ("train_tokens_per_s", "bare_tokens_per_s", "overhead_ratio", "train_step_time_s", "mfu"):
+    figures = run_bench(
+        "train_throughput.py",
+        "train.log_every=2",
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        host_devices=2,
+    )
+    assert figures["devices"]["count"] == 2 and figures["steps"] == 4 and len(figures["rounds"]) == 2
+    for key in (
+        "overhead_ratio",
+        "step_overhead_ratio",
+        "train_wall_tokens_per_s",
+        "bare_tokens_per_s",
+        "mfu",
+    ):
         assert figures[key] > 0, key
 
 
 def test_compile_time_bench_times_each_depth():
     figures = run_bench("compile_time.py", "--layers", "1", "2", "--repeats", "1")
-    assert set(figures["layers"]) == {"1", "2"}
-    for depth in figures["layers"].values():
-        assert depth["lower_s"] > 0 and depth["compile_s"] > 0
-    assert figures["layers"]["2"]["params"] > figures["layers"]["1"]["params"]
-    assert figures["compile_ratio"] > 0
+    assert set(figures["layers"]) == {"scan", "unrolled"}
+    for per_depth in figures["layers"].values():
+        assert set(per_depth) == {"1", "2"}
+        assert all(depth["lower_s"] > 0 and depth["compile_s"] > 0 for depth in per_depth.values())
+        assert per_depth["2"]["params"] > per_depth["1"]["params"]
+    assert figures["compile_ratio"] > 0 and figures["unrolled_compile_ratio"] > 0
 
 
 def test_memory_bench_shows_fsdp_halving_the_state_per_device():
@@ -50,14 +67,14 @@ def test_memory_bench_shows_fsdp_halving_the_state_per_device():
 
 def test_reference_step_bench_times_the_reference_and_jaxlm_steps():
     figures = run_bench(
-        "reference_step.py", "train.log_every=1", "--steps", "1", "--warmup", "1", "--unrolled"
+        "reference_step.py", "train.log_every=1", "--steps", "1", "--warmup", "1", "--layer-modes"
     )
-    for key in ("reference_tokens_per_s", "jaxlm_tokens_per_s", "ratio", "jaxlm_unrolled_tokens_per_s"):
+    for key in ("reference_tokens_per_s", "jaxlm_tokens_per_s", "ratio", "scan_ratio", "unrolled_ratio"):
         assert figures[key] > 0, key
 
 
 def test_flops_check_bench_finds_the_counter_within_ten_percent_of_xla():
-    figures = run_bench("flops_check.py")
+    figures = run_bench("flops_check.py", "model.scan_layers=true")  # scans, which XLA counts once
     assert figures["model_flops"] > 0 and figures["xla_flops"] > figures["xla_flops_loop_once"]
     assert abs(figures["relative_difference"]) < 0.1
     assert figures["matmul_flops"] == figures["model_flops"]

@@ -124,6 +124,8 @@ class HostBatches:
 
     def __next__(self) -> Batch:
         parts = [next(iterator) for iterator in self._iterators]
+        if len(parts) == 1:
+            return {field: parts[0][field] for field in FIELDS}
         return {field: np.concatenate([part[field] for part in parts]) for field in FIELDS}
 
     def shard_states(self) -> dict[int, dict]:
