@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxlm.config import DEFAULT_RULES
 from jaxlm.model import Transformer
-from jaxlm.train import _loss_fn
+from jaxlm.step import _loss_fn
 
 
 def batch_of(config, rows=2):
