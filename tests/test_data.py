@@ -14,7 +14,7 @@ from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import ByteTokenizer, load_tokenizer
 from jaxlm.errors import DataError
 from jaxlm.model import Transformer
-from jaxlm.model.layers import attention_mask
+from jaxlm.model.layers import attention_mask, rotary_angles
 
 
 def take(iterator, count):
@@ -66,6 +66,16 @@ def test_attention_never_crosses_documents():
     for q in range(8):
         for k in range(8):
             assert mask[q, k] == (k <= q and segment_ids[0, q] == segment_ids[0, k])
+
+
+def test_rotary_angles_restart_with_each_document():
+    positions = jnp.array([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]])
+    sin, cos = rotary_angles(positions, head_dim=8, theta=10000.0)
+    assert sin.shape == cos.shape == (2, 8, 1, 4)
+    inv_freq = 1.0 / 10000.0 ** (np.arange(4) / 4)
+    angles = np.asarray(positions)[..., None, None] * inv_freq
+    np.testing.assert_allclose(sin, np.sin(angles), atol=1e-6)
+    np.testing.assert_allclose(cos, np.cos(angles), atol=1e-6)
 
 
 def test_changing_one_document_leaves_the_others_logits_unchanged(tmp_path):

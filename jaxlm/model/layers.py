@@ -48,11 +48,16 @@ class RMSNorm(nnx.Module):
 def rotary_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """sin and cos of each position's rotation angles, [batch, length, 1, head_dim / 2] float32.
 
-    Computed once per step and shared by every layer (positions restart per document)."""
+    Looked up by position (positions restart per document) in tables over 0..length-1, which
+    depend only on shapes: XLA folds them at compile time, so a step computes no sin or cos."""
     half = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # [half]
-    angles = positions[..., None, None].astype(jnp.float32) * inv_freq  # [batch, length, 1, half]
-    return jnp.sin(angles), jnp.cos(angles)
+    angles = jnp.arange(positions.shape[1], dtype=jnp.float32)[:, None] * inv_freq  # [length, half]
+
+    def lookup(table: jax.Array) -> jax.Array:
+        return jnp.take(table, positions, axis=0, mode="clip")[:, :, None, :]
+
+    return lookup(jnp.sin(angles)), lookup(jnp.cos(angles))
 
 
 def rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
