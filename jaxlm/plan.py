@@ -327,6 +327,11 @@ def _try(config: Config, topology: str, devices: list[jax.Device], overrides: li
         return Trial(overrides, skipped=str(error))
 
 
+def step_rank_key(step_s: float) -> float:
+    """Step times equal to 3 significant figures tie (a roofline is no finer than that)."""
+    return float(f"{step_s:.3g}")
+
+
 def _rank(trial: Trial) -> tuple:
     """Fastest first; ties (compute-bound splits) go to less ICI traffic, then to less memory."""
     if trial.plan is None:
@@ -334,7 +339,7 @@ def _rank(trial: Trial) -> tuple:
     if not trial.plan.fits:
         return (1, trial.plan.peak_bytes)
     speed = trial.plan.speed
-    return (0, round(speed.step_s, 6), speed.collective_s, trial.plan.peak_bytes)
+    return (0, step_rank_key(speed.step_s), speed.collective_s, trial.plan.peak_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
