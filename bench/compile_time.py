@@ -4,9 +4,9 @@ For each --layers depth and each layer mode (`scan`: model.scan_layers=true, the
 `unrolled`: false, as the CPU configs set it), the config (with `model.num_layers` set to that
 depth) is built with `jaxlm.train.build`, and `jaxlm.train.jit_train_step` is lowered and
 compiled ahead of time on abstract inputs (jax.ShapeDtypeStruct carrying the state and batch
-shardings): no parameter is ever allocated. Lowering (tracing to StableHLO) and compiling (XLA) are timed apart. An untimed
-compile of the shallowest depth first takes the process's one-time start-up costs out of the
-figures, and each depth is timed --repeats times, the depths interleaved, keeping the median.
+shardings): no parameter is ever allocated. Lowering (tracing to StableHLO) and compiling (XLA)
+are timed apart. An untimed first compile takes the process's one-time start-up costs out of
+the figures, and each (mode, depth) is timed --repeats times, interleaved, keeping the median.
 
 compile_ratio = compile seconds of the deepest ÷ the shallowest with the scan (the target: ≤ 1.5
 from 2 to 32); unrolled_compile_ratio, the same unrolled, shows what the scan saves.

@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Sibling scripts: `python bench/...` puts bench/ on sys.path.
-from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
+# Sibling scripts: `python bench/<script>.py` puts bench/ on sys.path.
+from report import report
 from train_throughput import random_batch
 
 from jaxlm.config import Config, ModelConfig, load_config

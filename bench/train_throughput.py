@@ -108,13 +108,10 @@ class BareStep:
             self.state, metrics = self.train_step(self.state, self.batch)
         jax.block_until_ready(metrics)
 
-    def warm_up(self, steps: int) -> None:
-        for first in range(0, steps, self.config.train.log_every):
-            self.run(min(self.config.train.log_every, steps - first))
-
-    def measure(self) -> dict[str, float]:
-        """Per-step seconds over train.steps steps: median window, and mean over all steps."""
-        steps, log_every = self.config.train.steps, self.config.train.log_every
+    def measure(self, steps: int) -> dict[str, float]:
+        """Per-step seconds over `steps` steps in windows of train.log_every: median window, and
+        mean over all steps."""
+        log_every = self.config.train.log_every
         window_seconds, window_steps = [], []
         for first in range(0, steps, log_every):
             window = min(log_every, steps - first)
@@ -141,7 +138,7 @@ def benchmark(
             f"use --steps {2 * config.train.log_every} or more"
         )
     bare = BareStep(config)
-    bare.warm_up(1 + warmup)  # the first call compiles
+    bare.measure(1 + warmup)  # untimed; the first call compiles
     log.info("bare step compiled and warmed up (%d steps)", warmup)
     rounds = []
     for round_index in range(repeats):
@@ -151,7 +148,7 @@ def benchmark(
                 config_path, [*overrides, f"train.steps={steps}", f"run.dir={run_dir}", "checkpoint.dir=null"]
             )
             framework = measure_train(run_config)
-        bare_figures = bare.measure()
+        bare_figures = bare.measure(steps)
         rounds.append(
             {
                 "overhead_ratio": bare_figures["wall_step_time_s"] / framework["wall_step_time_s"],
