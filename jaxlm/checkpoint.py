@@ -24,7 +24,7 @@ from jaxlm.errors import UserError
 log = logging.getLogger("jaxlm")
 
 # Model keys that change how the step runs, not the parameters: a run may resume with new values.
-HOW_TO_RUN_MODEL_KEYS = frozenset({"dtype", "remat", "scan_layers", "attention"})
+HOW_TO_RUN_MODEL_KEYS = frozenset({"dtype", "remat", "scan_layers", "attention", "max_documents"})
 
 
 class DataShardsHandler(ocp.CheckpointHandler):

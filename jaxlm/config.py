@@ -71,11 +71,16 @@ class ModelConfig(Section):
     )
     scan_layers: bool = Field(
         True,
-        description="Run the blocks with a scan (compile time flat in depth); false unrolls them, faster per step on CPU.",
+        description="Run the blocks with a scan (compile time flat in depth); false unrolls them: faster steps on CPU and GPU, compile time grows with depth.",
     )
-    attention: Literal["xla", "cudnn", "auto"] = Field(
-        "xla",
-        description="Attention kernel: xla (jaxlm's einsums, any device), cudnn (jax.nn.dot_product_attention's cuDNN kernel, NVIDIA GPU), auto (jax.nn.dot_product_attention picks).",
+    attention: Literal["auto", "xla", "cudnn"] = Field(
+        "auto",
+        description="Attention kernel: xla (jaxlm's einsums, any device), cudnn (cuDNN's flash attention on its packed layout; NVIDIA Hopper GPU or newer), auto (cudnn where it runs, else xla).",
+    )
+    max_documents: int = Field(
+        8,
+        gt=0,
+        description="attention=cudnn: the most documents of a packed row kept apart; later ones in the row attend within the last kept one's span (still causal). cuDNN's backward memory grows with it.",
     )
     init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal initialiser.")
 

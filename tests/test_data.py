@@ -14,7 +14,7 @@ from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import ByteTokenizer, load_tokenizer
 from jaxlm.errors import DataError
 from jaxlm.model import Transformer
-from jaxlm.model.layers import attention_mask, rotary_angles
+from jaxlm.model.layers import attention_kernel, attention_mask, document_spans, rotary_angles
 
 
 def take(iterator, count):
@@ -66,6 +66,24 @@ def test_attention_never_crosses_documents():
     for q in range(8):
         for k in range(8):
             assert mask[q, k] == (k <= q and segment_ids[0, q] == segment_ids[0, k])
+
+
+def test_document_spans_give_cudnn_each_documents_offset_and_length():
+    segment_ids = jnp.array([[1, 1, 1, 2, 2, 3, 3, 3], [5, 5, 5, 5, 5, 5, 5, 5]])
+    offsets, lengths = document_spans(segment_ids, max_documents=4)
+    assert offsets.tolist() == [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]]
+    assert lengths.tolist() == [[3, 2, 3, -1], [8, -1, -1, -1]]
+    # Past max_documents, a row's last documents share the last kept one's span: spans still
+    # cover the whole row, so every position attends (causally) to something.
+    offsets, lengths = document_spans(segment_ids, max_documents=2)
+    assert offsets.tolist() == [[0, 3, -1], [0, -1, -1]]
+    assert lengths.tolist() == [[3, 5], [8, -1]]
+
+
+def test_attention_auto_is_xla_off_hopper_gpus():
+    assert attention_kernel("auto") == "xla"  # the tests run on CPU
+    assert attention_kernel("cudnn") == "cudnn"
+    assert attention_kernel("xla") == "xla"
 
 
 def test_rotary_angles_restart_with_each_document():

@@ -75,6 +75,74 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & same_document)[:, None]
 
 
+def document_spans(segment_ids: jax.Array, max_documents: int) -> tuple[jax.Array, jax.Array]:
+    """Where each document of each packed row starts and how long it is, the layout cuDNN's
+    packed (ragged) attention takes: offsets [batch, max_documents + 1] and lengths [batch,
+    max_documents] int32, -1 past a row's last document.
+
+    A document is a run of equal segment ids. A row with more than `max_documents` documents
+    has its last ones merged into its max_documents-th (attention stays causal)."""
+    batch, length = segment_ids.shape
+    starts = jnp.concatenate(
+        [jnp.ones((batch, 1), jnp.bool_), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    first = jax.vmap(lambda row: jnp.nonzero(row, size=max_documents, fill_value=length)[0])(starts)
+    first = first.astype(jnp.int32)  # [batch, max_documents]; `length` where there is none
+    end = jnp.concatenate([first[:, 1:], jnp.full((batch, 1), length, jnp.int32)], axis=1)
+    present = first < length
+    lengths = jnp.where(present, end - first, -1)
+    offsets = jnp.concatenate([jnp.where(present, first, -1), jnp.full((batch, 1), -1, jnp.int32)], axis=1)
+    return offsets, lengths
+
+
+def cudnn_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, spans: tuple[jax.Array, jax.Array]
+) -> jax.Array:
+    """cuDNN's fused (flash) attention, causal within each packed document: q [batch, length,
+    heads, head_dim], k and v [batch, length, kv_heads, head_dim], spans `document_spans` → like q.
+
+    jax.nn.dot_product_attention takes document boundaries only as a dense mask, which cuDNN
+    turns into a [batch, 1, length, length] bias (read, and differentiated, at every step, with
+    no causal skipping); the packed layout it uses underneath takes the boundaries directly."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # no public packed-layout API
+
+    offsets, lengths = spans
+    return cudnn.dot_product_attention(
+        q,
+        k,
+        v,
+        q_seqlen=lengths,
+        kv_seqlen=lengths,
+        q_offsets=offsets,
+        kv_offsets=offsets,
+        scale=q.shape[-1] ** -0.5,
+        mask_type=cudnn.MaskType.PADDING_CAUSAL,
+        qkv_layout="BTNH",
+    )
+
+
+def attention_kernel(setting: str) -> str:
+    """The kernel model.attention picks on this host's devices: auto is cudnn on an NVIDIA GPU
+    that runs cuDNN's packed flash attention (compute capability 9.0, Hopper, or newer), and
+    jaxlm's XLA einsums anywhere else (CPU, TPU, older GPUs)."""
+    if setting != "auto":
+        return setting
+    device = jax.devices()[0]
+    try:
+        capability = float(getattr(device, "compute_capability", 0) or 0)
+    except ValueError:
+        capability = 0.0
+    return "cudnn" if device.platform == "gpu" and capability >= 9.0 else "xla"
+
+
+def document_boundaries(attention: str, max_documents: int, segment_ids: jax.Array):
+    """What `Attention` needs to keep packed documents apart, built once per step for all
+    layers: `document_spans` for model.attention=cudnn, else `attention_mask`."""
+    if attention == "cudnn":
+        return document_spans(segment_ids, max_documents)
+    return attention_mask(segment_ids)
+
+
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention in plain einsums: q [batch, length, heads, head_dim], k and v
     [batch, length, kv_heads, head_dim], mask [batch, 1, length, length] → like q.
@@ -100,14 +168,14 @@ class Attention(nnx.Module):
         d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
         pdt = dtype_of(config.param_dtype)
         out_std = config.init_std / (2 * config.num_layers) ** 0.5
-        self.implementation = None if config.attention == "auto" else config.attention
+        self.implementation = attention_kernel(config.attention)
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), config.init_std, pdt)
         self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
         self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
         self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, pdt)
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
-        """x: [batch, length, embed]; rope: `rotary_angles`; mask: `attention_mask`."""
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], documents) -> jax.Array:
+        """x: [batch, length, embed]; rope: `rotary_angles`; documents: `document_boundaries`."""
         dt = x.dtype
         q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(dt))  # [batch, length, heads, head_dim]
         k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))  # [batch, length, kv_heads, head_dim]
@@ -115,10 +183,10 @@ class Attention(nnx.Module):
         q = constrain(rotary(q, *rope), ("batch", "length", "act_heads", None))
         k = constrain(rotary(k, *rope), ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
-        if self.implementation == "xla":
-            out = xla_attention(q, k, v, mask)  # [batch, length, heads, head_dim]
+        if self.implementation == "cudnn":
+            out = cudnn_attention(q, k, v, documents)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+            out = xla_attention(q, k, v, documents)  # [batch, length, heads, head_dim]
         out = constrain(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(dt))
 

@@ -7,7 +7,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
-from jaxlm.model.layers import MLP, Attention, RMSNorm, attention_mask, dtype_of, param, rotary_angles
+from jaxlm.model.layers import (
+    MLP,
+    Attention,
+    RMSNorm,
+    attention_kernel,
+    document_boundaries,
+    dtype_of,
+    param,
+    rotary_angles,
+)
 from jaxlm.parallel import constrain
 
 REMAT_POLICIES = {
@@ -27,8 +36,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
-        x = x + self.attention(self.attention_norm(x), rope, mask)
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], documents) -> jax.Array:
+        x = x + self.attention(self.attention_norm(x), rope, documents)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "act_embed"))
 
@@ -42,6 +51,7 @@ class Transformer(nnx.Module):
         pdt = dtype_of(config.param_dtype)
         self.dtype = dtype_of(config.dtype)
         self.remat = config.remat
+        self.attention, self.max_documents = attention_kernel(config.attention), config.max_documents
         self.scan_layers = config.scan_layers
         self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
         self.tie_embeddings = config.tie_embeddings
@@ -78,11 +88,11 @@ class Transformer(nnx.Module):
 
         # What every layer shares is computed once, outside the layers.
         rope = rotary_angles(positions, self.head_dim, self.rope_theta)
-        mask = attention_mask(segment_ids)
+        documents = document_boundaries(self.attention, self.max_documents, segment_ids)
         block_def, block_params = nnx.split(self.blocks)
 
         def apply_block(x, layer_params):
-            return nnx.merge(block_def, layer_params)(x, rope, mask), None
+            return nnx.merge(block_def, layer_params)(x, rope, documents), None
 
         if self.remat != "none":
             apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
