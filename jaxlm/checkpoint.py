@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 from typing import Any
 
 import jax
@@ -85,6 +86,7 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any, config: Config) -> None:
+        started = time.perf_counter()
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -93,6 +95,12 @@ class Checkpointer:
                 config=ocp.args.JsonSave(config.to_dict()),
             ),
             force=True,
+        )
+        log.info(
+            "checkpoint of step %d: training waited %.2fs for it%s",
+            step,
+            time.perf_counter() - started,
+            " (written in the background)" if config.checkpoint.async_save else "",
         )
 
     def saved_config(self, step: int) -> dict[str, Any]:
