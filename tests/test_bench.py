@@ -84,3 +84,31 @@ def test_data_throughput_bench_draws_batches():
     figures = run_bench("data_throughput.py", "--batches", "20", "--warmup", "2")
     assert figures["tokens_per_batch"] == 8 * 32
     assert figures["tokens_per_s"] > 0 and figures["next_ms_median"] > 0
+
+
+def test_step_sweep_reports_every_variant_even_one_that_fails():
+    result = subprocess.run(
+        [
+            sys.executable, "bench/step_sweep.py", "configs/tiny.yaml", *TINY, "train.log_every=2",
+            "--warmup", "1", "--windows", "1",
+            "--variant", "full: model.remat=full", "--variant", "broken: model.remat=sometimes",
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    full, broken = (json.loads(line) for line in result.stdout.strip().splitlines())
+    assert full["variant"] == "full" and full["tokens_per_s"] > 0 and full["mfu"] > 0
+    assert full["last_loss"] < full["first_loss"]  # the step trains
+    assert broken["variant"] == "broken" and "model.remat" in broken["error"]
+
+
+def test_attention_check_agrees_with_float32_on_cpu():
+    result = subprocess.run(
+        [sys.executable, "bench/attention_check.py", "--batch", "2", "--length", "64", "--heads", "4",
+         "--kv-heads", "2", "--head-dim", "16", "--iters", "1", "--max-documents", "4"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {row["implementation"]: row for row in map(json.loads, result.stdout.strip().splitlines())}
+    assert rows["xla"]["out_error"] < 1e-2 and max(rows["xla"]["grad_errors"]) < 1e-2
+    assert "error" in rows["cudnn_packed_max4"]  # no cuDNN on a CPU: reported, not raised
