@@ -27,6 +27,7 @@ from jaxlm.distributed import PreemptionWatch
 from jaxlm.errors import ConfigError, DataError, TrainingDiverged
 from jaxlm.metrics import MetricsWriter, Progress, StepProfiler, model_flops_per_step, peak_flops_per_device
 from jaxlm.model import Transformer
+from jaxlm.model.layers import attention_kernel
 from jaxlm.optim import make_optimizer
 from jaxlm.step import TrainState, make_eval_step, make_train_step
 
@@ -49,6 +50,7 @@ class Setup:
     batch_sharding: NamedSharding
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
+    attention: str  # the kernel model.attention resolved to on these devices
 
 
 def build(config: Config, devices: Sequence[jax.Device] | None = None) -> Setup:
@@ -61,7 +63,17 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None) -> Setup:
     parallel.check_batch(config, mesh)
     optimizer, schedule = make_optimizer(config)
 
-    abstract_model = nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(0)))
+    # model.attention=auto becomes the kernel these devices run best.
+    device = mesh.devices.flat[0]
+    if config.model.attention == "cudnn" and attention_kernel("auto", device) != "cudnn":
+        raise ConfigError(
+            f"model.attention=cudnn needs an NVIDIA GPU of compute capability 9.0 or newer, and these "
+            f"devices are {device.device_kind}; use model.attention=auto (or xla)"
+        )
+    model_config = config.model.model_copy(
+        update={"attention": attention_kernel(config.model.attention, device)}
+    )
+    abstract_model = nnx.eval_shape(lambda: Transformer(model_config, nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     logical_axes = jax.tree.map(
         tuple,
@@ -70,7 +82,7 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None) -> Setup:
     )
 
     def init(key: jax.Array) -> TrainState:
-        model = Transformer(config.model, nnx.Rngs(params=key))
+        model = Transformer(model_config, nnx.Rngs(params=key))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
@@ -94,6 +106,7 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None) -> Setup:
         batch_sharding=parallel.batch_sharding(mesh, rules),
         optimizer=optimizer,
         schedule=schedule,
+        attention=model_config.attention,
     )
 
 
@@ -163,8 +176,9 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> dict[s
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config.to_yaml())
     log.info(
-        "model: %s parameters; mesh %s over %d devices (%s); %d train / %d validation documents",
+        "model: %s parameters, %s attention; mesh %s over %d devices (%s); %d train / %d validation documents",
         f"{count_params(setup.abstract_state):,}",
+        setup.attention,
         dict(setup.mesh.shape),
         setup.mesh.size,
         setup.mesh.devices.flat[0].device_kind,

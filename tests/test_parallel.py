@@ -115,6 +115,10 @@ def test_init_is_sharded_inside_jit_not_gathered_on_one_device(tmp_path):
             r"dimension kv_heads=2 does not divide over mesh axes tensor \(8 devices\)",
         ),
         (["mesh.dcn_data=3"], r"mesh.dcn_\* ask for 3 slices but 8 devices do not split into 3 equal slices"),
+        (
+            ["model.attention=cudnn"],
+            r"model.attention=cudnn needs an NVIDIA GPU .* devices are cpu; use model.attention=auto",
+        ),
     ],
 )
 def test_impossible_meshes_fail_before_compiling(tmp_path, overrides, expected):

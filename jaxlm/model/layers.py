@@ -121,13 +121,13 @@ def cudnn_attention(
     )
 
 
-def attention_kernel(setting: str) -> str:
-    """The kernel model.attention picks on this host's devices: auto is cudnn on an NVIDIA GPU
+def attention_kernel(setting: str, device: jax.Device) -> str:
+    """The kernel model.attention picks for a mesh of `device`s: auto is cudnn on an NVIDIA GPU
     that runs cuDNN's packed flash attention (compute capability 9.0, Hopper, or newer), and
-    jaxlm's XLA einsums anywhere else (CPU, TPU, older GPUs)."""
+    jaxlm's XLA einsums anywhere else (CPU, TPU, older GPUs). `jaxlm.train.build` resolves it;
+    a model built with auto itself runs the XLA einsums."""
     if setting != "auto":
         return setting
-    device = jax.devices()[0]
     try:
         capability = float(getattr(device, "compute_capability", 0) or 0)
     except ValueError:
@@ -168,7 +168,7 @@ class Attention(nnx.Module):
         d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
         pdt = dtype_of(config.param_dtype)
         out_std = config.init_std / (2 * config.num_layers) ** 0.5
-        self.implementation = attention_kernel(config.attention)
+        self.implementation = config.attention
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), config.init_std, pdt)
         self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
         self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)

@@ -11,7 +11,6 @@ from jaxlm.model.layers import (
     MLP,
     Attention,
     RMSNorm,
-    attention_kernel,
     document_boundaries,
     dtype_of,
     param,
@@ -51,7 +50,7 @@ class Transformer(nnx.Module):
         pdt = dtype_of(config.param_dtype)
         self.dtype = dtype_of(config.dtype)
         self.remat = config.remat
-        self.attention, self.max_documents = attention_kernel(config.attention), config.max_documents
+        self.attention, self.max_documents = config.attention, config.max_documents
         self.scan_layers = config.scan_layers
         self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
         self.tie_embeddings = config.tie_embeddings
