@@ -112,3 +112,14 @@ def test_attention_check_agrees_with_float32_on_cpu():
     rows = {row["implementation"]: row for row in map(json.loads, result.stdout.strip().splitlines())}
     assert rows["xla"]["out_error"] < 1e-2 and max(rows["xla"]["grad_errors"]) < 1e-2
     assert "error" in rows["cudnn_packed_max4"]  # no cuDNN on a CPU: reported, not raised
+
+
+def test_host_copy_bench_times_each_copy():
+    result = subprocess.run(
+        [sys.executable, "bench/host_copy.py", "--gib", "1", "--repeats", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["gib"] == 1 and figures["device_get_s"] > 0
+    assert len(figures["pinned_host_s"]) in (0, 2)  # 0 where the device has no pinned host memory
