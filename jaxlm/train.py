@@ -254,11 +254,15 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
     preemption = PreemptionWatch(config.distributed.preemption_grace_s)
     profiler = StepProfiler(train_config.profile_steps, run_dir / "profile")
     last_logged: dict[str, Any] = {"step": first_step}
+    check_documents = setup.attention == "cudnn"  # until a row holds too many, once
     try:
         window_start, window_first_step = None, first_step
         for step in range(first_step + 1, train_config.steps + 1):
             profiler.before(step)
-            batch = pipeline.to_global(next(data), setup.batch_sharding)
+            host_batch = next(data)
+            if check_documents:
+                check_documents = _documents_fit(host_batch, config.model.max_documents, step)
+            batch = pipeline.to_global(host_batch, setup.batch_sharding)
             state, metrics = train_step(state, batch)
             profiler.after(step, metrics)
             if window_start is None:  # the first step warms up; time the rest
@@ -326,6 +330,23 @@ def _compile(name: str, jitted: Callable, *abstract_args) -> Callable:
     compiled = jitted.lower(*abstract_args).compile()
     log.info("compiled the %s step in %.1fs", name, time.perf_counter() - started)
     return compiled
+
+
+def _documents_fit(host_batch: pipeline.Batch, max_documents: int, step: int) -> bool:
+    """Whether this batch's rows fit cuDNN attention's document slots; warns (the caller then
+    stops asking) the first time one does not."""
+    most = pipeline.most_documents_per_row(host_batch["segment_ids"])
+    if most <= max_documents:
+        return True
+    log.warning(
+        "step %d: a packed row holds %d documents, more than model.max_documents=%d: cuDNN attention "
+        "lets the last ones of such rows attend to each other; raise model.max_documents to keep them "
+        "apart (its backward memory grows with it). Warned once.",
+        step,
+        most,
+        max_documents,
+    )
+    return False
 
 
 def _checkpoint_due(config: Config, step: int) -> bool:

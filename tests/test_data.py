@@ -80,6 +80,12 @@ def test_document_spans_give_cudnn_each_documents_offset_and_length():
     assert lengths.tolist() == [[3, 5], [8, -1]]
 
 
+def test_most_documents_per_row_counts_runs_of_segment_ids():
+    segment_ids = np.array([[1, 1, 2, 2, 3, 4], [7, 7, 7, 7, 7, 7]])
+    assert pipeline.most_documents_per_row(segment_ids) == 4
+    assert pipeline.most_documents_per_row(segment_ids[1:]) == 1
+
+
 def test_attention_auto_is_xla_off_hopper_gpus():
     cpu = jax.devices()[0]  # the tests run on CPU
     assert attention_kernel("auto", cpu) == "xla"
@@ -270,3 +276,13 @@ def test_bad_jsonl_names_the_line(tmp_path):
     path.write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(DataError, match=r"no string field 'text'; set data.text_field"):
         sources.list_documents(str(path), "text")
+
+
+def test_rows_with_more_documents_than_cudnn_slots_warn(caplog):
+    from jaxlm.train import _documents_fit
+
+    batch = {"segment_ids": np.array([[1, 2, 3, 4], [5, 5, 5, 5]])}
+    assert _documents_fit(batch, max_documents=4, step=1)
+    assert "max_documents" not in caplog.text
+    assert not _documents_fit(batch, max_documents=3, step=2)
+    assert "step 2: a packed row holds 4 documents, more than model.max_documents=3" in caplog.text

@@ -39,6 +39,11 @@ class _Tokenize(grain.transforms.Map):
         return {"inputs": np.concatenate([eos, ids]), "targets": np.concatenate([ids, eos])}
 
 
+def most_documents_per_row(segment_ids: np.ndarray) -> int:
+    """The largest number of documents (runs of equal segment ids) in any row of [rows, length]."""
+    return int(np.max(np.count_nonzero(np.diff(segment_ids, axis=1), axis=1))) + 1
+
+
 def _rename(packed: dict[str, np.ndarray]) -> Batch:
     return {
         "inputs": packed["inputs"],
