@@ -141,7 +141,11 @@ class Checkpointer:
         return restored.state
 
     def close(self) -> None:
+        started = time.perf_counter()
         self._manager.wait_until_finished()
+        waited = time.perf_counter() - started
+        if waited >= 1:
+            log.info("waited %.1fs for the last checkpoint to finish writing", waited)
         self._manager.close()
 
 

@@ -39,6 +39,7 @@ def test_train_throughput_bench_prints_one_json_line():
     assert figures["devices"]["count"] == 2 and figures["steps"] == 4 and len(figures["rounds"]) == 2
     for key in (
         "overhead_ratio",
+        "loop_overhead_ratio",
         "step_overhead_ratio",
         "train_wall_tokens_per_s",
         "bare_tokens_per_s",
