@@ -6,13 +6,18 @@ with respect to q, k and v are compared with jaxlm's XLA attention computed in f
 --iters, after a warm-up). Implementations:
 
 - xla: `jaxlm.model.layers.xla_attention` with the document mask (what model.attention=xla runs);
-- cudnn_packed: `jaxlm.model.layers.cudnn_attention`, cuDNN's flash kernel on the packed layout
-  (what model.attention=cudnn runs), with max_documents = length and = --max-documents;
+- cudnn_packed_maxM: `jaxlm.model.layers.cudnn_attention`, cuDNN's flash kernel on the packed
+  layout (what model.attention=cudnn runs), for each M of --max-documents (fewer slots than
+  --documents merge documents: a large error, by design);
 - cudnn_mask: jax.nn.dot_product_attention(implementation="cudnn") given the dense mask;
-- cudnn_causal: the same with is_causal=True and no mask (right only for one document per row;
-  its error on packed rows is expected to be large: it shows the speed packing may cost).
+- cudnn_packed_causal_type: the packed layout with cuDNN's CAUSAL mask type instead of
+  PADDING_CAUSAL (both were right on an H100; jaxlm uses PADDING_CAUSAL);
+- cudnn_causal: jax.nn.dot_product_attention with is_causal=True and no mask (right only for one
+  document per row; its error on packed rows is expected to be large: it shows what the
+  document boundaries cost).
 
-Prints one JSON line per implementation (GPU only: cuDNN needs an NVIDIA GPU).
+Prints one JSON line per implementation; one that cannot run here (cuDNN needs an NVIDIA GPU,
+the packed layout a Hopper one) reports its error instead.
 
     python bench/attention_check.py --batch 8 --length 2048 --heads 32 --kv-heads 8 --head-dim 64
 """
