@@ -138,7 +138,12 @@ class BareStep:
 
 
 def benchmark(
-    config_path: str, overrides: list[str], steps: int, warmup: int, repeats: int
+    config_path: str,
+    overrides: list[str],
+    steps: int,
+    warmup: int,
+    repeats: int,
+    bare_steps: int | None = None,
 ) -> dict[str, Any]:
     """Rounds of framework then bare step on one config; the figures of the JSON line."""
     config = load_config(config_path, [*overrides, f"train.steps={steps}"])
@@ -158,7 +163,7 @@ def benchmark(
                 config_path, [*overrides, f"train.steps={steps}", f"run.dir={run_dir}", "checkpoint.dir=null"]
             )
             framework = measure_train(run_config)
-        bare_figures = bare.measure(steps)
+        bare_figures = bare.measure(bare_steps or steps)
         rounds.append(
             {
                 "overhead_ratio": bare_figures["wall_step_time_s"] / framework["wall_step_time_s"],
@@ -185,6 +190,7 @@ def benchmark(
         "devices": {"count": jax.device_count(), "platform": device.platform, "kind": device.device_kind},
         "jax": jax.__version__,
         "steps": steps,
+        "bare_steps": bare_steps or steps,
         "repeats": repeats,
         "global_batch_size": config.train.global_batch_size,
         "seq_len": config.data.seq_len,
@@ -212,12 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", default="configs/tiny.yaml", help="YAML config")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.add_argument("--steps", type=int, default=300, help="steps of each timed run")
+    parser.add_argument(
+        "--bare-steps",
+        type=int,
+        help="steps of each bare-step run (default --steps); fewer keep a long run at a real "
+        "checkpoint cadence affordable, as the bare step's time per step does not drift",
+    )
     parser.add_argument("--warmup", type=int, default=100, help="untimed bare steps before the first round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of framework then bare (median kept)")
     args = parser.parse_intermixed_args(argv)
     if args.warmup < 0 or args.repeats < 1:
         parser.error("--warmup must be at least 0 and --repeats at least 1")
-    return report(lambda: benchmark(args.config, args.overrides, args.steps, args.warmup, args.repeats))
+    if args.bare_steps is not None and args.bare_steps < 1:
+        parser.error("--bare-steps must be at least 1")
+    return report(
+        lambda: benchmark(args.config, args.overrides, args.steps, args.warmup, args.repeats, args.bare_steps)
+    )
 
 
 if __name__ == "__main__":

@@ -34,9 +34,12 @@ def test_train_throughput_bench_prints_one_json_line():
         "1",
         "--repeats",
         "2",
+        "--bare-steps",
+        "2",
         host_devices=2,
     )
     assert figures["devices"]["count"] == 2 and figures["steps"] == 4 and len(figures["rounds"]) == 2
+    assert figures["bare_steps"] == 2
     for key in (
         "overhead_ratio",
         "loop_overhead_ratio",
