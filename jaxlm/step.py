@@ -6,6 +6,7 @@ them in its loop.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -37,32 +38,93 @@ def next_token_loss(
     """Sum of token cross-entropies (float32) and the number of real (non-padding) targets.
 
     hidden: [batch, length, embed]; output_projection: [embed, vocab]. Logits stay in the compute
-    dtype; with `chunk` > 0 they exist `chunk` positions at a time (recomputed in the backward
-    pass), so a large vocabulary never holds [batch, length, vocab] in memory at once.
+    dtype. With `chunk` > 0 they exist `chunk` positions at a time, and the gradients of each
+    chunk are computed with its loss (`chunked_cross_entropy`), so a large vocabulary never holds
+    [batch, length, vocab] in memory at once and nothing is recomputed.
     """
     mask = segment_ids > 0  # [batch, length]
-
-    def chunk_loss(hidden, targets, mask):
-        logits = jnp.einsum("bte,ev->btv", hidden, output_projection)  # [batch, chunk, vocab]
-        logits = parallel.constrain(logits, ("batch", "length", "act_vocab"))
-        log_normaliser = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-        target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
-        return jnp.sum((log_normaliser - target_logits) * mask)
-
     length = hidden.shape[1]
     if not chunk or chunk >= length:
-        return chunk_loss(hidden, targets, mask), jnp.sum(mask)
+        logits = _logits(hidden, output_projection)
+        return jnp.sum(_token_losses(logits, targets) * mask), jnp.sum(mask)
+    return chunked_cross_entropy(hidden, output_projection, targets, mask, chunk), jnp.sum(mask)
 
-    def by_chunk(x):  # [batch, length, ...] → [length / chunk, batch, chunk, ...]
-        return jnp.swapaxes(x.reshape(x.shape[0], length // chunk, chunk, *x.shape[2:]), 0, 1)
 
-    def accumulate(total, chunk_inputs):
-        return total + jax.checkpoint(chunk_loss)(*chunk_inputs), None
+def _logits(hidden: jax.Array, weight: jax.Array) -> jax.Array:
+    logits = jnp.einsum("bte,ev->btv", hidden, weight)  # [batch, positions, vocab]
+    return parallel.constrain(logits, ("batch", "length", "act_vocab"))
 
-    total, _ = jax.lax.scan(
-        accumulate, jnp.zeros((), jnp.float32), (by_chunk(hidden), by_chunk(targets), by_chunk(mask))
+
+def _token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """[batch, positions] float32 cross-entropies; the log-sum-exp upcasts inside its reduction."""
+    log_normaliser = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    return log_normaliser - target_logits
+
+
+def _by_chunk(x: jax.Array, chunk: int) -> jax.Array:
+    """[batch, length, ...] → [length / chunk, batch, chunk, ...]"""
+    return jnp.swapaxes(x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]), 0, 1)
+
+
+def _from_chunks(x: jax.Array) -> jax.Array:
+    """The inverse of `_by_chunk`."""
+    x = jnp.swapaxes(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def chunked_cross_entropy(hidden, weight, targets, mask, chunk: int) -> jax.Array:
+    """Sum over real targets of the cross-entropy of `hidden @ weight`, `chunk` positions at a
+    time. Differentiated, each chunk's gradients are computed right after its loss, while its
+    logits exist (the loss is the last thing the step computes, so its cotangent is a scalar
+    applied afterwards): no second pass over the output projection, unlike jax.checkpoint."""
+
+    def add_chunk(total, inputs):
+        h, t, m = inputs
+        return total + jnp.sum(_token_losses(_logits(h, weight), t) * m), None
+
+    chunks = (_by_chunk(hidden, chunk), _by_chunk(targets, chunk), _by_chunk(mask, chunk))
+    total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), chunks)
+    return total
+
+
+def _chunked_cross_entropy_fwd(hidden, weight, targets, mask, chunk):
+    vocab = weight.shape[1]
+
+    def add_chunk(carry, inputs):
+        total, d_weight = carry
+        h, t, m = inputs
+        logits = _logits(h, weight)
+        log_normaliser = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1, keepdims=True)
+        target_logits = jnp.take_along_axis(logits, t[..., None], axis=-1).astype(jnp.float32)
+        total = total + jnp.sum((log_normaliser - target_logits)[..., 0] * m)
+        # d loss / d logits = softmax − one-hot(target), on real targets only.
+        is_target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
+        d_logits = jnp.exp(logits.astype(jnp.float32) - log_normaliser) - is_target
+        d_logits = (d_logits * m[..., None]).astype(logits.dtype)
+        d_logits = parallel.constrain(d_logits, ("batch", "length", "act_vocab"))
+        d_hidden = jnp.einsum("btv,ev->bte", d_logits, weight)
+        d_weight = d_weight + jnp.einsum("bte,btv->ev", h, d_logits, preferred_element_type=jnp.float32)
+        return (total, d_weight), d_hidden
+
+    chunks = (_by_chunk(hidden, chunk), _by_chunk(targets, chunk), _by_chunk(mask, chunk))
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((weight.shape[0], vocab), jnp.float32))
+    (total, d_weight), d_hidden = jax.lax.scan(add_chunk, init, chunks)
+    return total, (_from_chunks(d_hidden), d_weight.astype(weight.dtype))
+
+
+def _chunked_cross_entropy_bwd(chunk, residuals, cotangent):
+    d_hidden, d_weight = residuals
+    return (
+        (d_hidden * cotangent).astype(d_hidden.dtype),
+        (d_weight * cotangent).astype(d_weight.dtype),
+        None,
+        None,
     )
-    return total, jnp.sum(mask)
+
+
+chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy_bwd)
 
 
 def _loss_fn(graphdef: nnx.GraphDef, params, batch, loss_chunk: int = 0):
