@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, TINY
 
 
@@ -127,3 +128,17 @@ def test_host_copy_bench_times_each_copy():
     figures = json.loads(result.stdout)
     assert figures["gib"] == 1 and figures["device_get_s"] > 0
     assert len(figures["pinned_host_s"]) in (0, 2)  # 0 where the device has no pinned host memory
+
+
+def test_cross_entropy_bench_variants_agree():
+    result = subprocess.run(
+        [sys.executable, "bench/cross_entropy.py", "--batch", "2", "--length", "32", "--embed", "16",
+         "--vocab", "64", "--chunk", "8", "--iters", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    whole = figures["whole"]["loss"]
+    assert figures["chunked"]["loss"] == pytest.approx(whole, rel=1e-5)
+    assert figures["chunked_remat"]["loss"] == pytest.approx(whole, rel=1e-5)
+    assert all(figures[name]["ms"] > 0 for name in ("whole", "chunked", "chunked_remat"))
