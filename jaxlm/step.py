@@ -55,16 +55,27 @@ def _logits(hidden: jax.Array, weight: jax.Array) -> jax.Array:
     return parallel.constrain(logits, ("batch", "length", "act_vocab"))
 
 
+def _log_normaliser_and_target_logits(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[batch, positions, 1] float32 each; the log-sum-exp upcasts inside its reduction."""
+    log_normaliser = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1, keepdims=True)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1).astype(jnp.float32)
+    return log_normaliser, target_logits
+
+
 def _token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """[batch, positions] float32 cross-entropies; the log-sum-exp upcasts inside its reduction."""
-    log_normaliser = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
-    return log_normaliser - target_logits
+    """[batch, positions] float32 cross-entropies."""
+    log_normaliser, target_logits = _log_normaliser_and_target_logits(logits, targets)
+    return (log_normaliser - target_logits)[..., 0]
 
 
 def _by_chunk(x: jax.Array, chunk: int) -> jax.Array:
     """[batch, length, ...] → [length / chunk, batch, chunk, ...]"""
     return jnp.swapaxes(x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]), 0, 1)
+
+
+def _chunks(hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int) -> tuple[jax.Array, ...]:
+    """The scanned inputs of the chunked loss: each split into chunks of `chunk` positions."""
+    return _by_chunk(hidden, chunk), _by_chunk(targets, chunk), _by_chunk(mask, chunk)
 
 
 def _from_chunks(x: jax.Array) -> jax.Array:
@@ -84,8 +95,7 @@ def chunked_cross_entropy(hidden, weight, targets, mask, chunk: int) -> jax.Arra
         h, t, m = inputs
         return total + jnp.sum(_token_losses(_logits(h, weight), t) * m), None
 
-    chunks = (_by_chunk(hidden, chunk), _by_chunk(targets, chunk), _by_chunk(mask, chunk))
-    total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), chunks)
+    total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), _chunks(hidden, targets, mask, chunk))
     return total
 
 
@@ -96,8 +106,7 @@ def _chunked_cross_entropy_fwd(hidden, weight, targets, mask, chunk):
         total, d_weight = carry
         h, t, m = inputs
         logits = _logits(h, weight)
-        log_normaliser = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1, keepdims=True)
-        target_logits = jnp.take_along_axis(logits, t[..., None], axis=-1).astype(jnp.float32)
+        log_normaliser, target_logits = _log_normaliser_and_target_logits(logits, t)
         total = total + jnp.sum((log_normaliser - target_logits)[..., 0] * m)
         # d loss / d logits = softmax − one-hot(target), on real targets only.
         is_target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
@@ -108,9 +117,8 @@ def _chunked_cross_entropy_fwd(hidden, weight, targets, mask, chunk):
         d_weight = d_weight + jnp.einsum("bte,btv->ev", h, d_logits, preferred_element_type=jnp.float32)
         return (total, d_weight), d_hidden
 
-    chunks = (_by_chunk(hidden, chunk), _by_chunk(targets, chunk), _by_chunk(mask, chunk))
     init = (jnp.zeros((), jnp.float32), jnp.zeros((weight.shape[0], vocab), jnp.float32))
-    (total, d_weight), d_hidden = jax.lax.scan(add_chunk, init, chunks)
+    (total, d_weight), d_hidden = jax.lax.scan(add_chunk, init, _chunks(hidden, targets, mask, chunk))
     return total, (_from_chunks(d_hidden), d_weight.astype(weight.dtype))
 
 
