@@ -27,7 +27,7 @@ from jaxlm.distributed import PreemptionWatch
 from jaxlm.errors import ConfigError, DataError, TrainingDiverged
 from jaxlm.metrics import MetricsWriter, Progress, StepProfiler, model_flops_per_step, peak_flops_per_device
 from jaxlm.model import Transformer
-from jaxlm.model.layers import attention_kernel
+from jaxlm.model.layers import attention_kernel, runs_cudnn_attention
 from jaxlm.optim import make_optimizer
 from jaxlm.step import TrainState, make_eval_step, make_train_step
 
@@ -65,7 +65,7 @@ def build(config: Config, devices: Sequence[jax.Device] | None = None) -> Setup:
 
     # model.attention=auto becomes the kernel these devices run best.
     device = mesh.devices.flat[0]
-    if config.model.attention == "cudnn" and attention_kernel("auto", device) != "cudnn":
+    if config.model.attention == "cudnn" and not runs_cudnn_attention(device):
         raise ConfigError(
             f"model.attention=cudnn needs an NVIDIA GPU of compute capability 9.0 or newer, and these "
             f"devices are {device.device_kind}; use model.attention=auto (or xla)"

@@ -121,18 +121,23 @@ def cudnn_attention(
     )
 
 
-def attention_kernel(setting: str, device: jax.Device) -> str:
-    """The kernel model.attention picks for a mesh of `device`s: auto is cudnn on an NVIDIA GPU
-    that runs cuDNN's packed flash attention (compute capability 9.0, Hopper, or newer), and
-    jaxlm's XLA einsums anywhere else (CPU, TPU, older GPUs). `jaxlm.train.build` resolves it;
-    a model built with auto itself runs the XLA einsums."""
-    if setting != "auto":
-        return setting
+def runs_cudnn_attention(device: jax.Device) -> bool:
+    """Whether `device` runs cuDNN's packed flash attention: an NVIDIA GPU of compute
+    capability 9.0 (Hopper) or newer."""
     try:
         capability = float(getattr(device, "compute_capability", 0) or 0)
     except ValueError:
         capability = 0.0
-    return "cudnn" if device.platform == "gpu" and capability >= 9.0 else "xla"
+    return device.platform == "gpu" and capability >= 9.0
+
+
+def attention_kernel(setting: str, device: jax.Device) -> str:
+    """The kernel model.attention picks for a mesh of `device`s: auto is cudnn where
+    `runs_cudnn_attention`, jaxlm's XLA einsums anywhere else (CPU, TPU, older GPUs).
+    `jaxlm.train.build` resolves it; a model built with auto itself runs the XLA einsums."""
+    if setting != "auto":
+        return setting
+    return "cudnn" if runs_cudnn_attention(device) else "xla"
 
 
 def document_boundaries(attention: str, max_documents: int, segment_ids: jax.Array):
