@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -42,14 +41,10 @@ def measure_one(config_path: str, overrides: list[str], warmup: int, windows: in
     first_loss = float(metrics["loss"])
     compile_s = time.perf_counter() - started
     bare.run(warmup)
-    log_every = config.train.log_every
-    seconds = []
-    for _ in range(windows):
-        window_started = time.perf_counter()
-        bare.run(log_every)
-        seconds.append((time.perf_counter() - window_started) / log_every)
+    timed = bare.measure(windows * config.train.log_every)
+    seconds = timed["window_step_times_s"]
     bare.state, metrics = bare.train_step(bare.state, bare.batch)
-    step_s = statistics.median(seconds)
+    step_s = timed["step_time_s"]
     device = jax.devices()[0]
     tokens = config.train.global_batch_size * config.data.seq_len
     stats = device.memory_stats() or {}

@@ -118,9 +118,9 @@ class BareStep:
             self.state, metrics = self.train_step(self.state, self.batch)
         jax.block_until_ready(metrics)
 
-    def measure(self, steps: int) -> dict[str, float]:
-        """Per-step seconds over `steps` steps in windows of train.log_every: median window, and
-        mean over all steps."""
+    def measure(self, steps: int) -> dict[str, Any]:
+        """Per-step seconds over `steps` steps in windows of train.log_every: median window, mean
+        over all steps, and each window's."""
         log_every = self.config.train.log_every
         window_seconds, window_steps = [], []
         for first in range(0, steps, log_every):
@@ -129,11 +129,11 @@ class BareStep:
             self.run(window)
             window_seconds.append(time.perf_counter() - started)
             window_steps.append(window)
+        window_step_times = [s / n for s, n in zip(window_seconds, window_steps, strict=True)]
         return {
             "wall_step_time_s": sum(window_seconds) / sum(window_steps),
-            "step_time_s": statistics.median(
-                s / n for s, n in zip(window_seconds, window_steps, strict=True)
-            ),
+            "step_time_s": statistics.median(window_step_times),
+            "window_step_times_s": window_step_times,
         }
 
 
