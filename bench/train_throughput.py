@@ -10,8 +10,9 @@
   at their end, as the framework's logging does.
 
 The bare step first runs --warmup untimed steps (a fresh process runs its first ~100 steps
-slower), then --repeats rounds each time the framework and then the bare step, so that load
-from elsewhere and drift fall on both alike; every figure is the median over rounds.
+slower), then --repeats rounds. Each round times half the bare steps, the framework, then the
+other half, so the bare figure brackets the framework run in time and load from elsewhere or
+drift falls on both alike; every figure is the median over rounds.
 
 overhead_ratio = bare wall time per step ÷ train wall time per step: 1.0 means the framework,
 evals and checkpoints included, costs nothing. loop_overhead_ratio leaves out the final wait for
@@ -134,7 +135,23 @@ class BareStep:
             "wall_step_time_s": sum(window_seconds) / sum(window_steps),
             "step_time_s": statistics.median(window_step_times),
             "window_step_times_s": window_step_times,
+            "steps": steps,
         }
+
+
+def _combine(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[str, Any]:
+    """One bare-step measurement from two (`BareStep.measure`), weighting each by its steps."""
+    if first is None:
+        return second
+    windows = first["window_step_times_s"] + second["window_step_times_s"]
+    seconds = first["wall_step_time_s"] * first["steps"] + second["wall_step_time_s"] * second["steps"]
+    steps = first["steps"] + second["steps"]
+    return {
+        "wall_step_time_s": seconds / steps,
+        "step_time_s": statistics.median(windows),
+        "window_step_times_s": windows,
+        "steps": steps,
+    }
 
 
 def benchmark(
@@ -155,15 +172,17 @@ def benchmark(
     bare = BareStep(config)
     bare.measure(1 + warmup)  # untimed; the first call compiles
     log.info("bare step compiled and warmed up (%d steps)", warmup)
+    bare_steps = bare_steps or steps
     rounds = []
     for round_index in range(repeats):
+        bare_before = bare.measure(bare_steps // 2) if bare_steps > 1 else None
         with tempfile.TemporaryDirectory(prefix="jaxlm-bench-") as run_dir:
             # A fresh run dir and default checkpoint dir, so the run can never resume an old one.
             run_config = load_config(
                 config_path, [*overrides, f"train.steps={steps}", f"run.dir={run_dir}", "checkpoint.dir=null"]
             )
             framework = measure_train(run_config)
-        bare_figures = bare.measure(bare_steps or steps)
+        bare_figures = _combine(bare_before, bare.measure(bare_steps - bare_steps // 2))
         rounds.append(
             {
                 "overhead_ratio": bare_figures["wall_step_time_s"] / framework["wall_step_time_s"],
@@ -190,7 +209,7 @@ def benchmark(
         "devices": {"count": jax.device_count(), "platform": device.platform, "kind": device.device_kind},
         "jax": jax.__version__,
         "steps": steps,
-        "bare_steps": bare_steps or steps,
+        "bare_steps": bare_steps,
         "repeats": repeats,
         "global_batch_size": config.train.global_batch_size,
         "seq_len": config.data.seq_len,
