@@ -12,12 +12,14 @@ import dataclasses
 import json
 import logging
 import re
+import threading
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import SingleDeviceSharding
 
 from jaxlm.config import Config
 from jaxlm.errors import UserError
@@ -81,11 +83,30 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pinning: threading.Thread | None = None
+
+    def start_pinning(self, state: Any) -> None:
+        """Pin the host memory the first save needs now, in the background, where saves use it.
+
+        On GPUs Orbax copies every save into `pinned_host` memory, and the first copy has to pin
+        that much host RAM first (about 0.6 s per GB on an H100 host: 10 s for a 1B model's 15 GB
+        of state), holding the first save, and training, up. Copied once here, while the steps
+        compile, the host allocator keeps the pinned memory for every later save. Call
+        `wait_for_pinning` before the state is donated to a step.
+        """
+        if orbax_pins_host_memory(state):
+            self._pinning = pin_host_memory(state)
+
+    def wait_for_pinning(self) -> None:
+        if self._pinning is not None:
+            self._pinning.join()
+            self._pinning = None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any, config: Config) -> None:
+        self.wait_for_pinning()
         started = time.perf_counter()
         self._manager.save(
             step,
@@ -141,12 +162,64 @@ class Checkpointer:
         return restored.state
 
     def close(self) -> None:
+        self.wait_for_pinning()
         started = time.perf_counter()
         self._manager.wait_until_finished()
         waited = time.perf_counter() - started
         if waited >= 1:
             log.info("waited %.1fs for the last checkpoint to finish writing", waited)
         self._manager.close()
+
+
+def orbax_pins_host_memory(state: Any) -> bool:
+    """Whether Orbax's saves go through pinned host memory: its default on GPUs."""
+    leaves = jax.tree.leaves(state)
+    return (
+        jax.default_backend() == "gpu"
+        and bool(leaves)
+        and any(memory.kind == "pinned_host" for memory in leaves[0].devices().pop().addressable_memories())
+    )
+
+
+def shards_to_save(state: Any) -> list[jax.Array]:
+    """This process's shards of every array in `state`, one replica of each."""
+    return [
+        shard.data
+        for leaf in jax.tree.leaves(state)
+        for shard in leaf.addressable_shards
+        if shard.replica_id == 0
+    ]
+
+
+def pin_host_memory(state: Any) -> threading.Thread:
+    """A started thread that copies this process's shards of `state` (one replica of each, as a
+    save does) into pinned host memory, waits for the copies and drops them: the pinned pool
+    stays with the allocator. The state is only read; it must not be donated until the thread
+    is joined."""
+    shards = shards_to_save(state)
+
+    def pin() -> None:
+        started = time.perf_counter()
+        try:
+            copies = [
+                jax.device_put(shard, SingleDeviceSharding(shard.devices().pop(), memory_kind="pinned_host"))
+                for shard in shards
+            ]
+            jax.block_until_ready(copies)
+        except Exception as error:  # the first save then pins what it needs itself
+            log.warning("could not pin host memory ahead of the first checkpoint save: %s", error)
+            return
+        gigabytes = sum(copy.nbytes for copy in copies) / 1e9
+        del copies
+        log.info(
+            "pinned %.2f GB of host memory for checkpoint saves in %.1fs",
+            gigabytes,
+            time.perf_counter() - started,
+        )
+
+    thread = threading.Thread(target=pin, name="jaxlm-pin-host-memory", daemon=True)
+    thread.start()
+    return thread
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

@@ -190,6 +190,8 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> dict[s
     checkpointer = Checkpointer(config)  # even with checkpoint.every=0: resume, and preemption saves
     try:
         state = _restore_or_init(config, setup, checkpointer, data)
+        if config.checkpoint.every:
+            checkpointer.start_pinning(state)  # overlaps compilation; see Checkpointer.start_pinning
         return _loop(config, setup, state, data, checkpointer, validation_docs, tokenizer, run_dir)
     finally:
         data.close()
@@ -255,6 +257,7 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
     profiler = StepProfiler(train_config.profile_steps, run_dir / "profile")
     last_logged: dict[str, Any] = {"step": first_step}
     check_documents = setup.attention == "cudnn"  # until a row holds too many, once
+    checkpointer.wait_for_pinning()  # the first step donates the state it reads
     try:
         window_start, window_first_step = None, first_step
         for step in range(first_step + 1, train_config.steps + 1):
