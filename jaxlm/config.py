@@ -246,7 +246,9 @@ class TrainConfig(Section):
     seed: int = Field(0, description="Seed of parameter init and data order.")
     log_every: int = Field(10, gt=0, description="Fetch and write metrics every this many steps.")
     eval_every: int = Field(
-        100, ge=0, description="Evaluate on the validation split every this many steps (0 = never)."
+        1000,
+        ge=0,
+        description="Evaluate on the validation split every this many steps and at the end (0 = never).",
     )
     eval_batches: int = Field(4, gt=0, description="Batches per evaluation.")
     loss_chunk: int = Field(
@@ -278,7 +280,7 @@ class TrainConfig(Section):
 
 class CheckpointConfig(Section):
     every: int = Field(
-        100, ge=0, description="Save every this many steps and at the end (0 = only when preempted)."
+        1000, ge=0, description="Save every this many steps and at the end (0 = only when preempted)."
     )
     keep: int = Field(3, gt=0, description="Keep the newest this many checkpoints.")
     dir: str | None = Field(
