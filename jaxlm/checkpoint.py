@@ -83,6 +83,7 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saves_on_cadence = bool(config.checkpoint.every)
         self._pinning: threading.Thread | None = None
 
     def start_pinning(self, state: Any) -> None:
@@ -92,9 +93,10 @@ class Checkpointer:
         that much host RAM first (about 0.6 s per GB on an H100 host: 10 s for a 1B model's 15 GB
         of state), holding the first save, and training, up. Copied once here, while the steps
         compile, the host allocator keeps the pinned memory for every later save. Call
-        `wait_for_pinning` before the state is donated to a step.
+        `wait_for_pinning` before the state is donated to a step. Nothing to do where Orbax
+        does not pin, or where the run saves only when preempted (checkpoint.every=0).
         """
-        if orbax_pins_host_memory(state):
+        if self._saves_on_cadence and orbax_pins_host_memory(state):
             self._pinning = pin_host_memory(state)
 
     def wait_for_pinning(self) -> None:

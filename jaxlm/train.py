@@ -190,8 +190,7 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> dict[s
     checkpointer = Checkpointer(config)  # even with checkpoint.every=0: resume, and preemption saves
     try:
         state = _restore_or_init(config, setup, checkpointer, data)
-        if config.checkpoint.every:
-            checkpointer.start_pinning(state)  # overlaps compilation; see Checkpointer.start_pinning
+        checkpointer.start_pinning(state)  # overlaps compilation; see Checkpointer.start_pinning
         return _loop(config, setup, state, data, checkpointer, validation_docs, tokenizer, run_dir)
     finally:
         data.close()
