@@ -199,7 +199,7 @@ class DataConfig(Section):
     worker_count: int = Field(
         0,
         ge=0,
-        description="Grain worker processes per data shard (0 = background threads in this process). The data order depends on it: resume with the same value.",
+        description="Grain worker processes per data shard (0 = background threads in this process). The data order depends on it: a checkpoint resumes only with the value it was saved with.",
     )
     prefetch: int = Field(4, ge=0, description="Batches buffered ahead of the step.")
 

@@ -91,6 +91,21 @@ def test_checkpoint_of_another_model_is_refused_with_one_line(tmp_path, uninterr
         train(config)
 
 
+def test_checkpoint_of_another_data_worker_count_is_refused_with_one_line(tmp_path, uninterrupted):
+    # Grain's workers each pack their own slice of the documents: a position saved by threads
+    # (worker_count 0) fails to restore into workers, and one of 2 workers silently restores into
+    # 3 at the wrong place.
+    checkpoints = uninterrupted / "checkpoints"
+    before = sorted(str(p.relative_to(checkpoints)) for p in checkpoints.rglob("*"))
+    config = tiny_config(tmp_path, *RESUMABLE, "data.worker_count=1", f"checkpoint.dir={checkpoints}")
+    with pytest.raises(
+        UserError,
+        match=r"saved with data.worker_count=0 and this run sets 1: resume with data.worker_count=0",
+    ):
+        train(config)
+    assert sorted(str(p.relative_to(checkpoints)) for p in checkpoints.rglob("*")) == before
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     train(tiny_config(tmp_path, "train.steps=2", "checkpoint.every=2", "optim.schedule_steps=6"))
     good = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())

@@ -98,11 +98,14 @@ class HostBatches:
     """This process's rows of each global batch, drawn from the data shards it owns.
 
     Checkpointable per shard (`shard_states` / `restore_shard_states`), so a run may resume on
-    another number of processes as long as `data.shards` stays the same.
+    another number of processes as long as `data.shards` stays the same. Each state records
+    data.worker_count: Grain's worker processes each pack their own slice of the documents, so
+    the position means nothing, or the wrong thing, to another number of workers.
     """
 
     def __init__(self, source: Source, config: Config, tokenizer: Tokenizer):
         self.shard_count = shard_count(config)
+        self.worker_count = config.data.worker_count
         per_process = self.shard_count // jax.process_count()
         first = jax.process_index() * per_process
         self.shard_indices = list(range(first, first + per_process))
@@ -134,12 +137,26 @@ class HostBatches:
         return {field: np.concatenate([part[field] for part in parts]) for field in FIELDS}
 
     def shard_states(self) -> dict[int, dict]:
-        """Grain iterator state of each shard this process reads, by shard index."""
-        return {index: it.get_state() for index, it in zip(self.shard_indices, self._iterators, strict=True)}
+        """The position of each shard this process reads, by shard index: its Grain iterator
+        state and the worker count that state belongs to."""
+        return {
+            index: {"worker_count": self.worker_count, "grain": iterator.get_state()}
+            for index, iterator in zip(self.shard_indices, self._iterators, strict=True)
+        }
 
     def restore_shard_states(self, states: dict[int, dict]) -> None:
         for index, iterator in zip(self.shard_indices, self._iterators, strict=True):
-            iterator.set_state(states[index])
+            state = states[index]
+            if "grain" not in state:  # saved before the worker count was recorded
+                iterator.set_state(state)
+                continue
+            if state["worker_count"] != self.worker_count:
+                raise DataError(
+                    f"the checkpoint's data position was saved with data.worker_count={state['worker_count']} "
+                    f"and this run sets {self.worker_count}: resume with "
+                    f"data.worker_count={state['worker_count']} (the data order depends on it)"
+                )
+            iterator.set_state(state["grain"])
 
     def close(self) -> None:
         for iterator in self._iterators:
