@@ -7,6 +7,7 @@ line naming it (and the closest real key) before anything is compiled.
 from __future__ import annotations
 
 import difflib
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +15,8 @@ from typing import Any, Literal
 import pydantic
 import yaml
 from etils import epath
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from jaxlm.errors import ConfigError
 
@@ -42,6 +44,19 @@ DEFAULT_RULES: dict[str, list[str] | None] = {
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic takes true as 1 for a number; `train.steps=true` is a mistake, not one step."""
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = {annotation, *typing.get_args(annotation)}
+            if bool not in kinds and kinds & {int, float}:
+                raise PydanticCustomError(
+                    "bool_for_number", "a boolean where a number belongs; write a number"
+                )
+        return value
 
 
 class ModelConfig(Section):
@@ -243,7 +258,7 @@ class TrainConfig(Section):
         gt=0,
         description="Gradient accumulation: micro-batches per step, inside the one jitted step.",
     )
-    seed: int = Field(0, description="Seed of parameter init and data order.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of parameter init and data order.")
     log_every: int = Field(10, gt=0, description="Fetch and write metrics every this many steps.")
     eval_every: int = Field(
         1000,
@@ -372,14 +387,18 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(
                 f"config file {path} does not exist; pass the path of a YAML file such as configs/tiny.yaml"
             )
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; pass the path of a YAML file in it")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {_first_line(error)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text; pass a YAML config file") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
     for override in overrides:

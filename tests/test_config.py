@@ -22,6 +22,11 @@ def test_yaml_and_overrides_resolve_into_typed_sections():
     assert str(config.checkpoint_dir) == str(Path(config.run.dir).absolute() / "checkpoints")
 
 
+def test_booleans_stay_booleans_where_a_key_takes_one():
+    config = load_config(None, ["model.tie_embeddings=true", "checkpoint.async_save=false"])
+    assert config.model.tie_embeddings is True and config.checkpoint.async_save is False
+
+
 def test_override_values_are_parsed_as_yaml():
     config = load_config(
         None, ["model.tie_embeddings=true", "optim.lr=1e-3", "data.path=null", "mesh.rules.vocab=null"]
@@ -53,6 +58,10 @@ def test_override_values_are_parsed_as_yaml():
         (["train.loss_chunk=10"], r"train\.loss_chunk=10 does not divide data\.seq_len=128"),
         (["train.profile_steps=[5]"], r"train\.profile_steps=\[5\] must be \[first, last\]"),
         (["train=3"], r"train must be a section"),
+        (["train.steps=true"], r"train\.steps=True is invalid: a boolean where a number belongs"),
+        (["optim.lr=false"], r"optim\.lr=False is invalid: a boolean where a number belongs"),
+        (["train.seed=-1"], r"train\.seed=-1 is invalid: input should be greater than or equal to 0"),
+        (["train.seed=4294967296"], r"train\.seed=4294967296 is invalid: input should be less than"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_key(overrides, expected):
@@ -70,6 +79,12 @@ def test_missing_or_malformed_config_file_is_one_clear_line(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    with pytest.raises(ConfigError, match="is a directory; pass the path of a YAML file"):
+        load_config(tmp_path)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00model: {}")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(binary)
 
 
 def test_resolved_config_round_trips_through_yaml():

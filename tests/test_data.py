@@ -276,6 +276,9 @@ def test_bad_jsonl_names_the_line(tmp_path):
     path.write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(DataError, match=r"no string field 'text'; set data.text_field"):
         sources.list_documents(str(path), "text")
+    path.write_bytes(json.dumps({"text": "fine"}).encode() + b"\n\x80\x81 binary\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2 is not UTF-8 text; fix or remove that line"):
+        sources.list_documents(str(path), "text")
 
 
 def test_rows_with_more_documents_than_cudnn_slots_warn(caplog):

@@ -100,6 +100,8 @@ def _check_record(line: bytes, text_field: str, where: str) -> None:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise DataError(f"{where} is not valid JSON ({error.msg}); fix or remove that line") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{where} is not UTF-8 text; fix or remove that line") from None
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
         raise DataError(
             f"{where} has no string field {text_field!r}; set data.text_field to the field that holds the text"
