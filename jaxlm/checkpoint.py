@@ -48,8 +48,13 @@ class DataShardsHandler(ocp.CheckpointHandler):
             if (m := _SHARD_FILE.match(path.name))
         }
         saved_counts = {int(count) for count, _ in files.values()}
+        if not files:
+            raise FileNotFoundError(f"no data position files (shard_<i>-of-<n>.json) in {directory}")
         if saved_counts != {item.shard_count}:
             return False
+        missing = [index for index in item.shard_indices if index not in files]
+        if missing:
+            raise FileNotFoundError(f"no data position file for shard {missing[0]} in {directory}")
         item.restore_shard_states(
             {index: json.loads(files[index][1].read_text()) for index in item.shard_indices}
         )
@@ -74,6 +79,11 @@ class DataShardsRestore(ocp.args.CheckpointArgs):
 class Checkpointer:
     def __init__(self, config: Config):
         self.directory = config.checkpoint_dir
+        if self.directory.exists() and not self.directory.is_dir():
+            raise UserError(
+                f"checkpoint.dir={self.directory} is a file, not a directory; point checkpoint.dir "
+                "(or run.dir) elsewhere"
+            )
         if jax.process_index() == 0:
             for incomplete in incomplete_steps(self.directory):
                 log.warning("ignoring incomplete checkpoint %s (a save that was interrupted)", incomplete)
@@ -82,7 +92,13 @@ class Checkpointer:
             enable_async_checkpointing=config.checkpoint.async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as error:
+            raise UserError(
+                f"checkpoint.dir={self.directory} cannot be created ({error.strerror or error}); "
+                "point checkpoint.dir (or run.dir) at a writable directory"
+            ) from error
         self._saves_on_cadence = bool(config.checkpoint.every)
         self._pinning: threading.Thread | None = None
 
@@ -132,7 +148,31 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any, config: Config) -> Any:
         """The train state at `step`, placed on the shardings in `abstract_state`; the data
-        iterator is restored in place."""
+        iterator is restored in place. A step that cannot be read (damaged or deleted files) is a
+        `UserError` naming it and the step an older checkpoint would resume from."""
+        try:
+            return self._restore(step, abstract_state, data_iterator, config)
+        except UserError:
+            raise
+        except Exception as error:
+            log.debug("restoring checkpoint step %d failed", step, exc_info=True)
+            raise UserError(self._unreadable(step, error)) from error
+
+    def _unreadable(self, step: int, error: BaseException) -> str:
+        while error.__cause__ is not None:  # the reason, not the layers that passed it on
+            error = error.__cause__
+        cause = (str(error).strip().splitlines() or [""])[0]
+        if len(cause) > 300:
+            cause = cause[:300] + "..."
+        step_dir = self.directory / str(step)
+        older = [s for s in self._manager.all_steps() if s < step]
+        then = f"resume from step {max(older)}" if older else "start again from step 0"
+        return (
+            f"checkpoint step {step} in {self.directory} cannot be restored ({type(error).__name__}: {cause}); "
+            f"if it is damaged, move it aside (mv {step_dir} {self.directory / f'damaged-{step}'}) to {then}"
+        )
+
+    def _restore(self, step: int, abstract_state: Any, data_iterator: Any, config: Config) -> Any:
         saved_model = self.saved_config(step).get("model", {})
         model = config.to_dict()["model"]
         changed = sorted(

@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         process = _process_index()
         print(f"jaxlm[p{process}]: error: {error}", file=sys.stderr)
+        # Work still in flight when the error came (Orbax's other reads of a damaged checkpoint,
+        # say) fails again, from other threads, as the process exits: the line above said why.
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
         return 2
     except KeyboardInterrupt:
         print("jaxlm: interrupted", file=sys.stderr)

@@ -173,8 +173,14 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> dict[s
             config.schedule_steps,
         )
     if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml())
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"run.dir={run_dir} is a file, not a directory; choose another run.dir")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(
+                f"run.dir={run_dir} cannot be created ({error.strerror or error}); choose a writable run.dir"
+            ) from error
     log.info(
         "model: %s parameters, %s attention; mesh %s over %d devices (%s); %d train / %d validation documents",
         f"{count_params(setup.abstract_state):,}",
@@ -190,6 +196,8 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> dict[s
     checkpointer = Checkpointer(config)  # even with checkpoint.every=0: resume, and preemption saves
     try:
         state = _restore_or_init(config, setup, checkpointer, data)
+        if jax.process_index() == 0:  # only once the checkpoint has accepted this config
+            (run_dir / "config.yaml").write_text(config.to_yaml())
         checkpointer.start_pinning(state)  # overlaps compilation; see Checkpointer.start_pinning
         return _loop(config, setup, state, data, checkpointer, validation_docs, tokenizer, run_dir)
     finally:

@@ -106,6 +106,48 @@ def test_checkpoint_of_another_data_worker_count_is_refused_with_one_line(tmp_pa
     assert sorted(str(p.relative_to(checkpoints)) for p in checkpoints.rglob("*")) == before
 
 
+def test_a_damaged_checkpoint_is_named_with_one_line_and_the_run_resumes_once_it_is_moved_aside(
+    tmp_path, uninterrupted
+):
+    train(tiny_config(tmp_path, *RESUMABLE, "train.steps=6"))
+    checkpoints = tmp_path / "checkpoints"
+    largest = max((checkpoints / "6" / "state").rglob("*"), key=lambda p: p.is_file() and p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:1000])  # a write cut short, a disk error
+    before = {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()}
+    with pytest.raises(UserError) as refused:
+        train(tiny_config(tmp_path, *RESUMABLE))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(
+        f"checkpoint step 6 in {checkpoints} cannot be restored ("
+    )
+    assert message.endswith(
+        f"move it aside (mv {checkpoints / '6'} {checkpoints / 'damaged-6'}) to resume from step 4"
+    )
+    assert {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()} == before
+    # The refused run leaves the run's config as the checkpoints' run wrote it.
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["steps"] == 6
+
+    (checkpoints / "6").rename(checkpoints / "damaged-6")
+    assert train(tiny_config(tmp_path, *RESUMABLE))["step"] == 8
+    expected, resumed = train_losses(uninterrupted), train_losses(tmp_path)
+    assert all(abs(resumed[step] - expected[step]) <= 1e-6 for step in range(5, 9))
+
+
+def test_a_run_or_checkpoint_dir_that_is_a_file_is_refused_with_one_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    with pytest.raises(
+        UserError, match=r"run.dir=.*a_file is a file, not a directory; choose another run.dir"
+    ):
+        train(tiny_config(a_file))
+    with pytest.raises(UserError, match=r"run.dir=.*a_file/run cannot be created \(Not a directory\)"):
+        train(tiny_config(a_file / "run"))
+    # Orbax would only fail in its background save thread, and training would wait for it forever.
+    with pytest.raises(UserError, match=r"checkpoint.dir=.*a_file is a file, not a directory"):
+        train(tiny_config(tmp_path / "run", f"checkpoint.dir={a_file}"))
+    assert a_file.read_text() == "not a directory"
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     train(tiny_config(tmp_path, "train.steps=2", "checkpoint.every=2", "optim.schedule_steps=6"))
     good = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
