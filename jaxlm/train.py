@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,6 +146,29 @@ def count_params(abstract_state: TrainState) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_state.params))
 
 
+def check_state_fits(setup: Setup) -> None:
+    """Refuse a train state larger than the memory of the devices that hold it, before it is
+    allocated: a GPU or TPU would fail to allocate it; a CPU host would swap or hang."""
+    shards = jax.tree.leaves(abstract_with_shardings(setup.abstract_state, setup.state_shardings))
+    per_device = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in shards)
+    device = setup.mesh.devices.flat[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats and per_device > stats["bytes_limit"]:
+        raise ConfigError(
+            f"the parameters and optimizer state need {per_device / 1e9:.1f} GB per device and a "
+            f"{device.device_kind} has {stats['bytes_limit'] / 1e9:.1f} GB; shard them over more devices "
+            "(mesh.fsdp) or make the model smaller"
+        )
+    if device.platform == "cpu":
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        local = per_device * sum(d.process_index == jax.process_index() for d in setup.mesh.devices.flat)
+        if local > host:
+            raise ConfigError(
+                f"the parameters and optimizer state need {local / 1e9:.1f} GB on this host's CPU "
+                f"devices and it has {host / 1e9:.1f} GB of memory; make the model smaller or use more hosts"
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
@@ -153,6 +177,7 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> dict[s
     """Run (or resume) the experiment in `config`; returns the last logged metrics."""
     run_dir = Path(config.run.dir)
     setup = build(config, devices)
+    check_state_fits(setup)
     tokenizer = load_tokenizer(config.data)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(

@@ -148,6 +148,13 @@ def test_a_run_or_checkpoint_dir_that_is_a_file_is_refused_with_one_line(tmp_pat
     assert a_file.read_text() == "not a directory"
 
 
+def test_a_train_state_larger_than_the_host_is_refused_before_it_is_allocated(tmp_path):
+    # 10^11 embedding rows: 1.2 PB of float32 parameters and AdamW moments.
+    with pytest.raises(UserError, match=r"need \d+\.\d GB on this host's CPU devices and it has"):
+        train(tiny_config(tmp_path, "model.vocab_size=100000000000"))
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     train(tiny_config(tmp_path, "train.steps=2", "checkpoint.every=2", "optim.schedule_steps=6"))
     good = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
