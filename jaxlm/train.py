@@ -187,8 +187,8 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> dict[s
     train_docs, validation_docs = sources.document_sources(config.data)
     if config.train.eval_every and not validation_docs:
         raise DataError(
-            "train.eval_every is set but the validation split is empty; "
-            "set data.validation_fraction > 0 (or data.tfds_validation_split) or train.eval_every=0"
+            "train.eval_every is set but there are no validation documents (data.validation_fraction=0, "
+            "no data.tfds_validation_split, or a corpus of one document); provide some or set train.eval_every=0"
         )
 
     if config.optim.warmup_steps >= config.schedule_steps:
