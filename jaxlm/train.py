@@ -151,7 +151,8 @@ def check_state_fits(setup: Setup) -> None:
     allocated: a GPU or TPU would fail to allocate it; a CPU host would swap or hang."""
     shards = jax.tree.leaves(abstract_with_shardings(setup.abstract_state, setup.state_shardings))
     per_device = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in shards)
-    device = setup.mesh.devices.flat[0]
+    local = [d for d in setup.mesh.devices.flat if d.process_index == jax.process_index()]
+    device = local[0]  # memory_stats answers for this process's own devices only
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats and per_device > stats["bytes_limit"]:
         raise ConfigError(
@@ -161,10 +162,10 @@ def check_state_fits(setup: Setup) -> None:
         )
     if device.platform == "cpu":
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        local = per_device * sum(d.process_index == jax.process_index() for d in setup.mesh.devices.flat)
-        if local > host:
+        on_host = per_device * len(local)
+        if on_host > host:
             raise ConfigError(
-                f"the parameters and optimizer state need {local / 1e9:.1f} GB on this host's CPU "
+                f"the parameters and optimizer state need {on_host / 1e9:.1f} GB on this host's CPU "
                 f"devices and it has {host / 1e9:.1f} GB of memory; make the model smaller or use more hosts"
             )
 
