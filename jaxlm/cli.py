@@ -52,6 +52,11 @@ def _use_cpu_devices_for_mesh(config) -> None:
         jax.config.update("jax_num_cpu_devices", explicit)
 
 
+# Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL: try again):
+# not 0, so SLURM (launch/slurm.sbatch), JobSet and scripts see a run that is not finished.
+PREEMPTED = 75
+
+
 def _train(args: argparse.Namespace) -> int:
     from jaxlm.config import load_config
 
@@ -63,8 +68,8 @@ def _train(args: argparse.Namespace) -> int:
     distributed.initialize(config.distributed)
     from jaxlm.train import train
 
-    train(config)
-    return 0
+    result = train(config)
+    return PREEMPTED if "preempted_at" in result else 0
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -352,7 +352,7 @@ def _loop(config, setup: Setup, state, data, checkpointer, validation_docs, toke
         stopped_at = last_logged.get("preempted_at", last_logged["step"])
         log.info(
             "%s at step %d (last logged loss %.4f); metrics in %s, TensorBoard events in %s",
-            "preempted, checkpoint saved," if "preempted_at" in last_logged else "done",
+            "preempted, resumable with the same command," if "preempted_at" in last_logged else "done",
             stopped_at,
             last_logged.get("loss", float("nan")),
             run_dir / "metrics.jsonl",

@@ -8,7 +8,8 @@
 #
 # Environment: DEVICES_PER_PROCESS (default 4), JAXLM (the command, default `jaxlm`),
 # PYTHON (default python3, used to find a free port). SIGTERM or Ctrl-C is passed on to every
-# process, which then saves a checkpoint at a step they agree on and exits.
+# process as SIGTERM, which then saves a checkpoint at a step they agree on and exits with
+# status 75 (run the same command to resume).
 set -uo pipefail
 
 if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
@@ -34,7 +35,8 @@ done
 
 forward() { kill -"$1" "${pids[@]}" 2>/dev/null; }
 trap 'forward TERM' TERM
-trap 'forward INT' INT
+# Background processes of a script ignore SIGINT, so Ctrl-C goes on as the preemption signal.
+trap 'forward TERM' INT
 
 status=0
 for process in "${!pids[@]}"; do
@@ -47,6 +49,7 @@ for process in "${!pids[@]}"; do
   done
   if ((code != 0)); then
     case $code in
+      75) why=" (preempted: its checkpoint is saved; run the same command to resume)" ;;
       134) why=" (aborted: the JAX distributed service saw another process die; see its log)" ;;
       137) why=" (killed by SIGKILL)" ;;
       *) why="" ;;

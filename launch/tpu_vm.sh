@@ -12,7 +12,7 @@
 # under run.dir on its own disk (or a mounted bucket).
 #
 # Preemption: a TPU VM about to be preempted or under maintenance gets SIGTERM; the workers agree
-# on a step, save it, and exit 0. Run the same command again to resume.
+# on a step, save it, and exit with status 75. Run the same command again to resume.
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
