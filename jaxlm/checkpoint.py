@@ -173,7 +173,8 @@ class Checkpointer:
         )
 
     def _restore(self, step: int, abstract_state: Any, data_iterator: Any, config: Config) -> Any:
-        saved_model = self.saved_config(step).get("model", {})
+        saved = self.saved_config(step)
+        saved_model = saved.get("model", {})
         model = config.to_dict()["model"]
         changed = sorted(
             key
@@ -185,6 +186,7 @@ class Checkpointer:
                 f"checkpoint {self.directory / str(step)} was saved with a different model "
                 f"(model.{', model.'.join(changed)} differ); use its model config or a new run.dir"
             )
+        _report_changes(saved, config)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -211,6 +213,30 @@ class Checkpointer:
         if waited >= 1:
             log.info("waited %.1fs for the last checkpoint to finish writing", waited)
         self._manager.close()
+
+
+def _report_changes(saved: dict[str, Any], config: Config) -> None:
+    """Log the training settings a resumed run changes; warn where the learning rate jumps."""
+    current = config.to_dict()
+    changes = [
+        f"{section}.{key} {saved[section].get(key)!r} -> {value!r}"
+        for section in ("train", "optim", "data")
+        if isinstance(saved.get(section), dict)
+        for key, value in current[section].items()
+        if key in saved[section] and saved[section][key] != value
+    ]
+    if changes:
+        log.info("resuming with changed settings: %s", ", ".join(changes))
+    train, optim = saved.get("train", {}), saved.get("optim", {})
+    saved_schedule = optim.get("schedule_steps") or train.get("steps")
+    if isinstance(saved_schedule, int) and saved_schedule != config.schedule_steps:
+        log.warning(
+            "the learning-rate schedule now spans %d steps instead of the checkpoint's %d, so the "
+            "learning rate jumps at this step; set optim.schedule_steps=%d to continue the old one",
+            config.schedule_steps,
+            saved_schedule,
+            saved_schedule,
+        )
 
 
 def orbax_pins_host_memory(state: Any) -> bool:

@@ -155,6 +155,31 @@ def test_a_train_state_larger_than_the_host_is_refused_before_it_is_allocated(tm
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_resuming_with_changed_settings_lists_them_and_warns_of_a_learning_rate_jump(
+    tmp_path, uninterrupted, caplog
+):
+    import shutil
+
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    # Extend the run past its 8-step schedule without fixing the schedule's length.
+    extended = tiny_config(
+        tmp_path,
+        *RESUMABLE,
+        "train.steps=9",
+        "optim.schedule_steps=0",
+        "checkpoint.every=0",
+        "train.eval_every=0",
+    )
+    with caplog.at_level("INFO", logger="jaxlm"):
+        train(extended)
+    assert (
+        "resuming with changed settings: train.steps 8 -> 9, train.eval_every 4 -> 0, optim.schedule_steps 8 -> 0"
+        in caplog.text
+    )
+    assert "the learning-rate schedule now spans 9 steps instead of the checkpoint's 8" in caplog.text
+    assert "set optim.schedule_steps=8 to continue the old one" in caplog.text
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     train(tiny_config(tmp_path, "train.steps=2", "checkpoint.every=2", "optim.schedule_steps=6"))
     good = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
