@@ -2,7 +2,7 @@
 
 For each --layers depth and each layer mode (`scan`: model.scan_layers=true, the default;
 `unrolled`: false, as the CPU configs set it), the config (with `model.num_layers` set to that
-depth) is built with `jaxlm.train.build`, and `jaxlm.train.jit_train_step` is lowered and
+depth) is built with `jaxlm.setup.build_train`, and `jaxlm.setup.jit_train_step` is lowered and
 compiled ahead of time on abstract inputs (jax.ShapeDtypeStruct carrying the state and batch
 shardings): no parameter is ever allocated. Lowering (tracing to StableHLO) and compiling (XLA)
 are timed apart. An untimed first compile takes the process's one-time start-up costs out of
@@ -29,14 +29,14 @@ import jax
 from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
 
 from jaxlm.config import Config, load_config
-from jaxlm.train import abstract_inputs, build, count_params, jit_train_step
+from jaxlm.setup import abstract_inputs, build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
 
 
 def time_compile(config: Config) -> dict[str, float]:
     """Seconds to lower and to compile one freshly built train step, and its parameter count."""
-    setup = build(config)
+    setup = build_train(config)
     state, batch = abstract_inputs(config, setup)
     train_step = jit_train_step(config, setup)
     started = time.perf_counter()
@@ -47,7 +47,7 @@ def time_compile(config: Config) -> dict[str, float]:
     return {
         "lower_s": lowered_at - started,
         "compile_s": compiled_at - lowered_at,
-        "params": count_params(setup.abstract_state),
+        "params": count_params(setup.abstract_state.params),
     }
 
 

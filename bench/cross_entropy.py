@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     hidden = jax.random.normal(keys[0], (args.batch, args.length, args.embed), dtype)
     weight = (0.02 * jax.random.normal(keys[1], (args.embed, args.vocab), jnp.float32)).astype(dtype)
     targets = jax.random.randint(keys[2], (args.batch, args.length), 0, args.vocab)
-    segment_ids = jnp.ones((args.batch, args.length), jnp.int32)
+    loss_mask = jnp.ones((args.batch, args.length), jnp.int32)
 
     def chunked_remat(hidden, weight):
         def chunk_loss(h, t):
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return jax.lax.scan(add, jnp.zeros((), jnp.float32), chunks)[0]
 
     variants = {
-        "whole": lambda h, w: next_token_loss(h, w, targets, segment_ids, 0)[0],
-        "chunked": lambda h, w: next_token_loss(h, w, targets, segment_ids, args.chunk)[0],
+        "whole": lambda h, w: next_token_loss(h, w, targets, loss_mask, 0)[0],
+        "chunked": lambda h, w: next_token_loss(h, w, targets, loss_mask, args.chunk)[0],
         "chunked_remat": chunked_remat,
     }
     figures: dict = {"shape": vars(args), "device": jax.devices()[0].device_kind}

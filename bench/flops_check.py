@@ -34,7 +34,7 @@ from report import report  # bench/report.py: `python bench/<script>.py` puts be
 
 from jaxlm.config import load_config
 from jaxlm.metrics import matmul_flops, model_flops_per_step
-from jaxlm.train import abstract_inputs, build, count_params, jit_train_step
+from jaxlm.setup import abstract_inputs, build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
 
@@ -51,7 +51,7 @@ def compile_with_scans_unrolled(train_step: Callable, state: Any, batch: Any) ->
 def benchmark(config_path: str, overrides: list[str]) -> dict[str, Any]:
     """Count the step's FLOPs three ways; the figures of the JSON line."""
     config = load_config(config_path, overrides)
-    setup = build(config, devices=jax.devices()[:1])
+    setup = build_train(config, devices=jax.devices()[:1])
     state, batch = abstract_inputs(config, setup)
 
     traced = jit_train_step(config, setup).trace(state, batch)
@@ -67,7 +67,7 @@ def benchmark(config_path: str, overrides: list[str]) -> dict[str, Any]:
         "overrides": overrides,
         "device": {"platform": jax.devices()[0].platform, "kind": jax.devices()[0].device_kind},
         "jax": jax.__version__,
-        "params": count_params(setup.abstract_state),
+        "params": count_params(setup.abstract_state.params),
         "num_layers": config.model.num_layers,
         "tokens_per_step": config.train.global_batch_size * config.data.seq_len,
         "model_flops": model_flops,

@@ -1,8 +1,8 @@
 """Per-device memory of parameters + optimizer state under FSDP on 1, 2, 4, 8 devices.
 
 For each --devices count N, the config is built with `mesh.fsdp=N mesh.data=1 mesh.tensor=1` on
-the first N devices (`jaxlm.train.build(config, devices=jax.devices()[:N])`), and the jitted
-train step (`jaxlm.train.jit_train_step`) is compiled ahead of time on abstract inputs. Two
+the first N devices (`jaxlm.setup.build_train(config, devices=jax.devices()[:N])`), and the jitted
+train step (`jaxlm.setup.jit_train_step`) is compiled ahead of time on abstract inputs. Two
 figures of the state per device come out, which should agree:
 
 - state_bytes: the sum over the train state's leaves of one device's shard (the shard shape of
@@ -30,7 +30,7 @@ from report import report  # bench/report.py: `python bench/<script>.py` puts be
 from jaxlm.config import load_config
 from jaxlm.errors import UserError
 from jaxlm.parallel import bytes_per_device
-from jaxlm.train import abstract_inputs, build, count_params, jit_train_step
+from jaxlm.setup import abstract_inputs, build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
 
@@ -39,12 +39,12 @@ def measure(config_path: str, overrides: list[str], device_count: int) -> dict[s
     """Compile the train step with FSDP over `device_count` devices; its per-device bytes."""
     mesh_overrides = [f"mesh.fsdp={device_count}", "mesh.data=1", "mesh.tensor=1"]
     config = load_config(config_path, [*overrides, *mesh_overrides])
-    setup = build(config, devices=jax.devices()[:device_count])
+    setup = build_train(config, devices=jax.devices()[:device_count])
     state, batch = abstract_inputs(config, setup)
     memory = jit_train_step(config, setup).lower(state, batch).compile().memory_analysis()
     batch_bytes = bytes_per_device(batch, {field: setup.batch_sharding for field in batch})
     return {
-        "params": count_params(setup.abstract_state),
+        "params": count_params(setup.abstract_state.params),
         "param_bytes": bytes_per_device(setup.abstract_state.params, setup.state_shardings.params),
         "optimizer_bytes": bytes_per_device(setup.abstract_state.opt_state, setup.state_shardings.opt_state),
         "state_bytes": bytes_per_device(setup.abstract_state, setup.state_shardings),

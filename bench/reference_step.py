@@ -4,7 +4,7 @@
   positions, grouped-query attention with a causal mask, SwiGLU, tied or untied head), its
   parameters a plain dict with one dict per layer applied in a Python loop, and Optax's AdamW
   after global-norm clipping, with the config's shapes, dtypes and hyperparameters.
-- jaxlm: `jaxlm.train.jit_train_step`, the step `jaxlm train` runs, built on the same device.
+- jaxlm: `jaxlm.setup.jit_train_step`, the step `jaxlm train` runs, built on the same device.
 
 Both run on the same device-resident batch of random tokens (one document per row, so the
 causal mask is all the masking either needs), after --warmup untimed calls (the first compiles).
@@ -42,16 +42,17 @@ import optax
 from report import report
 from train_throughput import random_batch
 
-from jaxlm.config import Config, ModelConfig, load_config
+from jaxlm.config import Config, load_config
 from jaxlm.data import pipeline
-from jaxlm.train import build, count_params, jit_train_step
+from jaxlm.model.llama import LlamaConfig
+from jaxlm.setup import build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
 
 Params = dict[str, Any]  # embedding, layers (a list of dicts), final_norm, lm_head (if untied)
 
 
-def init_params(model: ModelConfig, key: jax.Array) -> Params:
+def init_params(model: LlamaConfig, key: jax.Array) -> Params:
     """Normal(init_std) matrices and unit norm scales, in model.param_dtype."""
     d, heads, kv_heads, head_dim = model.d_model, model.num_heads, model.num_kv_heads, model.head_dim
     param_dtype = jnp.dtype(model.param_dtype)
@@ -95,7 +96,7 @@ def rotate(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(x: jax.Array, layer: Params, sin: jax.Array, cos: jax.Array, model: ModelConfig) -> jax.Array:
+def attention(x: jax.Array, layer: Params, sin: jax.Array, cos: jax.Array, model: LlamaConfig) -> jax.Array:
     batch, length, _ = x.shape
     groups = model.num_heads // model.num_kv_heads
     dtype = x.dtype
@@ -118,16 +119,16 @@ def mlp(x: jax.Array, layer: Params) -> jax.Array:
     return (jax.nn.silu(gate) * up) @ layer["w_down"].astype(dtype)
 
 
-def loss_fn(params: Params, inputs: jax.Array, targets: jax.Array, model: ModelConfig) -> jax.Array:
-    """Mean next-token cross-entropy; inputs, targets: [batch, length] int32."""
+def loss_fn(params: Params, tokens: jax.Array, targets: jax.Array, model: LlamaConfig) -> jax.Array:
+    """Mean next-token cross-entropy; tokens, targets: [batch, length] int32."""
     dtype = jnp.dtype(model.dtype)
-    length = inputs.shape[1]
+    length = tokens.shape[1]
     half = model.head_dim // 2
     inverse_frequency = 1.0 / model.rope_theta ** (jnp.arange(half, dtype=jnp.float32) / half)
     angles = jnp.arange(length, dtype=jnp.float32)[:, None, None] * inverse_frequency  # [length, 1, half]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
 
-    x = params["embedding"][inputs].astype(dtype)  # [batch, length, embed]
+    x = params["embedding"][tokens].astype(dtype)  # [batch, length, embed]
     for layer in params["layers"]:
         x = x + attention(rms_norm(x, layer["attention_norm"], model.norm_eps), layer, sin, cos, model)
         x = x + mlp(rms_norm(x, layer["mlp_norm"], model.norm_eps), layer)
@@ -149,7 +150,7 @@ def make_reference_step(config: Config) -> tuple[Callable, Callable]:
 
     def train_step(state, batch):
         params, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch["inputs"], batch["targets"], config.model)
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch["tokens"], batch["targets"], config.model)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -188,7 +189,7 @@ def benchmark(
     host_batch = random_batch(config)
     reference_step, reference_init = make_reference_step(config)
     reference_state = reference_init(jax.random.key(config.train.seed))
-    reference_batch = {field: jax.device_put(host_batch[field], device) for field in ("inputs", "targets")}
+    reference_batch = {field: jax.device_put(host_batch[field], device) for field in ("tokens", "targets")}
     steps_to_time = {"reference": (reference_step, reference_state, reference_batch)}
 
     configured = "jaxlm_scan" if config.model.scan_layers else "jaxlm_unrolled"
@@ -199,8 +200,8 @@ def benchmark(
                 config_path, [*overrides, f"train.steps={steps}", f"model.scan_layers={scan_layers}"]
             )
     for name, variant in sorted(variants.items()):
-        setup = build(variant, devices=[device])
-        params = count_params(setup.abstract_state)
+        setup = build_train(variant, devices=[device])
+        params = count_params(setup.abstract_state.params)
         state = setup.init(jax.random.key(variant.train.seed))
         steps_to_time[name] = (
             jit_train_step(variant, setup),

@@ -2,10 +2,10 @@
 
 - train: `jaxlm.train.train` for --steps steps in a fresh temporary run dir, at the config's own
   logging, eval and checkpoint cadence. Wall time runs from the end of the first step (both
-  steps compile before it) to the return of `train`: host batches, metrics, evals, checkpoint
+  steps compile before it; `train` returns when that was) to the return of `train`: host batches, metrics, evals, checkpoint
   saves and the final wait for the last asynchronous save are all in it. The step time of the
   windows the framework logs (which leave eval time out) is reported too.
-- bare: the same jitted train step (`jaxlm.train.jit_train_step`, as the loop uses it) on one
+- bare: the same jitted train step (`jaxlm.setup.jit_train_step`, as the loop uses it) on one
   device-resident batch of random tokens, in windows of train.log_every steps that block only
   at their end, as the framework's logging does.
 
@@ -44,46 +44,21 @@ from jaxlm.config import Config, load_config
 from jaxlm.data import pipeline
 from jaxlm.errors import UserError
 from jaxlm.metrics import model_flops_per_step, peak_flops_per_device
-from jaxlm.train import build, count_params, jit_train_step, train
+from jaxlm.setup import build_train, count_params, jit_train_step
+from jaxlm.train import train
 
 log = logging.getLogger("jaxlm")
 
 
-class _TrainClock(logging.Handler):
-    """Notes when `train` logs that its first (compiling) step is done, and that its loop is done
-    (before it waits for the last checkpoint to be written): `train` has no timing hook."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.at: float | None = None
-        self.loop_done_at: float | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if self.at is None and message.startswith("first step"):
-            self.at = time.perf_counter()
-        elif message.startswith("done at step"):
-            self.loop_done_at = time.perf_counter()
-
-
 def measure_train(config: Config) -> dict[str, float]:
     """Per-step seconds of the full framework: steady-state wall time, and median logged window."""
-    clock = _TrainClock()
-    log.addHandler(clock)
-    try:
-        train(config)
-        finished = time.perf_counter()
-    finally:
-        log.removeHandler(clock)
-    if clock.at is None or clock.loop_done_at is None:
-        raise RuntimeError(
-            "jaxlm.train no longer logs 'first step ...' or 'done at step'; update _TrainClock"
-        )
+    result = train(config)
+    finished = time.perf_counter()
     records = [json.loads(line) for line in (Path(config.run.dir) / "metrics.jsonl").open()]
     windows = [record for record in records if "loss" in record][1:]  # eval lines have eval_loss
     return {
-        "wall_step_time_s": (finished - clock.at) / (config.train.steps - 1),
-        "loop_step_time_s": (clock.loop_done_at - clock.at) / (config.train.steps - 1),
+        "wall_step_time_s": (finished - result.first_step_done_at) / (config.train.steps - 1),
+        "loop_step_time_s": (result.loop_done_at - result.first_step_done_at) / (config.train.steps - 1),
         "step_time_s": statistics.median(window["step_time_s"] for window in windows),
         "mfu": statistics.median(window["mfu"] for window in windows),
     }
@@ -95,10 +70,11 @@ def random_batch(config: Config) -> pipeline.Batch:
     seq_len = config.data.seq_len
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (rows, seq_len + 1), np.int32)
     return {
-        "inputs": np.ascontiguousarray(tokens[:, :-1]),
+        "tokens": np.ascontiguousarray(tokens[:, :-1]),
         "targets": np.ascontiguousarray(tokens[:, 1:]),
-        "segment_ids": np.ones((rows, seq_len), np.int32),
         "positions": np.tile(np.arange(seq_len, dtype=np.int32), (rows, 1)),
+        "segment_ids": np.ones((rows, seq_len), np.int32),
+        "loss_mask": np.ones((rows, seq_len), np.int32),
     }
 
 
@@ -107,8 +83,8 @@ class BareStep:
 
     def __init__(self, config: Config):
         self.config = config
-        setup = build(config)
-        self.params = count_params(setup.abstract_state)
+        setup = build_train(config)
+        self.params = count_params(setup.abstract_state.params)
         self.train_step = jit_train_step(config, setup)
         self.state = setup.init(jax.random.key(config.train.seed))
         self.batch = pipeline.to_global(random_batch(config), setup.batch_sharding)

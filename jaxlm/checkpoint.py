@@ -1,9 +1,10 @@
 """Orbax checkpoints of a run: train state, every process's data iterator, and the config.
 
-Saves are asynchronous (training goes on while arrays are written) and atomic: Orbax writes a
-step to a temporary directory and renames it when complete, so `latest_step` never returns a
-half-written step (those are reported and skipped). Restores place every array directly onto
-the shardings of the current mesh, whatever mesh or process count saved it.
+The `Checkpointer` owns its cadence: the loop offers it every step (`maybe_save`). Saves are
+asynchronous (training goes on while arrays are written) and atomic: Orbax writes a step to a
+temporary directory (or, on object stores, marks it committed when complete), so `latest_step`
+never returns a half-written step (those are reported and skipped). Restores place every array
+directly onto the shardings of the current mesh, whatever mesh or process count saved it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -22,7 +24,8 @@ from etils import epath
 from jax.sharding import SingleDeviceSharding
 
 from jaxlm.config import Config
-from jaxlm.errors import UserError
+from jaxlm.errors import PreemptionGraceExpired, TrainingDiverged, UserError
+from jaxlm.setup import TrainSetup, with_shardings
 
 log = logging.getLogger("jaxlm")
 
@@ -84,9 +87,12 @@ class Checkpointer:
                 f"checkpoint.dir={self.directory} is a file, not a directory; point checkpoint.dir "
                 "(or run.dir) elsewhere"
             )
-        if jax.process_index() == 0:
-            for incomplete in incomplete_steps(self.directory):
-                log.warning("ignoring incomplete checkpoint %s (a save that was interrupted)", incomplete)
+        if jax.process_index() == 0 and self.directory.is_dir():
+            for incomplete in sorted(ocp.path.step.tmp_checkpoints(self.directory)):
+                log.warning(
+                    "ignoring incomplete checkpoint %s (a save that was interrupted)",
+                    self.directory / incomplete,
+                )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.checkpoint.keep,
             enable_async_checkpointing=config.checkpoint.async_save,
@@ -99,8 +105,9 @@ class Checkpointer:
                 f"checkpoint.dir={self.directory} cannot be created ({error.strerror or error}); "
                 "point checkpoint.dir (or run.dir) at a writable directory"
             ) from error
-        self._saves_on_cadence = bool(config.checkpoint.every)
+        self.config = config
         self._pinning: threading.Thread | None = None
+        self._abandoned = False  # a preemption save outlived its grace: never wait for it again
 
     def start_pinning(self, state: Any) -> None:
         """Pin the host memory the first save needs now, in the background, where saves use it.
@@ -112,7 +119,7 @@ class Checkpointer:
         `wait_for_pinning` before the state is donated to a step. Nothing to do where Orbax
         does not pin, or where the run saves only when preempted (checkpoint.every=0).
         """
-        if self._saves_on_cadence and orbax_pins_host_memory(state):
+        if self.config.checkpoint.every and orbax_pins_host_memory(state):
             self._pinning = pin_host_memory(state)
 
     def wait_for_pinning(self) -> None:
@@ -123,7 +130,61 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any, config: Config) -> None:
+    def restore_or_init(self, setup: TrainSetup, data_iterator: Any) -> Any:
+        """The newest checkpoint's train state on the setup's shardings (and the data iterator at
+        its position), or a fresh one."""
+        latest = self.latest_step()
+        if latest is None:
+            return setup.init(jax.random.key(self.config.train.seed))
+        log.info("resuming from checkpoint step %d in %s", latest, self.directory)
+        target = with_shardings(setup.abstract_state, setup.state_shardings)
+        return self.restore(latest, target, data_iterator)
+
+    def maybe_save(
+        self, step: int, state: Any, data_iterator: Any, loss: jax.Array, *, force: bool = False
+    ) -> bool:
+        """Save `step` when the cadence (checkpoint.every, and the last step) says so, or `force`
+        does (preemption); never a diverged state. Returns whether it saved."""
+        every, last = self.config.checkpoint.every, self.config.train.steps
+        if not (force or (every and (step % every == 0 or step == last))):
+            return False
+        self.refuse_diverged(float(jax.device_get(loss)), step)
+        self.save(step, state, data_iterator)
+        return True
+
+    def refuse_diverged(self, loss: float, step: int) -> None:
+        """Stop the run at a non-finite loss, before anything of it is saved."""
+        if math.isfinite(loss):
+            return
+        kept = self.latest_step()
+        where = (
+            f"the last checkpoint (step {kept}) is intact"
+            if kept is not None
+            else "no checkpoint was written"
+        )
+        raise TrainingDiverged(
+            f"loss is {loss} at step {step}; {where}. Lower optim.lr, raise optim.warmup_steps or "
+            "check the data, then run again"
+        )
+
+    def finish_within(self, seconds: float, step: int) -> None:
+        """Wait for the writes in flight, at most `seconds` (a preempted host is about to vanish);
+        past that, raise PreemptionGraceExpired and never wait for them again."""
+        writer = threading.Thread(target=self._manager.wait_until_finished, daemon=True)
+        writer.start()
+        writer.join(max(seconds, 0.0))
+        if writer.is_alive():
+            self._abandoned = True
+            kept = [saved for saved in self._manager.all_steps() if saved != step]
+            previous = f"step {max(kept)}" if kept else "none"
+            raise PreemptionGraceExpired(
+                f"the preemption checkpoint of step {step} was not written within "
+                f"distributed.preemption_grace_s={self.config.distributed.preemption_grace_s:g}s; the previous "
+                f"complete checkpoint ({previous}) "
+                "is kept. Raise distributed.preemption_grace_s if the host gives more notice"
+            )
+
+    def save(self, step: int, state: Any, data_iterator: Any) -> None:
         self.wait_for_pinning()
         started = time.perf_counter()
         self._manager.save(
@@ -131,7 +192,7 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=DataShardsSave(data_iterator),
-                config=ocp.args.JsonSave(config.to_dict()),
+                config=ocp.args.JsonSave(self.config.to_dict()),
             ),
             force=True,
         )
@@ -139,19 +200,19 @@ class Checkpointer:
             "checkpoint of step %d: training waited %.2fs for it%s",
             step,
             time.perf_counter() - started,
-            " (written in the background)" if config.checkpoint.async_save else "",
+            " (written in the background)" if self.config.checkpoint.async_save else "",
         )
 
     def saved_config(self, step: int) -> dict[str, Any]:
         restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return restored.config
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: Any, config: Config) -> Any:
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         """The train state at `step`, placed on the shardings in `abstract_state`; the data
         iterator is restored in place. A step that cannot be read (damaged or deleted files) is a
         `UserError` naming it and the step an older checkpoint would resume from."""
         try:
-            return self._restore(step, abstract_state, data_iterator, config)
+            return self._restore(step, abstract_state, data_iterator)
         except UserError:
             raise
         except Exception as error:
@@ -172,10 +233,10 @@ class Checkpointer:
             f"if it is damaged, move it aside (mv {step_dir} {self.directory / f'damaged-{step}'}) to {then}"
         )
 
-    def _restore(self, step: int, abstract_state: Any, data_iterator: Any, config: Config) -> Any:
-        saved = self.saved_config(step)
-        saved_model = saved.get("model", {})
-        model = config.to_dict()["model"]
+    def _restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        saved, current = self.saved_config(step), self.config.to_dict()
+        saved_model = {"family": "llama", **saved.get("model", {})}  # saved before families existed
+        model = current["model"]
         changed = sorted(
             key
             for key in saved_model.keys() | model.keys()
@@ -186,7 +247,7 @@ class Checkpointer:
                 f"checkpoint {self.directory / str(step)} was saved with a different model "
                 f"(model.{', model.'.join(changed)} differ); use its model config or a new run.dir"
             )
-        _report_changes(saved, config)
+        _report_changes(saved, current, self.config.schedule_steps)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -207,6 +268,8 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait_for_pinning()
+        if self._abandoned:  # Orbax's close would wait for the write that outlived the grace
+            return
         started = time.perf_counter()
         self._manager.wait_until_finished()
         waited = time.perf_counter() - started
@@ -215,9 +278,8 @@ class Checkpointer:
         self._manager.close()
 
 
-def _report_changes(saved: dict[str, Any], config: Config) -> None:
+def _report_changes(saved: dict[str, Any], current: dict[str, Any], schedule_steps: int) -> None:
     """Log the training settings a resumed run changes; warn where the learning rate jumps."""
-    current = config.to_dict()
     changes = [
         f"{section}.{key} {saved[section].get(key)!r} -> {value!r}"
         for section in ("train", "optim", "data")
@@ -229,11 +291,11 @@ def _report_changes(saved: dict[str, Any], config: Config) -> None:
         log.info("resuming with changed settings: %s", ", ".join(changes))
     train, optim = saved.get("train", {}), saved.get("optim", {})
     saved_schedule = optim.get("schedule_steps") or train.get("steps")
-    if isinstance(saved_schedule, int) and saved_schedule != config.schedule_steps:
+    if isinstance(saved_schedule, int) and saved_schedule != schedule_steps:
         log.warning(
             "the learning-rate schedule now spans %d steps instead of the checkpoint's %d, so the "
             "learning rate jumps at this step; set optim.schedule_steps=%d to continue the old one",
-            config.schedule_steps,
+            schedule_steps,
             saved_schedule,
             saved_schedule,
         )
@@ -288,21 +350,3 @@ def pin_host_memory(state: Any) -> threading.Thread:
     thread = threading.Thread(target=pin, name="jaxlm-pin-host-memory", daemon=True)
     thread.start()
     return thread
-
-
-def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs that carry the target sharding, for a resharding restore."""
-    return jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        abstract_state,
-        shardings,
-    )
-
-
-def incomplete_steps(directory: epath.Path) -> list[epath.Path]:
-    """Step directories Orbax never finalised (it renames them from a temporary name when done)."""
-    if not directory.is_dir():
-        return []
-    return sorted(
-        child for child in directory.iterdir() if child.is_dir() and ".orbax-checkpoint-tmp" in child.name
-    )

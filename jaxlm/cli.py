@@ -69,7 +69,7 @@ def _train(args: argparse.Namespace) -> int:
     from jaxlm.train import train
 
     result = train(config)
-    return PREEMPTED if "preempted_at" in result else 0
+    return PREEMPTED if result.preempted else 0
 
 
 def _plan(args: argparse.Namespace) -> int:

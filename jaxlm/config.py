@@ -15,7 +15,15 @@ from typing import Any, Literal
 import pydantic
 import yaml
 from etils import epath
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from jaxlm.errors import ConfigError
@@ -60,19 +68,17 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
+    """What every model family shares and the rest of jaxlm reads. A family subclasses it with
+    its own keys (`jaxlm.model.llama.LlamaConfig`); `model.family` picks the subclass."""
+
+    family: str = Field(
+        "llama", description="Model family: its module and config keys (docs/architecture.md#model-families)."
+    )
     vocab_size: int = Field(
         512, gt=0, description="Rows of the embedding table; ≥ the tokenizer's vocabulary."
     )
     d_model: int = Field(128, gt=0, description="Width of the residual stream.")
     num_layers: int = Field(2, gt=0, description="Transformer blocks (see scan_layers).")
-    num_heads: int = Field(4, gt=0, description="Query heads.")
-    num_kv_heads: int | None = Field(
-        None, gt=0, description="Key/value heads (grouped-query attention); null = num_heads."
-    )
-    head_dim: int | None = Field(None, gt=0, description="Width of one head; null = d_model / num_heads.")
-    mlp_dim: int = Field(512, gt=0, description="Hidden width of the SwiGLU MLP.")
-    rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary position frequencies.")
-    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of RMSNorm.")
     tie_embeddings: bool = Field(False, description="Use the embedding table as the output projection.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype of activations and matmuls."
@@ -98,26 +104,6 @@ class ModelConfig(Section):
         description="attention=cudnn: the most documents of a packed row kept apart; later ones in the row attend within the last kept one's span (still causal). cuDNN's backward memory grows with it.",
     )
     init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal initialiser.")
-
-    @model_validator(mode="after")
-    def _heads(self) -> ModelConfig:
-        if self.num_kv_heads is None:
-            self.num_kv_heads = self.num_heads
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads="
-                f"{self.num_kv_heads}; pick num_kv_heads among its divisors"
-            )
-        if self.head_dim is None:
-            if self.d_model % self.num_heads:
-                raise ValueError(
-                    f"model.d_model={self.d_model} is not divisible by model.num_heads="
-                    f"{self.num_heads}; change one or set model.head_dim"
-                )
-            self.head_dim = self.d_model // self.num_heads
-        if self.head_dim % 2:
-            raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
-        return self
 
 
 class MeshConfig(Section):
@@ -346,7 +332,8 @@ class RunConfig(Section):
 
 
 class Config(Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    # The family's own subclass of ModelConfig, dumped with all its keys.
+    model: SerializeAsAny[ModelConfig] = Field(default_factory=lambda: model_config_class("llama")())
     mesh: MeshConfig = Field(default_factory=MeshConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -354,6 +341,14 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _family_keys(cls, value: Any) -> Any:
+        """Validate the model section against its family's keys."""
+        if not isinstance(value, Mapping):
+            return value  # a ModelConfig already, or not a section (pydantic says so)
+        return model_config_class(value.get("family", "llama")).model_validate(value)
 
     @model_validator(mode="after")
     def _loss_chunk(self) -> Config:
@@ -380,6 +375,13 @@ class Config(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def model_config_class(family: Any) -> type[ModelConfig]:
+    """The config section of a registered model family."""
+    from jaxlm.model import registry  # the families import this module
+
+    return registry.get(family).config
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -411,7 +413,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except pydantic.ValidationError as error:
-        raise ConfigError(_describe(error)) from None
+        raise ConfigError(_describe(error, raw)) from None
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -435,14 +437,16 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node[leaf] = value
 
 
-def _describe(error: pydantic.ValidationError) -> str:
+def _describe(error: pydantic.ValidationError, raw: Mapping[str, Any]) -> str:
     problems = error.errors()
     first = problems[0]
     loc = [str(part) for part in first["loc"]]
     key = ".".join(loc)
     kind = first["type"]
     if kind == "extra_forbidden":
-        message = f"{key} is not a config key{_did_you_mean(loc[-1], _keys_at(loc[:-1]), prefix=loc[:-1])}"
+        message = (
+            f"{key} is not a config key{_did_you_mean(loc[-1], _keys_at(loc[:-1], raw), prefix=loc[:-1])}"
+        )
     elif kind == "value_error":
         message = str(first["msg"]).removeprefix("Value error, ")
     elif kind in ("model_type", "dict_type") and loc:
@@ -454,13 +458,19 @@ def _describe(error: pydantic.ValidationError) -> str:
     return message
 
 
-def _keys_at(loc: Sequence[str]) -> list[str]:
+def _keys_at(loc: Sequence[str], raw: Mapping[str, Any]) -> list[str]:
+    """The keys of the section at `loc`; for `model`, of the family that `raw` names."""
     model: type[BaseModel] = Config
     for part in loc:
         annotation = model.model_fields[part].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation
+        if model is ModelConfig:
+            section = raw.get("model")
+            model = model_config_class(
+                section.get("family", "llama") if isinstance(section, Mapping) else "llama"
+            )
     return list(model.model_fields)
 
 

@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss became non-finite."""
+
+
+class PreemptionGraceExpired(Exception):
+    """The checkpoint of a preempted run was not written within distributed.preemption_grace_s."""

@@ -1,75 +1,45 @@
 """FLOPs and MFU accounting, and where metrics go: metrics.jsonl, TensorBoard, the console, and
-profiler traces."""
+profiler traces. `StepLogger` owns the logging cadence, `StepProfiler` the profiled steps."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.extend.core
+from jax.sharding import Mesh
 
-from jaxlm.config import Config, ModelConfig
+from jaxlm.config import Config
+from jaxlm.devices import table_entry
+from jaxlm.model import registry
 
 log = logging.getLogger("jaxlm")
 
-# Dense bf16 peak FLOP/s of one chip (one device), from the vendors' data sheets. Matched by the
-# longest prefix of `device.device_kind`.
-PEAK_FLOPS_BY_DEVICE_KIND = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "TPU7x": 2307e12,
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA GH200": 989e12,
-    "NVIDIA B200": 2250e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA L4": 121e12,
-}
-
 
 def peak_flops_per_device(device: jax.Device, config: Config) -> float:
-    """Peak FLOP/s of one device: the table for TPUs and GPUs, `run.cpu_peak_flops` on CPU."""
+    """Peak FLOP/s of one device: the device table for TPUs and GPUs, `run.cpu_peak_flops` on CPU."""
     if device.platform == "cpu":
         return config.run.cpu_peak_flops
-    for kind in sorted(PEAK_FLOPS_BY_DEVICE_KIND, key=len, reverse=True):
-        if device.device_kind.startswith(kind):
-            return PEAK_FLOPS_BY_DEVICE_KIND[kind]
-    log.warning("no peak FLOP/s known for device kind %r; MFU will read 0", device.device_kind)
-    return 0.0
-
-
-def matmul_params(model: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token (the embedding lookup does not)."""
-    d, h, k, hd = model.d_model, model.num_heads, model.num_kv_heads, model.head_dim
-    attention = d * h * hd + 2 * d * k * hd + h * hd * d
-    mlp = 3 * d * model.mlp_dim
-    return model.num_layers * (attention + mlp) + d * model.vocab_size
-
-
-def flops_per_token(model: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per matmul parameter (forward + backward), plus attention scores
-    and values over the whole row (12·layers·heads·head_dim·seq_len, causal masking not discounted,
-    as XLA computes it)."""
-    attention = 12 * model.num_layers * model.num_heads * model.head_dim * seq_len
-    return 6 * matmul_params(model) + attention
+    chip = table_entry(device.device_kind)
+    if chip is None:
+        log.warning("no peak FLOP/s known for device kind %r; MFU will read 0", device.device_kind)
+        return 0.0
+    return chip.peak_flops
 
 
 def model_flops_per_step(config: Config) -> float:
+    """Training FLOPs of one step, as the model family counts them (6 per matmul parameter and
+    token, plus attention, for a Llama)."""
     tokens = config.train.global_batch_size * config.data.seq_len
-    return flops_per_token(config.model, config.data.seq_len) * tokens
+    return registry.family_of(config.model).flops_per_token(config.model, config.data.seq_len) * tokens
 
 
 def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
@@ -172,6 +142,87 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+class StepLogger:
+    """Every train.log_every steps and at the last, fetches the step's metrics (the loop's only
+    host sync), times the steps since the last log, and writes metrics.jsonl, TensorBoard and
+    the progress line. The first step compiles and warms up: timing starts after it."""
+
+    def __init__(
+        self,
+        config: Config,
+        mesh: Mesh,
+        run_dir: Path,
+        first_step: int,
+        check_loss: Callable[[float, int], None],
+    ):
+        self.every, self.last_step = config.train.log_every, config.train.steps
+        self.tokens_per_step = config.train.global_batch_size * config.data.seq_len
+        self.flops_per_step = model_flops_per_step(config)
+        self.peak_flops = peak_flops_per_device(mesh.devices.flat[0], config) * mesh.size
+        self.check_loss = check_loss  # raises on a loss that must stop the run
+        self.writer = MetricsWriter(run_dir)
+        self.progress = Progress(first_step, self.last_step)
+        self.last: dict[str, Any] = {"step": first_step}  # the latest logged metrics
+        self.first_step_done_at: float | None = None  # time.perf_counter()
+        self._window_start, self._window_first_step = 0.0, first_step
+
+    def step_done(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        if self.first_step_done_at is None:
+            jax.block_until_ready(metrics)
+            log.info("first step took %.1fs", time.perf_counter() - self.progress.started)
+            self.progress.first_step_done(step)
+            self.first_step_done_at = self._window_start = time.perf_counter()
+            self._window_first_step = step
+        if step % self.every == 0 or step == self.last_step:
+            self._log(step, metrics)
+        else:
+            self.progress.update(step)
+
+    def _log(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+        self.check_loss(values["loss"], step)
+        steps = step - self._window_first_step
+        seconds = (time.perf_counter() - self._window_start) / max(steps, 1)
+        record = {
+            **values,
+            "tokens_per_s": self.tokens_per_step / seconds if steps else 0.0,
+            "mfu": self.flops_per_step / seconds / self.peak_flops if steps and self.peak_flops else 0.0,
+            "step_time_s": seconds if steps else 0.0,
+            "tokens": step * self.tokens_per_step,
+        }
+        self.writer.write(step, record)
+        self.progress.update(step, record["loss"], record["tokens_per_s"])
+        self.last = {"step": step, **record}
+        self._window_start, self._window_first_step = time.perf_counter(), step
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (an evaluation) is not training time."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_start += time.perf_counter() - started
+
+    def write_eval(self, step: int, values: dict[str, float]) -> None:
+        self.writer.write(step, values)
+        self.last.update(values)
+        if jax.process_index() == 0:
+            log.info(
+                "step %d  %s",
+                step,
+                "  ".join(f"{_short(name)} {value:.4f}" for name, value in values.items()),
+            )
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
+
+
+def _short(name: str) -> str:
+    return {"eval_bits_per_byte": "bits/byte"}.get(name, name)
 
 
 class StepProfiler:

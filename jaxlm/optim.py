@@ -6,8 +6,7 @@ import jax
 import optax
 
 from jaxlm.config import Config, OptimConfig
-
-NO_DECAY_NAMES = {"scale", "bias"}  # norm scales and biases are never decayed
+from jaxlm.model import registry
 
 
 def learning_rate_schedule(config: OptimConfig, schedule_steps: int) -> optax.Schedule:
@@ -31,14 +30,11 @@ def learning_rate_schedule(config: OptimConfig, schedule_steps: int) -> optax.Sc
     )
 
 
-def weight_decay_mask(params, decay_embeddings: bool):
-    """True for the parameters AdamW decays: matrices, not norm scales or biases."""
+def weight_decay_mask(params, family: registry.ModelFamily, decay_embeddings: bool):
+    """True for the parameters AdamW decays, as the model family says."""
 
     def decays(path, _) -> bool:
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name in NO_DECAY_NAMES:
-            return False
-        return decay_embeddings or name != "embedding"
+        return family.decays(".".join(str(getattr(key, "key", key)) for key in path), decay_embeddings)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -46,13 +42,14 @@ def weight_decay_mask(params, decay_embeddings: bool):
 def make_optimizer(config: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
     optim = config.optim
     schedule = learning_rate_schedule(optim, config.schedule_steps)
+    family = registry.family_of(config.model)
     adamw = optax.adamw(
         schedule,
         b1=optim.b1,
         b2=optim.b2,
         eps=optim.eps,
         weight_decay=optim.weight_decay,
-        mask=lambda params: weight_decay_mask(params, optim.decay_embeddings),
+        mask=lambda params: weight_decay_mask(params, family, optim.decay_embeddings),
     )
     clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity()
     return optax.chain(clip, adamw), schedule

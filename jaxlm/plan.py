@@ -2,7 +2,7 @@
 TPUs, and report whether it fits in each chip's HBM and how fast it should run.
 
 The devices are JAX's compile-only devices of the topology (libtpu provides the compiler). The
-step is `train.jit_train_step` on `train.build`'s shardings, lowered with abstract inputs: no
+step is `setup.jit_train_step` on `setup.build_train`'s shardings, lowered with abstract inputs: no
 array is ever allocated. Memory comes from the compiler's buffer assignment; time is a roofline
 (see docs/planning.md), an estimate rather than a measurement.
 """
@@ -22,41 +22,21 @@ from jax.experimental import topologies
 
 from jaxlm import parallel
 from jaxlm.config import MESH_AXES, Config, apply_override, config_from_dict
+from jaxlm.devices import CHIPS, Chip, GiB, table_entry
 from jaxlm.errors import ConfigError, UserError
 from jaxlm.metrics import matmul_flops, model_flops_per_step, peak_flops_per_device
-from jaxlm.train import abstract_inputs, build, count_params, jit_train_step
+from jaxlm.setup import abstract_inputs, build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
 
-GiB = 2**30
-
-
-@dataclass(frozen=True)
-class Chip:
-    name: str
-    hbm_bytes: float
-    hbm_bandwidth: float  # bytes/s
-    ici_link_bandwidth: float  # bytes/s, one direction of one inter-chip link
-
-
-# HBM: what the TPU compiler lets one program use (it says so when a program does not fit), a
-# little under the data sheets' 32, 16, 96 and 32 GiB. Bandwidths: Google Cloud's TPU pages; ICI
-# per link = the chip's bidirectional ICI bandwidth / its links / 2 (v4's approximate). Keyed
-# like metrics.PEAK_FLOPS_BY_DEVICE_KIND, by the start of `device.device_kind`.
-CHIPS = {
-    "TPU v4": Chip("TPU v4", 30.75 * GiB, 1200e9, 50e9),
-    "TPU v5 lite": Chip("TPU v5e", 15.75 * GiB, 819e9, 50e9),
-    "TPU v5": Chip("TPU v5p", 95.74 * GiB, 2765e9, 100e9),
-    "TPU v6 lite": Chip("TPU v6e", 31.25 * GiB, 1638e9, 100e9),
-}
-
 
 def chip_of(device: jax.Device) -> Chip:
-    for kind in sorted(CHIPS, key=len, reverse=True):
-        if device.device_kind.startswith(kind):
-            return CHIPS[kind]
-    known = ", ".join(chip.name for chip in CHIPS.values())
-    raise ConfigError(f"no HBM figures for {device.device_kind}; jaxlm plan knows {known}")
+    """The device table's entry for a TPU chip that `jaxlm plan` has memory figures for."""
+    chip = table_entry(device.device_kind)
+    if chip is None or chip.hbm_bytes is None:
+        known = sorted({chip.name for chip in CHIPS.values() if chip.hbm_bytes is not None})
+        raise ConfigError(f"no HBM figures for {device.device_kind}; jaxlm plan knows {', '.join(known)}")
+    return chip
 
 
 def topology_devices(topology: str) -> list[jax.Device]:
@@ -93,7 +73,7 @@ def compile_step(config: Config, devices: list[jax.Device]):
             f"mesh.dcn_* ask for {dcn_slices} slices but jaxlm plan plans one slice; "
             "set mesh.dcn_data=1 mesh.dcn_fsdp=1 mesh.dcn_tensor=1 and plan the slice"
         )
-    setup = build(config, _in_mesh_order(config, devices))
+    setup = build_train(config, _in_mesh_order(config, devices))
     step = jit_train_step(config, setup)
     traced = step.trace(*abstract_inputs(config, setup))
     try:
@@ -106,7 +86,7 @@ def compile_step(config: Config, devices: list[jax.Device]):
 
 def _in_mesh_order(config: Config, devices: list[jax.Device]) -> list[jax.Device]:
     """Devices in the order `jax.make_mesh` lays the mesh onto the physical topology, which is what
-    `jaxlm train` gets on the slice itself; `build` then reshapes them in that order."""
+    `jaxlm train` gets on the slice itself; `build_train` then reshapes them in that order."""
     sizes = parallel.mesh_shape(config.mesh, len(devices))
     shape = tuple(sizes[axis] for axis in MESH_AXES)
     try:
@@ -216,7 +196,7 @@ def plan(config: Config, topology: str, devices: list[jax.Device] | None = None)
         chips=len(devices),
         mesh=dict(setup.mesh.shape),
         remat=config.model.remat,
-        param_count=count_params(state),
+        param_count=count_params(state.params),
         param_bytes=parallel.bytes_per_device(state.params, shardings.params),
         optimizer_bytes=parallel.bytes_per_device(state.opt_state, shardings.opt_state),
         peak_bytes=0,

@@ -1,7 +1,7 @@
 """The pure core of training: the loss, the train step and the eval step, functions of pytrees.
 
-Nothing here touches devices, files or the clock; `jaxlm.train` jits these onto a mesh and runs
-them in its loop.
+Nothing here touches devices, files or the clock; `jaxlm.setup` jits these onto a mesh and
+`jaxlm.train` runs them in its loop.
 """
 
 from __future__ import annotations
@@ -32,17 +32,19 @@ def next_token_loss(
     hidden: jax.Array,
     output_projection: jax.Array,
     targets: jax.Array,
-    segment_ids: jax.Array,
+    loss_mask: jax.Array,
     chunk: int = 0,
 ):
-    """Sum of token cross-entropies (float32) and the number of real (non-padding) targets.
+    """Sum of the token cross-entropies (float32) weighted by `loss_mask`, and the sum of the mask
+    (the number of trained targets).
 
-    hidden: [batch, length, embed]; output_projection: [embed, vocab]. Logits stay in the compute
-    dtype. With `chunk` > 0 they exist `chunk` positions at a time, and the gradients of each
-    chunk are computed with its loss (`chunked_cross_entropy`), so a large vocabulary never holds
-    [batch, length, vocab] in memory at once and nothing is recomputed.
+    hidden: [batch, length, embed]; output_projection: [embed, vocab]; targets, loss_mask: [batch,
+    length]. Logits stay in the compute dtype. With `chunk` > 0 they exist `chunk` positions at
+    a time, and the gradients of each chunk are computed with its loss (`chunked_cross_entropy`),
+    so a large vocabulary never holds [batch, length, vocab] in memory at once and nothing is
+    recomputed.
     """
-    mask = segment_ids > 0  # [batch, length]
+    mask = loss_mask.astype(jnp.float32)  # [batch, length]
     length = hidden.shape[1]
     if not chunk or chunk >= length:
         logits = _logits(hidden, output_projection)
@@ -137,19 +139,19 @@ chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy_
 
 def _loss_fn(graphdef: nnx.GraphDef, params, batch, loss_chunk: int = 0):
     model = nnx.merge(graphdef, params)
-    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])  # [batch, length, embed]
+    hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
     return next_token_loss(
-        hidden, model.output_projection(), batch["targets"], batch["segment_ids"], loss_chunk
+        hidden, model.output_projection(), batch["targets"], batch["loss_mask"], loss_chunk
     )
 
 
 def make_train_step(
     graphdef, optimizer, schedule, micro_batches: int, mesh: Mesh, rules, loss_chunk: int = 0
 ) -> Callable:
-    """(state, batch) → (state, metrics). The loss is the mean over the batch's real target
-    tokens: each micro-batch's summed loss is divided by the whole batch's token count (known
-    from the batch before any forward pass), so gradients summed over `micro_batches` are the
-    mean gradient whatever the accumulation."""
+    """(state, batch) → (state, metrics). The loss is the mean over the batch's trained targets
+    (`loss_mask`): each micro-batch's summed loss is divided by the whole batch's count of them
+    (known from the batch before any forward pass), so gradients summed over `micro_batches` are
+    the mean gradient whatever the accumulation."""
 
     def mean_loss(params, batch, denominator):
         loss_sum, _ = _loss_fn(graphdef, params, batch, loss_chunk)
@@ -177,25 +179,32 @@ def make_train_step(
         return loss, grads
 
     def train_step(state: TrainState, batch):
-        denominator = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
+        trained_tokens = jnp.sum(batch["loss_mask"])
+        denominator = jnp.maximum(trained_tokens, 1).astype(jnp.float32)
         with parallel.activation_sharding(mesh, rules):
             loss, grads = loss_and_grads(state.params, batch, denominator)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+            "trained_tokens": trained_tokens,
+        }
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
 
 
 def make_eval_step(graphdef, token_bytes: np.ndarray, mesh: Mesh, rules, loss_chunk: int = 0) -> Callable:
-    """params, batch → (sum of losses in nats, target tokens, target bytes)."""
+    """params, batch → (sum of losses in nats, trained targets, their bytes), each weighted by
+    `loss_mask`."""
     token_bytes = jnp.asarray(token_bytes)
 
     def eval_step(params, batch):
         with parallel.activation_sharding(mesh, rules):
             loss_sum, count = _loss_fn(graphdef, params, batch, loss_chunk)
-        byte_count = jnp.sum(token_bytes[batch["targets"]] * (batch["segment_ids"] > 0))
+        byte_count = jnp.sum(token_bytes[batch["targets"]] * batch["loss_mask"])
         return loss_sum, count, byte_count
 
     return eval_step

@@ -102,3 +102,17 @@ def test_every_config_key_is_documented():
             assert f"`{section_name}.{key}`" in docs, (
                 f"{section_name}.{key} is missing from docs/configuration.md"
             )
+
+
+def test_an_unknown_model_family_is_one_line_naming_the_known_ones():
+    with pytest.raises(ConfigError, match=r"^model.family=gpt5 is not a model family; use one of .*llama"):
+        load_config(None, ["model.family=gpt5"])
+
+
+def test_llama_keys_are_checked_and_suggested_like_any_other():
+    with pytest.raises(
+        ConfigError, match=r"^model.num_head is not a config key; did you mean model.num_heads\?$"
+    ):
+        load_config(None, ["model.num_head=4"])
+    config = load_config(None, ["model.num_heads=8", "model.d_model=256"])
+    assert config.model.family == "llama" and config.model.head_dim == 32

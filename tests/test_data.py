@@ -13,7 +13,7 @@ from flax import nnx
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import ByteTokenizer, load_tokenizer
 from jaxlm.errors import DataError
-from jaxlm.model import Transformer
+from jaxlm.model import registry
 from jaxlm.model.layers import attention_kernel, attention_mask, document_spans, rotary_angles
 
 
@@ -41,7 +41,7 @@ def test_packed_rows_keep_documents_apart(tmp_path):
     rows = take(stream, 4)
     eos = ByteTokenizer.eos_id
     # Rows are the documents' (input, target) pairs, in order, cut every seq_len tokens.
-    stream_inputs = np.concatenate([row["inputs"] for row in rows])
+    stream_inputs = np.concatenate([row["tokens"] for row in rows])
     stream_targets = np.concatenate([row["targets"] for row in rows])
     expected_inputs = np.concatenate([[eos, *text.encode()] for text in texts * 2])
     expected_targets = np.concatenate([[*text.encode(), eos] for text in texts * 2])
@@ -57,7 +57,9 @@ def test_packed_rows_keep_documents_apart(tmp_path):
         assert np.all(np.diff(row["positions"])[continues] == 1)
         # Targets are the next inputs inside a document.
         same = row["segment_ids"][1:] == row["segment_ids"][:-1]
-        assert np.array_equal(row["targets"][:-1][same], row["inputs"][1:][same])
+        assert np.array_equal(row["targets"][:-1][same], row["tokens"][1:][same])
+        # Pretraining trains on every target of a document.
+        np.testing.assert_array_equal(row["loss_mask"], np.ones_like(row["loss_mask"]))
 
 
 def test_attention_never_crosses_documents():
@@ -95,7 +97,7 @@ def test_attention_auto_is_xla_off_hopper_gpus():
 
 def test_rotary_angles_restart_with_each_document():
     positions = jnp.array([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]])
-    sin, cos = rotary_angles(positions, head_dim=8, theta=10000.0)
+    sin, cos = rotary_angles(positions, head_dim=8, theta=10000.0, table_length=8)
     assert sin.shape == cos.shape == (2, 8, 1, 4)
     inv_freq = 1.0 / 10000.0 ** (np.arange(4) / 4)
     angles = np.asarray(positions)[..., None, None] * inv_freq
@@ -105,12 +107,12 @@ def test_rotary_angles_restart_with_each_document():
 
 def test_changing_one_document_leaves_the_others_logits_unchanged(tmp_path):
     config = tiny_config(tmp_path)
-    model = Transformer(config.model, nnx.Rngs(0))
+    model = registry.family_of(config.model).build(config.model, nnx.Rngs(0))
     segment_ids = jnp.array([[1] * 10 + [2] * 12 + [3] * 10])
     positions = jnp.array([list(range(10)) + list(range(12)) + list(range(10))])
     tokens = jax.random.randint(jax.random.key(1), (1, 32), 0, 256)
     changed = tokens.at[0, 10:22].set((tokens[0, 10:22] + 7) % 256)  # only document 2 changes
-    before, after = model(tokens, positions, segment_ids), model(changed, positions, segment_ids)
+    before, after = model(tokens, positions, segment_ids)[0], model(changed, positions, segment_ids)[0]
     others = np.asarray(segment_ids[0] != 2)
     np.testing.assert_array_equal(np.asarray(before)[0, others], np.asarray(after)[0, others])
     assert not np.allclose(np.asarray(before)[0, ~others], np.asarray(after)[0, ~others])
@@ -126,7 +128,7 @@ def test_same_seed_same_batches_and_another_seed_another_order(tmp_path, corpus)
     for x, y in zip(a, b, strict=True):
         for field in pipeline.FIELDS:
             np.testing.assert_array_equal(x[field], y[field])
-    assert any(not np.array_equal(x["inputs"], z["inputs"]) for x, z in zip(a, c, strict=True))
+    assert any(not np.array_equal(x["tokens"], z["tokens"]) for x, z in zip(a, c, strict=True))
     for iterator in (first, second, other):
         iterator.close()
 
@@ -142,7 +144,7 @@ def test_iterator_state_restores_the_exact_position(tmp_path, corpus):
     resumed = pipeline.HostBatches(refs, config, ByteTokenizer())
     resumed.restore_shard_states(states)
     for x, y in zip(expected, take(resumed, 3), strict=True):
-        np.testing.assert_array_equal(x["inputs"], y["inputs"])
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
     iterator.close()
     resumed.close()
 
@@ -158,7 +160,7 @@ def test_shards_read_disjoint_documents(tmp_path):
                 refs, config, ByteTokenizer(), shard_index=shard, shard_count=3, shuffle=False
             )
         )
-        text = bytes(b for b in next(stream)["inputs"] if b < 256).decode()
+        text = bytes(b for b in next(stream)["tokens"] if b < 256).decode()
         seen.append({i for i in range(12) if f"document number {i} " in text})
     assert seen[0] and seen[1] and seen[2]
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
@@ -173,9 +175,9 @@ def test_host_batches_have_the_global_batch_shape_and_become_sharded_arrays(tmp_
     iterator = pipeline.HostBatches(source_of(str(corpus)), config, ByteTokenizer())
     batch = pipeline.to_global(next(iterator), parallel.batch_sharding(mesh, config.mesh.rules))
     iterator.close()
-    assert batch["inputs"].shape == (8, 32)
-    assert batch["inputs"].sharding.spec[0] == ("data", "fsdp")
-    assert len(batch["inputs"].addressable_shards) == 8
+    assert batch["tokens"].shape == (8, 32)
+    assert batch["tokens"].sharding.spec[0] == ("data", "fsdp")
+    assert len(batch["tokens"].addressable_shards) == 8
 
 
 def test_validation_split_is_stable_and_disjoint():
@@ -225,7 +227,7 @@ def test_tfds_dataset_is_a_source_for_training_and_eval(tmp_path, corpus):
     assert len(train) == 4 and len(validation) == 1
     assert train[0] in texts[:4] and validation[0] == texts[4]
     batch = next(pipeline.HostBatches(train, config, ByteTokenizer()))
-    assert batch["inputs"].shape == (8, 32)
+    assert batch["tokens"].shape == (8, 32)
 
     missing = tiny_config(
         tmp_path, "data.tfds=jaxlm_test_corpus", f"data.tfds_data_dir={tmp_path / 'elsewhere'}"
@@ -253,7 +255,7 @@ def test_hugging_face_tokenizer_json_is_used(tmp_path, corpus):
     assert len(ids) < len("def main():\n    return 0\n")  # merges happened
     assert loaded.token_bytes()[loaded.eos_id] == 0
     rows = iter(pipeline.packed_rows(source_of(str(corpus)), config, loaded))
-    assert next(rows)["inputs"].max() < loaded.vocab_size
+    assert next(rows)["tokens"].max() < loaded.vocab_size
 
 
 def test_missing_path_and_empty_corpus_are_clear_errors(tmp_path):
@@ -285,7 +287,7 @@ def test_rows_with_more_documents_than_cudnn_slots_warn(caplog):
     from jaxlm.train import _documents_fit
 
     batch = {"segment_ids": np.array([[1, 2, 3, 4], [5, 5, 5, 5]])}
-    assert _documents_fit(batch, max_documents=4, step=1)
+    assert _documents_fit(batch, max_documents=4)
     assert "max_documents" not in caplog.text
-    assert not _documents_fit(batch, max_documents=3, step=2)
-    assert "step 2: a packed row holds 4 documents, more than model.max_documents=3" in caplog.text
+    assert not _documents_fit(batch, max_documents=3)
+    assert "a packed row holds 4 documents, more than model.max_documents=3" in caplog.text

@@ -1,5 +1,6 @@
-"""The model: every parameter names logical axes; remat, unrolling and chunked loss change
-speed and memory, not results; dtypes."""
+"""The Llama family: every parameter names logical axes; remat, unrolling and chunked loss change
+speed and memory, not results; dtypes; the KV cache gives the logits of the whole sequence; the
+family's Hugging Face names."""
 
 import jax
 import jax.numpy as jnp
@@ -9,24 +10,28 @@ from conftest import tiny_config
 from flax import nnx
 
 from jaxlm.config import DEFAULT_RULES
-from jaxlm.model import Transformer
+from jaxlm.model import registry
 from jaxlm.step import _loss_fn
+
+
+def build(config):
+    return registry.family_of(config.model).build(config.model, nnx.Rngs(0))
 
 
 def batch_of(config, rows=2):
     length = config.data.seq_len
     tokens = jax.random.randint(jax.random.key(0), (rows, length + 1), 0, 256)
     return {
-        "inputs": tokens[:, :-1],
+        "tokens": tokens[:, :-1],
         "targets": tokens[:, 1:],
-        "segment_ids": jnp.ones((rows, length), jnp.int32),
         "positions": jnp.tile(jnp.arange(length), (rows, 1)),
+        "segment_ids": jnp.ones((rows, length), jnp.int32),
+        "loss_mask": jnp.ones((rows, length), jnp.int32),
     }
 
 
 def loss_and_grads(config):
-    model = Transformer(config.model, nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params = nnx.split(build(config), nnx.Param)
     params = nnx.to_pure_dict(params)
 
     def mean_loss(params):
@@ -37,7 +42,7 @@ def loss_and_grads(config):
 
 
 def test_every_parameter_names_known_logical_axes(tmp_path):
-    model = nnx.eval_shape(lambda: Transformer(tiny_config(tmp_path).model, nnx.Rngs(0)))
+    model = registry.abstract_model(tiny_config(tmp_path).model)
     specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
     shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     for spec, shape in zip(
@@ -72,10 +77,11 @@ def test_how_the_step_runs_changes_neither_loss_nor_gradients(tmp_path, override
 
 def test_logits_are_the_hidden_state_times_the_output_projection(tmp_path):
     config = tiny_config(tmp_path)
-    model = Transformer(config.model, nnx.Rngs(0))
+    model = build(config)
     batch = batch_of(config)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits, no_cache = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
+    assert no_cache is None
     np.testing.assert_allclose(logits, hidden @ model.output_projection(), rtol=1e-5, atol=1e-5)
 
 
@@ -88,9 +94,73 @@ def test_untrained_loss_is_near_uniform_and_bf16_compute_agrees(tmp_path, float3
 
 
 def test_tied_embeddings_have_no_output_projection(tmp_path):
-    tied = Transformer(tiny_config(tmp_path, "model.tie_embeddings=true").model, nnx.Rngs(0))
-    untied = Transformer(tiny_config(tmp_path).model, nnx.Rngs(0))
+    tied = build(tiny_config(tmp_path, "model.tie_embeddings=true"))
+    untied = build(tiny_config(tmp_path))
     assert "lm_head" not in nnx.to_pure_dict(nnx.state(tied, nnx.Param))
     assert "lm_head" in nnx.to_pure_dict(nnx.state(untied, nnx.Param))
     loss, _ = loss_and_grads(tiny_config(tmp_path, "model.tie_embeddings=true"))
     assert np.isfinite(float(loss))
+
+
+def test_a_trained_target_counts_only_where_the_loss_mask_is_set(tmp_path):
+    config = tiny_config(tmp_path)
+    graphdef, params = nnx.split(build(config), nnx.Param)
+    batch = batch_of(config)
+    half = batch["loss_mask"].at[:, ::2].set(0)
+    _, count = _loss_fn(graphdef, params, batch)
+    masked_sum, masked_count = _loss_fn(graphdef, params, {**batch, "loss_mask": half})
+    assert float(count) == half.size and float(masked_count) == half.size / 2
+    logits, _ = build(config)(batch["tokens"], batch["positions"], batch["segment_ids"])
+    token_losses = (
+        jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+    )
+    assert float(masked_sum) == pytest.approx(float(jnp.sum(token_losses[:, 1::2])), rel=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", ["true", "false"])
+def test_prefill_then_decoding_with_the_cache_gives_the_logits_of_the_whole_sequence(tmp_path, scan_layers):
+    # Two rows, the second a packed row of two documents; 12 tokens prefilled, 4 decoded one by one.
+    config = tiny_config(tmp_path, f"model.scan_layers={scan_layers}")
+    model = build(config)
+    length, prefill = 16, 12
+    tokens = jax.random.randint(jax.random.key(3), (2, length), 0, 256)
+    segment_ids = jnp.array([[1] * 16, [1] * 5 + [2] * 11])
+    positions = jnp.array([list(range(16)), list(range(5)) + list(range(11))])
+    whole, _ = model(tokens, positions, segment_ids)
+
+    cache = model.init_cache(batch=2, max_length=24)
+    logits, cache = model(tokens[:, :prefill], positions[:, :prefill], segment_ids[:, :prefill], cache)
+    decoded = [logits]
+    for t in range(prefill, length):
+        logits, cache = model(tokens[:, t : t + 1], positions[:, t : t + 1], segment_ids[:, t : t + 1], cache)
+        decoded.append(logits)
+    assert int(cache.length) == length
+    np.testing.assert_allclose(jnp.concatenate(decoded, axis=1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_every_parameter_has_one_hugging_face_name(tmp_path):
+    for overrides in ([], ["model.tie_embeddings=true"]):
+        config = tiny_config(tmp_path, *overrides)
+        params = nnx.to_pure_dict(nnx.state(registry.abstract_model(config.model), nnx.Param))
+        paths = {
+            jax.tree_util.keystr(path, simple=True, separator=".")
+            for path, _ in jax.tree_util.tree_leaves_with_path(params)
+        }
+        names = registry.family_of(config.model).hf_names(config.model)
+        assert set(names) == paths
+        assert len(set(names.values())) == len(names)
+        assert all(("{layer}" in name) == path.startswith("blocks.") for path, name in names.items())
+
+
+def test_the_private_cudnn_attention_jaxlm_calls_still_has_its_packed_layout():
+    # No public JAX API takes document offsets and lengths (jax.nn.dot_product_attention takes a
+    # dense mask); jaxlm.model.layers.cudnn_attention uses the private one below. This fails when
+    # JAX moves or changes it, before a GPU run would.
+    import inspect
+
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    parameters = inspect.signature(cudnn.dot_product_attention).parameters
+    for name in ("q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets", "scale", "mask_type", "qkv_layout"):
+        assert name in parameters, name
+    assert cudnn.MaskType.PADDING_CAUSAL

@@ -193,7 +193,7 @@ def test_a_killed_process_stops_the_others_and_the_run_resumes_from_the_last_che
     result = train(
         tiny_config(tmp_path, *SHARED[len(TINY) :], f"train.steps={saved + 1}", "checkpoint.every=2")
     )
-    assert result["step"] == saved + 1
+    assert result.step == saved + 1
 
 
 def test_slurm_script_runs_through_jax_auto_detection(tmp_path, one_process_reference):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxlm.config import load_config
+from jaxlm.model import registry
 from jaxlm.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 
 
@@ -48,13 +49,14 @@ def test_weight_decay_skips_norms_and_by_default_the_embedding():
         "final_norm": {"scale": jnp.ones(2)},
         "blocks": {"mlp": {"w_up": jnp.ones((2, 2, 3))}, "mlp_norm": {"scale": jnp.ones((2, 2))}},
     }
-    mask = weight_decay_mask(params, decay_embeddings=False)
+    llama = registry.get("llama")
+    mask = weight_decay_mask(params, llama, decay_embeddings=False)
     assert mask == {
         "embedding": False,
         "final_norm": {"scale": False},
         "blocks": {"mlp": {"w_up": True}, "mlp_norm": {"scale": False}},
     }
-    assert weight_decay_mask(params, decay_embeddings=True)["embedding"] is True
+    assert weight_decay_mask(params, llama, decay_embeddings=True)["embedding"] is True
 
     optimizer, _ = make_optimizer(
         load_config(None, ["optim.weight_decay=0.5", "optim.lr=0.1", "optim.warmup_steps=0"])

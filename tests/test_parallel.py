@@ -8,7 +8,8 @@ from jax.sharding import PartitionSpec
 
 from jaxlm import parallel
 from jaxlm.errors import ConfigError
-from jaxlm.train import build, train
+from jaxlm.setup import build_train
+from jaxlm.train import train
 
 STEPS = ["train.steps=3"]
 
@@ -67,7 +68,7 @@ def test_gradient_accumulation_and_chunked_loss_give_the_same_losses(tmp_path, s
 
 def test_parameters_and_optimizer_state_are_initialised_sharded(tmp_path):
     config = tiny_config(tmp_path, "mesh.fsdp=4", "mesh.tensor=2")
-    setup = build(config)
+    setup = build_train(config)
     state = setup.init(jax.random.key(0))
     wq = state.params["blocks"]["attention"]["wq"]  # [layers, embed, heads, head_dim]
     assert wq.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
@@ -91,7 +92,7 @@ def test_parameters_and_optimizer_state_are_initialised_sharded(tmp_path):
 
 
 def test_init_is_sharded_inside_jit_not_gathered_on_one_device(tmp_path):
-    setup = build(tiny_config(tmp_path, "mesh.fsdp=8"))
+    setup = build_train(tiny_config(tmp_path, "mesh.fsdp=8"))
     # The compiled init is SPMD-partitioned: its outputs on one device are a fraction of the state.
     memory = setup.init.lower(jax.random.key(0)).compile().memory_analysis()
     total_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(setup.abstract_state))
@@ -123,7 +124,7 @@ def test_init_is_sharded_inside_jit_not_gathered_on_one_device(tmp_path):
 )
 def test_impossible_meshes_fail_before_compiling(tmp_path, overrides, expected):
     with pytest.raises(ConfigError, match=expected):
-        build(tiny_config(tmp_path, *overrides))
+        build_train(tiny_config(tmp_path, *overrides))
 
 
 def test_logical_rules_map_to_partition_specs():

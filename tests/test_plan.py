@@ -16,7 +16,7 @@ from jaxlm import plan
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError
 from jaxlm.metrics import matmul_flops
-from jaxlm.train import jit_train_step
+from jaxlm.setup import jit_train_step
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason='libtpu comes with pip install -e ".[test]"'
@@ -81,10 +81,11 @@ def test_the_planned_step_runs_on_the_arrays_train_feeds_it(tmp_path):
     rows, length = config.train.global_batch_size, config.data.seq_len
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (rows, length), np.int32)
     host_batch = {
-        "inputs": tokens,
+        "tokens": tokens,
         "targets": np.roll(tokens, -1, axis=1),
-        "segment_ids": np.ones((rows, length), np.int32),
         "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+        "segment_ids": np.ones((rows, length), np.int32),
+        "loss_mask": np.ones((rows, length), np.int32),
     }
     batch = pipeline.to_global(host_batch, setup.batch_sharding)
     _, planned = compiled(setup.init(jax.random.key(0)), batch)

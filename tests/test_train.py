@@ -48,7 +48,7 @@ def test_resumed_run_logs_exactly_the_losses_of_an_uninterrupted_one(tmp_path, u
     train(tiny_config(tmp_path, *RESUMABLE, "train.eval_every=4", "train.steps=4"))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     result = train(tiny_config(tmp_path, *RESUMABLE, "train.eval_every=4"))
-    assert result["step"] == 8
+    assert result.step == 8
     expected, resumed = train_losses(uninterrupted), train_losses(tmp_path)
     assert resumed.keys() == expected.keys()
     for step in expected:
@@ -79,7 +79,7 @@ def test_resume_onto_another_mesh_restores_resharded_state(tmp_path, uninterrupt
 
 def test_a_finished_run_does_nothing_more(uninterrupted):
     before = (uninterrupted / "metrics.jsonl").read_text()
-    assert train(tiny_config(uninterrupted, *RESUMABLE))["step"] == 8
+    assert train(tiny_config(uninterrupted, *RESUMABLE)).step == 8
     assert (uninterrupted / "metrics.jsonl").read_text() == before
 
 
@@ -128,7 +128,7 @@ def test_a_damaged_checkpoint_is_named_with_one_line_and_the_run_resumes_once_it
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["steps"] == 6
 
     (checkpoints / "6").rename(checkpoints / "damaged-6")
-    assert train(tiny_config(tmp_path, *RESUMABLE))["step"] == 8
+    assert train(tiny_config(tmp_path, *RESUMABLE)).step == 8
     expected, resumed = train_losses(uninterrupted), train_losses(tmp_path)
     assert all(abs(resumed[step] - expected[step]) <= 1e-6 for step in range(5, 9))
 
@@ -240,3 +240,40 @@ def test_pinning_host_memory_for_saves_copies_one_replica_and_leaves_the_state_i
     assert "pinned 0.00 GB of host memory for checkpoint saves" in caplog.text
     assert not sharded.is_deleted() and not replicated.is_deleted()
     np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(64.0).reshape(8, 8))
+
+
+def test_a_checkpoint_saved_before_model_families_resumes_as_llama(tmp_path, uninterrupted):
+    import json
+    import shutil
+
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    metadata = tmp_path / "checkpoints" / "8" / "config" / "metadata"
+    saved = json.loads(metadata.read_text())
+    del saved["model"]["family"]
+    metadata.write_text(json.dumps(saved))
+    assert train(tiny_config(tmp_path, *RESUMABLE, "train.steps=9", "optim.schedule_steps=8")).step == 9
+
+
+def test_sigterm_to_an_in_process_run_saves_and_returns_without_killing_the_caller(tmp_path):
+    # A notebook or a test calling jaxlm.train: preemption saves and stops the run; the grace
+    # period (here far too short for any write) can only raise, never end the caller's process.
+    import os
+    import signal
+    import threading
+    import time
+
+    from jaxlm.errors import PreemptionGraceExpired
+
+    def sigterm_once_training() -> None:
+        while not (tmp_path / "metrics.jsonl").exists() or not read_metrics(tmp_path):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=sigterm_once_training, daemon=True).start()
+    config = tiny_config(tmp_path, "train.steps=100000", "distributed.preemption_grace_s=0.000001")
+    try:
+        result = train(config)
+    except PreemptionGraceExpired as expired:
+        assert "was not written within distributed.preemption_grace_s=1e-06s" in str(expired)
+    else:  # the write beat even that grace period
+        assert result.preempted and result.step < 100000

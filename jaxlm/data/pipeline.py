@@ -6,6 +6,8 @@ given `data.shards` yields the same global batch whatever the number of processe
 
 Rows are packed by concatenating documents and cutting at `seq_len`; `segment_ids` number the
 documents within a row (attention never crosses them) and `positions` restart at each document.
+`loss_mask` says which targets the loss trains on: in pretraining every target of a document
+(all but padding, which packed rows do not have).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from jaxlm.data.sources import DocumentSource, TfdsSource
 from jaxlm.data.tokenizers import Tokenizer
 from jaxlm.errors import ConfigError, DataError
 
-Batch = dict[str, np.ndarray]  # inputs, targets, segment_ids, positions: [rows, seq_len] int32
-FIELDS = ("inputs", "targets", "segment_ids", "positions")
+Batch = dict[str, np.ndarray]  # FIELDS: [rows, seq_len] int32 each
+FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 Source = DocumentSource | TfdsSource  # random access: index → document text
 
 
@@ -36,7 +38,7 @@ class _Tokenize(grain.transforms.Map):
     def map(self, text: str) -> dict[str, np.ndarray]:
         ids = self.tokenizer.encode(text)
         eos = np.array([self.tokenizer.eos_id], np.int32)
-        return {"inputs": np.concatenate([eos, ids]), "targets": np.concatenate([ids, eos])}
+        return {"tokens": np.concatenate([eos, ids]), "targets": np.concatenate([ids, eos])}
 
 
 def most_documents_per_row(segment_ids: np.ndarray) -> int:
@@ -44,12 +46,15 @@ def most_documents_per_row(segment_ids: np.ndarray) -> int:
     return int(np.max(np.count_nonzero(np.diff(segment_ids, axis=1), axis=1))) + 1
 
 
-def _rename(packed: dict[str, np.ndarray]) -> Batch:
+def _pretraining_row(packed: dict[str, np.ndarray]) -> Batch:
+    """A packed row with its loss mask: every target that belongs to a document."""
+    segment_ids = packed["tokens_segment_ids"]
     return {
-        "inputs": packed["inputs"],
+        "tokens": packed["tokens"],
         "targets": packed["targets"],
-        "segment_ids": packed["inputs_segment_ids"],
-        "positions": packed["inputs_positions"],
+        "positions": packed["tokens_positions"],
+        "segment_ids": segment_ids,
+        "loss_mask": (segment_ids > 0).astype(np.int32),
     }
 
 
@@ -75,9 +80,9 @@ def packed_rows(
     rows = tokens.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
     seq_len = config.data.seq_len
     rows = grain.experimental.ConcatThenSplitIterDataset(
-        rows, length_struct={"inputs": seq_len, "targets": seq_len}
+        rows, length_struct={"tokens": seq_len, "targets": seq_len}
     )
-    return rows.map(_rename)
+    return rows.map(_pretraining_row)
 
 
 def shard_count(config: Config) -> int:

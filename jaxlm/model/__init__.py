@@ -1,5 +1,5 @@
-"""The language model (Flax NNX)."""
+"""Model families (Flax NNX). `registry` says what a family provides; each family registers here."""
 
-from jaxlm.model.transformer import Transformer
+from jaxlm.model import llama, registry
 
-__all__ = ["Transformer"]
+registry.register(llama.FAMILY)

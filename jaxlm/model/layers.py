@@ -1,8 +1,8 @@
-"""Building blocks of the Llama-family transformer: params with logical axes, RMSNorm, RoPE,
-grouped-query attention, SwiGLU MLP.
+"""Building blocks that model families share: parameters with logical axes, RMSNorm, rotary
+positions, attention kernels and masks (packed documents, KV caches), layer stacking and remat.
 
 Every parameter names its logical axes (`embed`, `heads`, ...); nothing here knows about
-devices. `constrain` pins activations by logical name and is a no-op outside a train step.
+devices.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.config import ModelConfig
-from jaxlm.parallel import constrain
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -45,14 +48,17 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rotary_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rotary_angles(
+    positions: jax.Array, head_dim: int, theta: float, table_length: int
+) -> tuple[jax.Array, jax.Array]:
     """sin and cos of each position's rotation angles, [batch, length, 1, head_dim / 2] float32.
 
-    Looked up by position (positions restart per document) in tables over 0..length-1, which
-    depend only on shapes: XLA folds them at compile time, so a step computes no sin or cos."""
+    Looked up by position in tables over 0..table_length-1 (the row length in training, where
+    positions restart per document; the cache's length in generation), which depend only on
+    shapes: XLA folds them at compile time, so a step computes no sin or cos."""
     half = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # [half]
-    angles = jnp.arange(positions.shape[1], dtype=jnp.float32)[:, None] * inv_freq  # [length, half]
+    angles = jnp.arange(table_length, dtype=jnp.float32)[:, None] * inv_freq  # [table_length, half]
 
     def lookup(table: jax.Array) -> jax.Array:
         return jnp.take(table, positions, axis=0, mode="clip")[:, :, None, :]
@@ -72,6 +78,19 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     length = segment_ids.shape[1]
     causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
     same_document = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same_document)[:, None]
+
+
+def cache_mask(segment_ids: jax.Array, cache_segment_ids: jax.Array, start: jax.Array) -> jax.Array:
+    """[batch, 1, length, max_length] bool: which cache slots each of `length` new tokens, written
+    at slots [start, start + length), attends to: slots up to its own, of its own document.
+
+    segment_ids: [batch, length] of the new tokens; cache_segment_ids: [batch, max_length] with
+    them written in (0 in empty slots, which no document matches)."""
+    length, max_length = segment_ids.shape[1], cache_segment_ids.shape[1]
+    query_slots = start + jnp.arange(length)  # [length]
+    causal = jnp.arange(max_length)[None, :] <= query_slots[:, None]  # [length, max_length]
+    same_document = segment_ids[:, :, None] == cache_segment_ids[:, None, :]
     return (causal[None] & same_document)[:, None]
 
 
@@ -134,7 +153,7 @@ def runs_cudnn_attention(device: jax.Device) -> bool:
 def attention_kernel(setting: str, device: jax.Device) -> str:
     """The kernel model.attention picks for a mesh of `device`s: auto is cudnn where
     `runs_cudnn_attention`, jaxlm's XLA einsums anywhere else (CPU, TPU, older GPUs).
-    `jaxlm.train.build` resolves it; a model built with auto itself runs the XLA einsums."""
+    `jaxlm.setup.build_model` resolves it; a model built with auto itself runs the XLA einsums."""
     if setting != "auto":
         return setting
     return "cudnn" if runs_cudnn_attention(device) else "xla"
@@ -150,7 +169,7 @@ def document_boundaries(attention: str, max_documents: int, segment_ids: jax.Arr
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention in plain einsums: q [batch, length, heads, head_dim], k and v
-    [batch, length, kv_heads, head_dim], mask [batch, 1, length, length] → like q.
+    [batch, kv_length, kv_heads, head_dim], mask [batch, 1, length, kv_length] → like q.
 
     The same computation as jax.nn.dot_product_attention's XLA path, with the scale applied to
     q (length × head_dim values) rather than to the scores (length × length)."""
@@ -166,50 +185,11 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return out.reshape(batch, length, heads, head_dim)
 
 
-class Attention(nnx.Module):
-    """Grouped-query self-attention with rotary positions."""
-
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
-        pdt = dtype_of(config.param_dtype)
-        out_std = config.init_std / (2 * config.num_layers) ** 0.5
-        self.implementation = config.attention
-        self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), config.init_std, pdt)
-        self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
-        self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
-        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, pdt)
-
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], documents) -> jax.Array:
-        """x: [batch, length, embed]; rope: `rotary_angles`; documents: `document_boundaries`."""
-        dt = x.dtype
-        q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(dt))  # [batch, length, heads, head_dim]
-        k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))  # [batch, length, kv_heads, head_dim]
-        v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
-        q = constrain(rotary(q, *rope), ("batch", "length", "act_heads", None))
-        k = constrain(rotary(k, *rope), ("batch", "length", "act_kv_heads", None))
-        v = constrain(v, ("batch", "length", "act_kv_heads", None))
-        if self.implementation == "cudnn":
-            out = cudnn_attention(q, k, v, documents)
-        else:
-            out = xla_attention(q, k, v, documents)  # [batch, length, heads, head_dim]
-        out = constrain(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(dt))
-
-
-class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        d, m = config.d_model, config.mlp_dim
-        pdt = dtype_of(config.param_dtype)
-        out_std = config.init_std / (2 * config.num_layers) ** 0.5
-        self.w_gate = param(rngs, (d, m), ("embed", "mlp"), config.init_std, pdt)
-        self.w_up = param(rngs, (d, m), ("embed", "mlp"), config.init_std, pdt)
-        self.w_down = param(rngs, (m, d), ("mlp", "embed"), out_std, pdt)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        gate = jnp.einsum("bte,em->btm", x, self.w_gate[...].astype(dt))
-        up = jnp.einsum("bte,em->btm", x, self.w_up[...].astype(dt))
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))  # [batch, length, mlp]
-        return jnp.einsum("btm,me->bte", hidden, self.w_down[...].astype(dt))
+def unstack(stacked):
+    """The per-layer parameter trees of a tree of [layers, ...] arrays. One split per array (its
+    gradient is one concatenate), not a slice per layer (whose gradients are zero-padded to the
+    full stack and summed)."""
+    leaves, treedef = jax.tree.flatten(stacked)
+    layers = leaves[0].shape[0]
+    per_leaf = [[part[0] for part in jax.lax.split(leaf, [1] * layers)] for leaf in leaves]
+    return [jax.tree.unflatten(treedef, [parts[i] for parts in per_leaf]) for i in range(layers)]

@@ -1,0 +1,317 @@
+"""The Llama family: pre-norm decoder blocks of grouped-query attention with rotary positions and
+a SwiGLU MLP, RMSNorm. Its config keys, its module, and what jaxlm asks of it (FLOPs, weight
+decay, Hugging Face names): everything Llama-specific in jaxlm is in this file."""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from pydantic import Field, model_validator
+
+from jaxlm.config import ModelConfig
+from jaxlm.model.layers import (
+    REMAT_POLICIES,
+    RMSNorm,
+    cache_mask,
+    cudnn_attention,
+    document_boundaries,
+    dtype_of,
+    param,
+    rotary,
+    rotary_angles,
+    unstack,
+    xla_attention,
+)
+from jaxlm.model.registry import ModelFamily
+from jaxlm.parallel import constrain
+
+
+class LlamaConfig(ModelConfig):
+    num_heads: int = Field(4, gt=0, description="Query heads.")
+    num_kv_heads: int | None = Field(
+        None, gt=0, description="Key/value heads (grouped-query attention); null = num_heads."
+    )
+    head_dim: int | None = Field(None, gt=0, description="Width of one head; null = d_model / num_heads.")
+    mlp_dim: int = Field(512, gt=0, description="Hidden width of the SwiGLU MLP.")
+    rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary position frequencies.")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of RMSNorm.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> LlamaConfig:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads="
+                f"{self.num_kv_heads}; pick num_kv_heads among its divisors"
+            )
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(
+                    f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                    f"{self.num_heads}; change one or set model.head_dim"
+                )
+            self.head_dim = self.d_model // self.num_heads
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+        return self
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `max_length` tokens per row, filled up to `length`."""
+
+    keys: jax.Array  # [layers, batch, max_length, kv_heads, head_dim]
+    values: jax.Array  # [layers, batch, max_length, kv_heads, head_dim]
+    segment_ids: jax.Array  # [batch, max_length] int32; 0 in slots not yet written
+    length: jax.Array  # int32 scalar: slots written, the same in every row
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary positions."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+        pdt = dtype_of(config.param_dtype)
+        out_std = config.init_std / (2 * config.num_layers) ** 0.5
+        self.implementation = config.attention
+        self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), config.init_std, pdt)
+        self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
+        self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
+        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, pdt)
+
+    def __call__(self, x: jax.Array, rope, documents, cache=None):
+        """x: [batch, length, embed]; rope: `rotary_angles`; documents: `document_boundaries`, or
+        with a cache its `cache_mask`. cache: this layer's keys and values [batch, max_length,
+        kv_heads, head_dim] and the slot where x's go. Returns the output and the layer's cache."""
+        dt = x.dtype
+        q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(dt))  # [batch, length, heads, head_dim]
+        k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))  # [batch, length, kv_heads, head_dim]
+        v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
+        q = constrain(rotary(q, *rope), ("batch", "length", "act_heads", None))
+        k = constrain(rotary(k, *rope), ("batch", "length", "act_kv_heads", None))
+        v = constrain(v, ("batch", "length", "act_kv_heads", None))
+        if cache is not None:
+            keys, values, start = cache
+            k = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), start, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), start, axis=1)
+            out, cache = xla_attention(q, k, v, documents), (k, v)
+        elif self.implementation == "cudnn":
+            out = cudnn_attention(q, k, v, documents)
+        else:
+            out = xla_attention(q, k, v, documents)  # [batch, length, heads, head_dim]
+        out = constrain(out, ("batch", "length", "act_heads", None))
+        return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(dt)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        d, m = config.d_model, config.mlp_dim
+        pdt = dtype_of(config.param_dtype)
+        out_std = config.init_std / (2 * config.num_layers) ** 0.5
+        self.w_gate = param(rngs, (d, m), ("embed", "mlp"), config.init_std, pdt)
+        self.w_up = param(rngs, (d, m), ("embed", "mlp"), config.init_std, pdt)
+        self.w_down = param(rngs, (m, d), ("mlp", "embed"), out_std, pdt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        gate = jnp.einsum("bte,em->btm", x, self.w_gate[...].astype(dt))
+        up = jnp.einsum("bte,em->btm", x, self.w_up[...].astype(dt))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))  # [batch, length, mlp]
+        return jnp.einsum("btm,me->bte", hidden, self.w_down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        pdt = dtype_of(config.param_dtype)
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
+        self.attention = Attention(config, rngs)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x: jax.Array, rope, documents, cache=None):
+        attended, cache = self.attention(self.attention_norm(x), rope, documents, cache)
+        x = x + attended
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "length", "act_embed")), cache
+
+
+class Llama(nnx.Module):
+    """Llama-style causal LM. Blocks are stacked on a leading `layers` axis and run with a scan,
+    so compile time does not grow with depth; with `scan_layers=False` the same stacked
+    parameters are applied layer by layer, unrolled (faster steps on CPU, slower compiles)."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        pdt = dtype_of(config.param_dtype)
+        self.dtype = dtype_of(config.dtype)
+        self.remat = config.remat
+        self.attention, self.max_documents = config.attention, config.max_documents
+        self.scan_layers = config.scan_layers
+        self.num_layers, self.num_kv_heads = config.num_layers, config.num_kv_heads
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
+        self.tie_embeddings = config.tie_embeddings
+        self.embedding = param(
+            rngs, (config.vocab_size, config.d_model), ("vocab", "embed"), config.init_std, pdt
+        )
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(config, rngs)
+
+        self.blocks = stacked_blocks(rngs)
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
+        if not config.tie_embeddings:
+            self.lm_head = param(
+                rngs, (config.d_model, config.vocab_size), ("embed", "vocab"), config.init_std, pdt
+            )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: KVCache | None = None,
+        *,
+        return_hidden: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """tokens, positions, segment_ids: [batch, length] int32 → logits [batch, length, vocab]
+        (or the final normed hidden states [batch, length, embed]) and the cache with these
+        tokens appended (None without one)."""
+        # Gather from a table replicated for the lookup (as FSDP gathers every weight before use);
+        # a gather from a vocab- and embed-sharded table cannot be partitioned without copies.
+        table = constrain(self.embedding[...], (None, "act_embed"))
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)  # [batch, length, embed]
+        x = constrain(x, ("batch", "length", "act_embed"))
+
+        # What every layer shares is computed once, outside the layers.
+        if cache is None:
+            rope = rotary_angles(positions, self.head_dim, self.rope_theta, positions.shape[1])
+            documents = document_boundaries(self.attention, self.max_documents, segment_ids)
+            x = self._blocks(x, rope, documents)
+        else:
+            x, cache = self._blocks_with_cache(x, positions, segment_ids, cache)
+        hidden = self.final_norm(x)
+        if return_hidden:
+            return hidden, cache
+        logits = jnp.einsum("bte,ev->btv", hidden, self.output_projection())
+        return constrain(logits, ("batch", "length", "act_vocab")), cache
+
+    def _blocks(self, x: jax.Array, rope, documents) -> jax.Array:
+        block_def, block_params = nnx.split(self.blocks)
+
+        def apply_block(x, layer_params):
+            return nnx.merge(block_def, layer_params)(x, rope, documents)[0], None
+
+        if self.remat != "none":
+            apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        if self.scan_layers:
+            x, _ = jax.lax.scan(apply_block, x, block_params)
+        else:
+            for layer_params in unstack(block_params):
+                x, _ = apply_block(x, layer_params)
+        return x
+
+    def _blocks_with_cache(self, x, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """The blocks over tokens that continue the cache's rows, writing their keys and values
+        at slots [length, length + tokens)."""
+        max_length = cache.segment_ids.shape[1]
+        start = cache.length
+        cache_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)
+        rope = rotary_angles(positions, self.head_dim, self.rope_theta, max_length)
+        documents = cache_mask(segment_ids, cache_segments, start)
+        block_def, block_params = nnx.split(self.blocks)
+
+        def apply_block(x, layer):
+            layer_params, keys, values = layer
+            x, (keys, values) = nnx.merge(block_def, layer_params)(x, rope, documents, (keys, values, start))
+            return x, (keys, values)
+
+        if self.scan_layers:
+            x, (keys, values) = jax.lax.scan(apply_block, x, (block_params, cache.keys, cache.values))
+        else:
+            written = []
+            for layer_params, keys, values in zip(
+                unstack(block_params), cache.keys, cache.values, strict=True
+            ):
+                x, kv = apply_block(x, (layer_params, keys, values))
+                written.append(kv)
+            keys, values = (jnp.stack(part) for part in zip(*written, strict=True))
+        return x, KVCache(keys, values, cache_segments, start + segment_ids.shape[1])
+
+    def output_projection(self) -> jax.Array:
+        """[embed, vocab] in the compute dtype: the LM head, or the transposed embedding if tied."""
+        weight = self.embedding[...].T if self.tie_embeddings else self.lm_head[...]
+        return weight.astype(self.dtype)
+
+    def init_cache(self, batch: int, max_length: int) -> KVCache:
+        shape = (self.num_layers, batch, max_length, self.num_kv_heads, self.head_dim)
+        return KVCache(
+            keys=jnp.zeros(shape, self.dtype),
+            values=jnp.zeros(shape, self.dtype),
+            segment_ids=jnp.zeros((batch, max_length), jnp.int32),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+
+def matmul_params(config: LlamaConfig) -> int:
+    """Parameters that take part in a matmul per token (the embedding lookup does not)."""
+    d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+    attention = d * h * hd + 2 * d * k * hd + h * hd * d
+    mlp = 3 * d * config.mlp_dim
+    return config.num_layers * (attention + mlp) + d * config.vocab_size
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul parameter (forward + backward), plus attention scores
+    and values over the whole row (12·layers·heads·head_dim·seq_len, causal masking not discounted,
+    as XLA computes it)."""
+    attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    return 6 * matmul_params(config) + attention
+
+
+def decays(path: str, decay_embeddings: bool) -> bool:
+    """Weight matrices decay; norm scales never; the embedding only with optim.decay_embeddings."""
+    name = path.rsplit(".", 1)[-1]
+    if name == "scale":
+        return False
+    return decay_embeddings or name != "embedding"
+
+
+def hf_names(config: LlamaConfig) -> dict[str, str]:
+    """The tensors of transformers' LlamaForCausalLM holding each parameter (jaxlm keeps heads
+    on their own axes and the blocks stacked: [embed, heads, head_dim] here is q_proj's
+    [heads × head_dim, embed] there, for every {layer})."""
+    layer = "model.layers.{layer}"
+    names = {
+        "embedding": "model.embed_tokens.weight",
+        "final_norm.scale": "model.norm.weight",
+        "blocks.attention_norm.scale": f"{layer}.input_layernorm.weight",
+        "blocks.attention.wq": f"{layer}.self_attn.q_proj.weight",
+        "blocks.attention.wk": f"{layer}.self_attn.k_proj.weight",
+        "blocks.attention.wv": f"{layer}.self_attn.v_proj.weight",
+        "blocks.attention.wo": f"{layer}.self_attn.o_proj.weight",
+        "blocks.mlp_norm.scale": f"{layer}.post_attention_layernorm.weight",
+        "blocks.mlp.w_gate": f"{layer}.mlp.gate_proj.weight",
+        "blocks.mlp.w_up": f"{layer}.mlp.up_proj.weight",
+        "blocks.mlp.w_down": f"{layer}.mlp.down_proj.weight",
+    }
+    if not config.tie_embeddings:
+        names["lm_head"] = "lm_head.weight"
+    return names
+
+
+FAMILY = ModelFamily(
+    name="llama",
+    config=LlamaConfig,
+    build=Llama,
+    flops_per_token=flops_per_token,
+    decays=decays,
+    hf_names=hf_names,
+)

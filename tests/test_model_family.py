@@ -1,0 +1,170 @@
+"""A model family is its module, its config keys and one registry entry: a GPT-2-style family
+(learned positions, LayerNorm with biases, GELU MLP), defined here and touching no jaxlm module,
+trains on a 2-device mesh, with its own FLOPs and weight-decay rule."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import read_metrics
+from flax import nnx
+from pydantic import Field
+
+from jaxlm.config import ModelConfig, load_config
+from jaxlm.metrics import model_flops_per_step
+from jaxlm.model import registry
+from jaxlm.model.layers import attention_mask, dtype_of, param, xla_attention
+from jaxlm.optim import weight_decay_mask
+from jaxlm.parallel import constrain
+from jaxlm.train import train
+
+
+class ToyGPTConfig(ModelConfig):
+    num_heads: int = Field(2, gt=0, description="Attention heads.")
+    max_positions: int = Field(64, gt=0, description="Rows of the learned position table.")
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, config: ToyGPTConfig):
+        dim, dtype = config.d_model, dtype_of(config.param_dtype)
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), out_sharding=("embed",), eager_sharding=False)
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype), out_sharding=("embed",), eager_sharding=False)
+
+    def __call__(self, x):
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        normed = (x - mean) * jax.lax.rsqrt(jnp.var(x, axis=-1, keepdims=True) + 1e-5)
+        return normed * self.scale[...] + self.bias[...]
+
+
+class ToyBlock(nnx.Module):
+    def __init__(self, config: ToyGPTConfig, rngs: nnx.Rngs):
+        d, h, std, dtype = config.d_model, config.num_heads, config.init_std, dtype_of(config.param_dtype)
+        self.num_heads = h
+        self.attention_norm, self.mlp_norm = LayerNorm(config), LayerNorm(config)
+        self.qkv = param(rngs, (d, 3 * d), ("embed", "mlp"), std, dtype)
+        self.qkv_bias = nnx.Param(jnp.zeros((3 * d,), dtype), out_sharding=("mlp",), eager_sharding=False)
+        self.out = param(rngs, (d, d), ("mlp", "embed"), std, dtype)
+        self.up = param(rngs, (d, 4 * d), ("embed", "mlp"), std, dtype)
+        self.down = param(rngs, (4 * d, d), ("mlp", "embed"), std, dtype)
+
+    def __call__(self, x, mask):
+        batch, length, d = x.shape
+        qkv = self.attention_norm(x) @ self.qkv[...] + self.qkv_bias[...]
+        q, k, v = (part.reshape(batch, length, self.num_heads, -1) for part in jnp.split(qkv, 3, axis=-1))
+        x = x + xla_attention(q, k, v, mask).reshape(batch, length, d) @ self.out[...]
+        return x + jax.nn.gelu(self.mlp_norm(x) @ self.up[...]) @ self.down[...]
+
+
+class ToyGPT(nnx.Module):
+    def __init__(self, config: ToyGPTConfig, rngs: nnx.Rngs):
+        std, dtype = config.init_std, dtype_of(config.param_dtype)
+        self.embedding = param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"), std, dtype)
+        self.positions = param(rngs, (config.max_positions, config.d_model), (None, "embed"), std, dtype)
+        self.blocks = nnx.List([ToyBlock(config, rngs) for _ in range(config.num_layers)])
+        self.final_norm = LayerNorm(config)
+
+    def __call__(self, tokens, positions, segment_ids, cache=None, *, return_hidden=False):
+        if cache is not None:
+            raise NotImplementedError("the toy family trains; it does not generate")
+        x = constrain(
+            self.embedding[...][tokens] + self.positions[...][positions], ("batch", "length", "act_embed")
+        )
+        mask = attention_mask(segment_ids)
+        for block in self.blocks:
+            x = block(x, mask)
+        hidden = self.final_norm(x)
+        return (hidden if return_hidden else hidden @ self.output_projection()), None
+
+    def output_projection(self):
+        return self.embedding[...].T  # tied, as in GPT-2
+
+
+def toy_flops_per_token(config: ToyGPTConfig, seq_len: int) -> float:
+    d = config.d_model
+    matmul_params = config.num_layers * (3 * d * d + d * d + 8 * d * d) + d * config.vocab_size
+    return 6 * matmul_params + 12 * config.num_layers * d * seq_len
+
+
+def toy_decays(path: str, decay_embeddings: bool) -> bool:
+    name = path.rsplit(".", 1)[-1]
+    return name not in ("scale", "bias", "qkv_bias", "positions") and (
+        decay_embeddings or name != "embedding"
+    )
+
+
+TOY_GPT = registry.ModelFamily(
+    name="toy_gpt",
+    config=ToyGPTConfig,
+    build=ToyGPT,
+    flops_per_token=toy_flops_per_token,
+    decays=toy_decays,
+    hf_names=lambda config: {"embedding": "transformer.wte.weight", "positions": "transformer.wpe.weight"},
+)
+
+
+@pytest.fixture(scope="module")
+def toy_family():
+    registry.register(TOY_GPT)
+    return TOY_GPT
+
+
+def toy_config(run_dir, *overrides):
+    return load_config(
+        None,
+        [
+            "model.family=toy_gpt",
+            "model.vocab_size=264",
+            "model.d_model=32",
+            "model.num_layers=2",
+            "model.max_positions=32",
+            "data.seq_len=32",
+            "train.global_batch_size=4",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "checkpoint.every=0",
+            "optim.warmup_steps=0",
+            "mesh.fsdp=2",
+            f"run.dir={run_dir}",
+            *overrides,
+        ],
+    )
+
+
+def test_a_registered_family_trains_on_a_two_device_mesh(tmp_path, toy_family):
+    config = toy_config(tmp_path, "train.steps=2", "checkpoint.every=2")
+    assert isinstance(config.model, ToyGPTConfig) and config.model.max_positions == 32
+    result = train(config, devices=jax.devices()[:2])
+    assert result.step == 2
+    records = [record for record in read_metrics(tmp_path) if "loss" in record]
+    assert [record["step"] for record in records] == [1, 2]
+    assert all(math.isfinite(record["loss"]) for record in records)
+    assert abs(records[0]["loss"] - math.log(264)) < 0.2  # untrained: near uniform over the vocabulary
+    assert records[1]["loss"] < records[0]["loss"]
+    # MFU counts the family's FLOPs, not a Llama's.
+    tokens = config.train.global_batch_size * config.data.seq_len
+    assert model_flops_per_step(config) == toy_flops_per_token(config.model, config.data.seq_len) * tokens
+    assert records[1]["mfu"] > 0
+    # Resuming the saved run restores the family's parameters (the config keys are saved with them).
+    assert train(toy_config(tmp_path, "train.steps=3"), devices=jax.devices()[:2]).step == 3
+
+
+def test_the_family_decides_which_parameters_decay(toy_family):
+    params = nnx.to_pure_dict(nnx.state(registry.abstract_model(toy_config("unused").model), nnx.Param))
+    mask = weight_decay_mask(params, toy_family, decay_embeddings=False)
+    assert mask["positions"] is False and mask["embedding"] is False
+    assert mask["blocks"][0]["qkv"] is True and mask["blocks"][0]["qkv_bias"] is False
+    assert mask["blocks"][1]["mlp_norm"] == {"scale": False, "bias": False}
+
+
+def test_another_familys_keys_are_refused_with_one_line(tmp_path, toy_family):
+    from jaxlm.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"^model.num_kv_heads is not a config key; did you mean model.num_heads\?$"
+    ):
+        toy_config(tmp_path, "model.num_kv_heads=2")
+    with pytest.raises(
+        ConfigError, match=r"^model.max_position is not a config key; did you mean model.max_positions\?$"
+    ):
+        toy_config(tmp_path, "model.max_position=2")
