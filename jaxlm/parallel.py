@@ -70,31 +70,42 @@ def make_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Me
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=AUTO_AXES)
     ici_shape = tuple(ici[axis] for axis in MESH_AXES)
     dcn_shape = tuple(dcn[axis] for axis in MESH_AXES)
-    granules = _slices(devices, slice_count)
-    blocks = np.empty(dcn_shape, dtype=object)
-    for index, granule in zip(np.ndindex(dcn_shape), granules, strict=True):
-        blocks[index] = mesh_utils.create_device_mesh(
-            ici_shape, devices=granule, allow_split_physical_axes=True
+    granule = _slice_granule(devices, slice_count)
+    if granule is not None:
+        device_grid = mesh_utils.create_hybrid_device_mesh(
+            ici_shape,
+            dcn_shape,
+            devices,
+            process_is_granule=granule == "process_index",
+            allow_split_physical_axes=True,
         )
-    return Mesh(np.block(blocks.tolist()), MESH_AXES, axis_types=AUTO_AXES)
+    else:
+        # One process whose devices name no slices (a CPU test, one GPU host): JAX's hybrid mesh
+        # groups devices only by slice or process, so consecutive blocks stand in for slices here.
+        per_slice = len(devices) // slice_count
+        blocks = np.empty(dcn_shape, dtype=object)
+        for index in np.ndindex(dcn_shape):
+            first = np.ravel_multi_index(index, dcn_shape) * per_slice
+            blocks[index] = mesh_utils.create_device_mesh(
+                ici_shape, devices=devices[first : first + per_slice], allow_split_physical_axes=True
+            )
+        device_grid = np.block(blocks.tolist())
+    return Mesh(device_grid, MESH_AXES, axis_types=AUTO_AXES)
 
 
-def _slices(devices: Sequence[jax.Device], slice_count: int) -> list[list[jax.Device]]:
-    """Devices grouped by slice: TPU slices, else processes, else (one process, e.g. a CPU test)
-    consecutive blocks standing in for slices."""
+def _slice_granule(devices: Sequence[jax.Device], slice_count: int) -> str | None:
+    """The device attribute that tells the slices apart: TPU slices, else processes, else (one
+    process, e.g. a CPU test) None."""
     for key in ("slice_index", "process_index"):
-        groups: dict[int, list[jax.Device]] = {}
-        for device in devices:
-            groups.setdefault(getattr(device, key, 0), []).append(device)
+        groups = {getattr(device, key, 0) for device in devices}
         if len(groups) == slice_count:
-            return [groups[k] for k in sorted(groups)]
+            return key
         if len(groups) > 1:
             raise ConfigError(
                 f"mesh.dcn_* ask for {slice_count} slices but the devices come in {len(groups)} "
                 f"({key.replace('_index', '')}s); make dcn_data × dcn_fsdp × dcn_tensor equal {len(groups)}"
             )
-    per_slice = len(devices) // slice_count
-    return [list(devices[i * per_slice : (i + 1) * per_slice]) for i in range(slice_count)]
+    return None
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> PartitionSpec:

@@ -1,9 +1,13 @@
 """Parallelism: any even split of the 8 devices trains to the same losses as one device;
 parameters are born sharded; impossible meshes fail before compiling."""
 
+import importlib.util
+
 import jax
+import numpy as np
 import pytest
 from conftest import tiny_config, train_losses
+from jax.experimental import topologies
 from jax.sharding import PartitionSpec
 
 from jaxlm import parallel
@@ -47,6 +51,35 @@ def test_simulated_slices_over_dcn_give_the_same_losses(tmp_path, single_device_
     losses = train_losses(tmp_path)
     for step, loss in losses.items():
         assert abs(loss - single_device_losses[step]) / abs(single_device_losses[step]) < 1e-4
+
+
+def two_tpu_slices() -> list[jax.Device]:
+    """libtpu's compile-only devices of two v5e 2x2 slices: real devices with a slice_index."""
+    return list(topologies.get_topology_desc("v5e:2x2", "tpu", num_slices=2).devices)
+
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason='libtpu comes with pip install -e ".[test]"'
+)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("axis", ["data", "fsdp", "tensor"])
+def test_each_tpu_slice_is_one_half_of_the_dcn_axis(axis):
+    config = tiny_config(".", f"mesh.dcn_{axis}=2", "mesh.data=1", "mesh.fsdp=4")
+    mesh = parallel.make_mesh(config, two_tpu_slices())
+    assert mesh.shape[axis] == 2 * getattr(config.mesh, axis)
+    # The DCN part of the axis is its major part, so the slices are its two halves.
+    halves = np.split(mesh.devices, 2, axis=mesh.axis_names.index(axis))
+    assert [{d.slice_index for d in half.flat} for half in halves] == [{0}, {1}]
+
+
+@needs_libtpu
+def test_dcn_slices_that_are_not_the_tpu_slices_fail_in_one_line():
+    with pytest.raises(
+        ConfigError, match=r"mesh.dcn_\* ask for 4 slices but the devices come in 2 \(slices\)"
+    ):
+        parallel.make_mesh(tiny_config(".", "mesh.dcn_data=4", "mesh.fsdp=2"), two_tpu_slices())
 
 
 def test_gradient_accumulation_and_chunked_loss_give_the_same_losses(tmp_path, single_device_losses):
