@@ -9,7 +9,7 @@ import os
 import sys
 
 from jaxlm.config import MESH_AXES
-from jaxlm.errors import UserError
+from jaxlm.errors import PreemptionGraceExpired, UserError
 
 log = logging.getLogger("jaxlm")
 
@@ -61,11 +61,13 @@ def _train(args: argparse.Namespace) -> int:
     from jaxlm.config import load_config
 
     config = load_config(args.config, args.overrides)
+    import jax
+
     from jaxlm import distributed
 
-    if not distributed.is_multi_process(config.distributed):
-        _use_cpu_devices_for_mesh(config)
     distributed.initialize(config.distributed)
+    if not jax.distributed.is_initialized():  # a single process: no backend has started yet
+        _use_cpu_devices_for_mesh(config)
     from jaxlm.train import train
 
     result = train(config)
@@ -142,20 +144,25 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
         return 2
-    except KeyboardInterrupt:
+    except PreemptionGraceExpired as error:
+        print(f"jaxlm[p{_process_index()}]: error: {error}", file=sys.stderr)
+        sys.stderr.flush()
+        # Orbax's threads are still writing the checkpoint the grace period gave up on; exiting
+        # normally would wait for them, past the time the host has left.
+        os._exit(1)
+    except KeyboardInterrupt:  # one process; in a run of several, Ctrl-C is a preemption (distributed.py)
         print("jaxlm: interrupted", file=sys.stderr)
         return 130
 
 
 def _process_index() -> int:
-    """The JAX process index, without starting a backend (that must wait for jax.distributed)."""
-    from jax._src import xla_bridge
-
-    if not xla_bridge.backends_are_initialized():
-        return 0
+    """The JAX process index, without starting a backend before jax.distributed is up."""
     import jax
 
-    return jax.process_index()
+    # Until jax.distributed starts (and in a single-process run, where it never does) the index
+    # is 0, and asking JAX would start a backend that jax.distributed or jax_num_cpu_devices must
+    # come before.
+    return jax.process_index() if jax.distributed.is_initialized() else 0
 
 
 if __name__ == "__main__":

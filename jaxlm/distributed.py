@@ -1,4 +1,4 @@
-"""Process start-up (`jax.distributed`) and preemption.
+"""Process start-up (`jax.distributed`), preemption, and Ctrl-C in a run of several processes.
 
 Order of precedence: explicit `distributed.*` config (coordinator address, process count and id),
 then JAX's cluster auto-detection (Cloud TPU VM / GKE TPU, SLURM, Open MPI, Kubernetes). A run
@@ -6,7 +6,9 @@ with neither is a single process and starts no coordination service.
 
 Preemption: TPU VMs, GKE and SLURM all send SIGTERM before they evict a host. With several
 processes, JAX's preemption sync manager spreads the notice to every process and names one step
-at which all of them stop; on a single process a SIGTERM handler does the same job.
+at which all of them stop; on a single process a SIGTERM handler does the same job. Ctrl-C
+(SIGINT) on one process of several becomes that process's SIGTERM, so all of them stop together;
+a single process keeps Python's KeyboardInterrupt.
 """
 
 from __future__ import annotations
@@ -24,27 +26,26 @@ log = logging.getLogger("jaxlm")
 
 
 def detected_cluster() -> str | None:
-    """Name of the cluster environment JAX would auto-detect here, or None."""
-    try:
-        from jax._src.clusters import ClusterEnv
-    except ImportError:  # a JAX without the registry: fall back to asking JAX itself at start-up
-        return None
+    """Name of the cluster of several processes that JAX would auto-detect here, or None."""
+    # JAX has no public way to ask, before jax.distributed.initialize() commits to a cluster,
+    # whether one is present and how many processes it has. Calling initialize() to find out is
+    # wrong for a cluster of one: it starts a coordination service, and on SLURM it hides every GPU
+    # but SLURM_LOCALID's from a single task meant to drive them all. So this asks the registry of
+    # cluster environments that initialize() itself consults, in its order; the tests in
+    # tests/test_cli.py fail if JAX changes it.
+    from jax._src.clusters import ClusterEnv
+
     for cluster in ClusterEnv._cluster_types:
-        if getattr(cluster, "opt_in_only_method", False):
+        if cluster.opt_in_only_method:
             continue
         try:
-            if cluster.is_env_present() and cluster.get_process_count() > 1:
-                return getattr(cluster, "name", cluster.__name__)
-        except Exception:  # a half-set environment is not a cluster
+            if not cluster.is_env_present():
+                continue
+            # initialize() takes the first environment present, so no later one is asked.
+            return (cluster.name or cluster.__name__) if cluster.get_process_count() > 1 else None
+        except Exception:  # a half-set environment (a Kubernetes pod outside a Job) is not a cluster
             continue
     return None
-
-
-def is_multi_process(config: DistributedConfig) -> bool:
-    """Whether this run will span several processes (explicit config or a detected cluster)."""
-    if config.num_processes is not None:
-        return config.num_processes > 1
-    return config.auto_detect and detected_cluster() is not None
 
 
 def initialize(config: DistributedConfig) -> None:
@@ -90,16 +91,54 @@ def initialize(config: DistributedConfig) -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
+    _stop_all_processes_on_ctrl_c()
+
+
+# Set by the first Ctrl-C in a run of several processes; PreemptionWatch.reached then starts a
+# preemption of them all.
+_interrupted = threading.Event()
+
+
+def _stop_all_processes_on_ctrl_c() -> None:
+    """Make Ctrl-C on this process stop every process of the run, as a preemption does.
+
+    Python's KeyboardInterrupt would end this process alone, and the others would wait for it in
+    their next collective until jax.distributed's shutdown barrier gives up, five minutes later.
+    Instead the first SIGINT asks the loop to preempt every process at its next step. A second
+    kills this process, and the coordination service stops the others when its heartbeat stops.
+    """
+    # A SIGINT that the process's starter ignores (launch/local.sh's background jobs, whose Ctrl-C
+    # the script passes on as SIGTERM) or handles itself stays as it is.
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+
+    def on_sigint(signum, frame) -> None:
+        _interrupted.set()
+        # The default action, unlike a Python handler, needs nothing of the main thread, so the
+        # next Ctrl-C works at once even while XLA holds it (compiling, or stuck in a collective).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        log.warning(
+            "SIGINT: stopping all %d processes at the next step they agree on, after saving a "
+            "checkpoint; Ctrl-C again to stop this one at once",
+            jax.process_count(),
+        )
+
+    signal.signal(signal.SIGINT, on_sigint)
 
 
 class PreemptionWatch:
     """Tells the loop when to save and stop: at the same step on every process."""
 
     def __init__(self, grace_s: float):
+        """Watch from now on (a SIGTERM that comes during compilation stops the run after its
+        first step). grace_s: how long the preemption save may take; the loop holds it to that."""
         self.grace_s = grace_s
         self._signalled = threading.Event()
         self._multi_process = jax.process_count() > 1
         self._previous_handler = None
+        self._interrupt_raised = False
         if not self._multi_process and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -112,26 +151,16 @@ class PreemptionWatch:
         if self._multi_process:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step)
+            reached = multihost_utils.reached_preemption_sync_point(step)
+            if _interrupted.is_set() and not self._interrupt_raised:
+                # Ctrl-C becomes this process's SIGTERM, which JAX's preemption sync manager
+                # spreads to every process. Raised here, once JAX has heard of this step: JAX
+                # agrees on the step after the furthest one any process has told it of, and before
+                # the loop's first call that is step 1, which a resumed run never reaches.
+                self._interrupt_raised = True
+                signal.raise_signal(signal.SIGTERM)
+            return reached
         return self._signalled.is_set()
-
-    def start_grace_timer(self) -> threading.Timer:
-        """Abort the process if saving outlives the grace period (the host is about to vanish)."""
-
-        def expire() -> None:
-            log.error(
-                "preemption checkpoint not finished within distributed.preemption_grace_s=%.0fs; "
-                "exiting (the previous complete checkpoint is kept)",
-                self.grace_s,
-            )
-            import os
-
-            os._exit(1)
-
-        timer = threading.Timer(self.grace_s, expire)
-        timer.daemon = True
-        timer.start()
-        return timer
 
     def close(self) -> None:
         if self._previous_handler is not None:

@@ -49,6 +49,8 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> TrainR
     setup, tokenizer, train_docs, validation_docs, run_dir = _prepare(config, devices)
     data = pipeline.HostBatches(train_docs, config, tokenizer)
     checkpointer = Checkpointer(config)  # even with checkpoint.every=0: resume, and preemption saves
+    # From here a SIGTERM (during restore or compilation too) stops the run after its next step.
+    preemption = PreemptionWatch(config.distributed.preemption_grace_s)
     try:
         state = checkpointer.restore_or_init(setup, data)
         if jax.process_index() == 0:  # only once the checkpoint has accepted this config
@@ -63,20 +65,20 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> TrainR
         # Both steps compile before the first step, so no compilation falls inside the run's timing.
         train_step = compile_ahead("train", jit_train_step(config, setup), *abstract_inputs(config, setup))
         evaluator = Evaluator(config, setup.model, validation_docs, tokenizer)
-        return _loop(config, setup, state, train_step, evaluator, data, checkpointer, run_dir)
+        return _loop(config, setup, state, train_step, evaluator, data, checkpointer, preemption, run_dir)
     finally:
+        preemption.close()
         data.close()
         checkpointer.close()
 
 
 def _loop(
-    config, setup: TrainSetup, state, train_step, evaluator, data, checkpointer, run_dir
+    config, setup: TrainSetup, state, train_step, evaluator, data, checkpointer, preemption, run_dir
 ) -> TrainResult:
     first_step = int(jax.device_get(state.step))
     batches = _GlobalBatches(data, setup, config)
     logger = StepLogger(config, setup.mesh, run_dir, first_step, checkpointer.refuse_diverged)
     profiler = StepProfiler(config.train.profile_steps, run_dir / "profile")
-    preemption = PreemptionWatch(config.distributed.preemption_grace_s)
     checkpointer.wait_for_pinning()  # the first step donates the state it reads
     step, preempted = first_step, False
     try:
@@ -97,7 +99,6 @@ def _loop(
                 break
     finally:
         profiler.close()
-        preemption.close()
         logger.close()
     result = TrainResult(step, logger.last, preempted, logger.first_step_done_at, time.perf_counter())
     _log_end(result, run_dir)

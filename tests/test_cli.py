@@ -1,24 +1,34 @@
-"""`jaxlm train` end to end in a subprocess, and bad input as one line with a non-zero exit."""
+"""`jaxlm train` end to end in a subprocess: bad input as one line with a non-zero exit, the CPU
+devices a mesh asks for, Ctrl-C; and the cluster detection that decides between one process and
+several."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, TINY, read_metrics
 
+from jaxlm import distributed
 
-def jaxlm(*args: str, devices: int = 8) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_PLATFORMS": "cpu",
-    }
+
+def cli_env(devices: int | None = 8) -> dict[str, str]:
+    """This environment on CPU, with `devices` host devices forced (None: the CLI picks them)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def jaxlm(*args: str, devices: int | None = 8) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "jaxlm.cli", *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=cli_env(devices),
         cwd=REPO,
         timeout=300,
     )
@@ -72,3 +82,63 @@ def test_cpu_device_count_covers_dcn_slices():
     assert cpu_devices_for_mesh(load_config(None, ["mesh.fsdp=4", "mesh.data=2"]).mesh) == 8
     assert cpu_devices_for_mesh(load_config(None, ["mesh.fsdp=4", "mesh.dcn_data=2"]).mesh) == 8
     assert cpu_devices_for_mesh(load_config(None, ["mesh.fsdp=-1", "mesh.tensor=2"]).mesh) == 2
+
+
+def test_a_single_process_gets_the_cpu_devices_its_mesh_asks_for(tmp_path):
+    result = jaxlm(
+        "train", "configs/tiny.yaml", *TINY, "train.steps=1", "mesh.fsdp=4", "mesh.data=2", f"run.dir={tmp_path}",
+        devices=None,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "jaxlm[p0] model:" in result.stderr and "over 8 devices (cpu)" in result.stderr
+
+
+def test_ctrl_c_stops_a_single_process_at_once_with_status_130(tmp_path):
+    log = tmp_path / "stderr.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxlm.cli", "train", "configs/tiny.yaml", *TINY, "train.steps=100000",
+         f"run.dir={tmp_path}"],
+        env=cli_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while "step 2/100000" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        code = process.wait(timeout=30)
+        seconds = time.monotonic() - interrupted
+    finally:
+        process.kill()
+    assert code == 130, log.read_text()[-2000:]
+    assert seconds < 10
+    assert log.read_text().rstrip().endswith("jaxlm: interrupted") and "Traceback" not in log.read_text()
+
+
+# JAX has no public question "which cluster, of how many processes, is this?" before
+# jax.distributed.initialize(), so distributed.detected_cluster asks JAX's private registry of
+# cluster environments: these fail if JAX changes it.
+SLURM_TASK = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_NODELIST": "node[001-002]",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+}
+
+
+def test_a_slurm_job_step_of_several_tasks_is_a_cluster(monkeypatch):
+    monkeypatch.delenv("OMPI_MCA_orte_hnp_uri", raising=False)  # Open MPI comes first in JAX's order
+    for name, value in {**SLURM_TASK, "SLURM_NTASKS": "2"}.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.detected_cluster() == "slurm"
+
+
+def test_a_single_slurm_task_is_a_single_process_that_keeps_every_gpu(monkeypatch):
+    monkeypatch.delenv("OMPI_MCA_orte_hnp_uri", raising=False)
+    for name, value in {**SLURM_TASK, "SLURM_NTASKS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    # jax.distributed.initialize() would take this for a cluster of one and show it only GPU 0.
+    assert distributed.detected_cluster() is None

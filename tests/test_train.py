@@ -258,6 +258,7 @@ def test_sigterm_to_an_in_process_run_saves_and_returns_without_killing_the_call
     # A notebook or a test calling jaxlm.train: preemption saves and stops the run; the grace
     # period (here far too short for any write) can only raise, never end the caller's process.
     import os
+    import re
     import signal
     import threading
     import time
@@ -275,5 +276,11 @@ def test_sigterm_to_an_in_process_run_saves_and_returns_without_killing_the_call
         result = train(config)
     except PreemptionGraceExpired as expired:
         assert "was not written within distributed.preemption_grace_s=1e-06s" in str(expired)
+        # The write goes on in the background and completes.
+        step = re.search(r"checkpoint of step (\d+)", str(expired)).group(1)
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "checkpoints" / step / "_CHECKPOINT_METADATA").exists():
+            assert time.monotonic() < deadline, "the abandoned write never completed"
+            time.sleep(0.1)
     else:  # the write beat even that grace period
         assert result.preempted and result.step < 100000
