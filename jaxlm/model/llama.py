@@ -97,6 +97,7 @@ class Attention(nnx.Module):
             keys, values, start = cache
             k = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), start, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), start, axis=1)
+            # The cache's slots with their `cache_mask`: the XLA einsums, whatever model.attention.
             out, cache = xla_attention(q, k, v, documents), (k, v)
         elif self.implementation == "cudnn":
             out = cudnn_attention(q, k, v, documents)

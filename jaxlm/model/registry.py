@@ -19,11 +19,9 @@ See docs/architecture.md#model-families for how to add one.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import jax
 from flax import nnx
 
 from jaxlm.config import ModelConfig
@@ -69,8 +67,3 @@ def family_of(config: ModelConfig) -> ModelFamily:
 def abstract_model(config: ModelConfig) -> nnx.Module:
     """The model as shapes only: nothing is allocated."""
     return nnx.eval_shape(lambda: family_of(config).build(config, nnx.Rngs(0)))
-
-
-def param_count(config: ModelConfig) -> int:
-    params = nnx.state(abstract_model(config), nnx.Param)
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
