@@ -140,17 +140,37 @@ class Checkpointer:
         target = with_shardings(setup.abstract_state, setup.state_shardings)
         return self.restore(latest, target, data_iterator)
 
-    def maybe_save(
-        self, step: int, state: Any, data_iterator: Any, loss: jax.Array, *, force: bool = False
-    ) -> bool:
-        """Save `step` when the cadence (checkpoint.every, and the last step) says so, or `force`
-        does (preemption); never a diverged state. Returns whether it saved."""
+    def maybe_save(self, step: int, state: Any, data_iterator: Any, loss: jax.Array) -> bool:
+        """Save `step` when the cadence says so (every checkpoint.every steps, and the last);
+        never a diverged state. Returns whether it saved."""
         every, last = self.config.checkpoint.every, self.config.train.steps
-        if not (force or (every and (step % every == 0 or step == last))):
+        if not (every and (step % every == 0 or step == last)):
             return False
         self.refuse_diverged(float(jax.device_get(loss)), step)
         self.save(step, state, data_iterator)
         return True
+
+    def save_and_finish(
+        self, step: int, state: Any, data_iterator: Any, loss: jax.Array, within_s: float
+    ) -> None:
+        """Save `step` and wait until it is written, all within `within_s` seconds (a preempted
+        host is about to vanish): past that, raise PreemptionGraceExpired and never wait for the
+        write again."""
+        deadline = time.monotonic() + within_s
+        self.refuse_diverged(float(jax.device_get(loss)), step)
+        self.save(step, state, data_iterator)
+        writer = threading.Thread(target=self._manager.wait_until_finished, daemon=True)
+        writer.start()
+        writer.join(max(deadline - time.monotonic(), 0.0))
+        if writer.is_alive():
+            self._abandoned = True
+            kept = [saved for saved in self._manager.all_steps() if saved != step]
+            previous = f"step {max(kept)}" if kept else "none"
+            raise PreemptionGraceExpired(
+                f"the preemption checkpoint of step {step} was not written within "
+                f"distributed.preemption_grace_s={within_s:g}s; the previous complete checkpoint "
+                f"({previous}) is kept. Raise distributed.preemption_grace_s if the host gives more notice"
+            )
 
     def refuse_diverged(self, loss: float, step: int) -> None:
         """Stop the run at a non-finite loss, before anything of it is saved."""
@@ -166,23 +186,6 @@ class Checkpointer:
             f"loss is {loss} at step {step}; {where}. Lower optim.lr, raise optim.warmup_steps or "
             "check the data, then run again"
         )
-
-    def finish_within(self, seconds: float, step: int) -> None:
-        """Wait for the writes in flight, at most `seconds` (a preempted host is about to vanish);
-        past that, raise PreemptionGraceExpired and never wait for them again."""
-        writer = threading.Thread(target=self._manager.wait_until_finished, daemon=True)
-        writer.start()
-        writer.join(max(seconds, 0.0))
-        if writer.is_alive():
-            self._abandoned = True
-            kept = [saved for saved in self._manager.all_steps() if saved != step]
-            previous = f"step {max(kept)}" if kept else "none"
-            raise PreemptionGraceExpired(
-                f"the preemption checkpoint of step {step} was not written within "
-                f"distributed.preemption_grace_s={self.config.distributed.preemption_grace_s:g}s; the previous "
-                f"complete checkpoint ({previous}) "
-                "is kept. Raise distributed.preemption_grace_s if the host gives more notice"
-            )
 
     def save(self, step: int, state: Any, data_iterator: Any) -> None:
         self.wait_for_pinning()

@@ -90,13 +90,12 @@ def _loop(
             if evaluator.due(step):
                 with logger.paused():
                     logger.write_eval(step, evaluator.evaluate(state.params))
-            preempted = preemption.reached(step)
-            stop_by = time.monotonic() + preemption.grace_s
-            checkpointer.maybe_save(step, state, data, metrics["loss"], force=preempted)
-            if preempted:
+            if preemption.reached(step):
+                preempted = True
+                checkpointer.save_and_finish(step, state, data, metrics["loss"], within_s=preemption.grace_s)
                 log.warning("preempted: stopping at step %d after saving it", step)
-                checkpointer.finish_within(stop_by - time.monotonic(), step)
                 break
+            checkpointer.maybe_save(step, state, data, metrics["loss"])
     finally:
         profiler.close()
         logger.close()
