@@ -15,6 +15,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from jaxlm.config import DataConfig
 from jaxlm.errors import DataError
@@ -160,12 +161,25 @@ class DocumentSource:
         return read_document(self.refs[index], self.text_field)
 
 
+def import_tfds(name: str) -> ModuleType:
+    """tensorflow_datasets, which only data.tfds needs and the `tfds` extra installs."""
+    try:
+        import tensorflow_datasets
+    except ModuleNotFoundError as error:
+        if error.name != "tensorflow_datasets":
+            raise  # installed but broken: the traceback names what is missing
+        raise DataError(
+            f"data.tfds={name} needs TensorFlow Datasets, which is not installed; "
+            'pip install -e ".[tfds]" (or pip install "jaxlm[tfds]")'
+        ) from None
+    return tensorflow_datasets
+
+
 class TfdsSource:
     """One split of a TensorFlow Datasets dataset prepared as array_record: index → text."""
 
     def __init__(self, config: DataConfig, split: str):
-        import tensorflow_datasets as tfds
-
+        tfds = import_tfds(config.tfds)
         where = config.tfds_data_dir or "TFDS's default data dir"
         try:
             self._records = tfds.data_source(
