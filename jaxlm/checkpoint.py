@@ -33,49 +33,46 @@ log = logging.getLogger("jaxlm")
 HOW_TO_RUN_MODEL_KEYS = frozenset({"dtype", "remat", "scan_layers", "attention", "max_documents"})
 
 
-class DataShardsHandler(ocp.CheckpointHandler):
-    """Saves each data shard's Grain iterator state as `shard_<i>-of-<n>.json`, written by the
-    process that reads that shard, so any process layout with the same shards can restore it."""
+class DataPositionHandler(ocp.CheckpointHandler):
+    """Saves where each process's data streams are, one file per process,
+    `streams_<first>-<last>-of-<streams>.json`, so that any process layout can restore them."""
 
-    def save(self, directory: epath.Path, args: DataShardsSave) -> None:
-        shard_count = args.item.shard_count
-        for index, state in args.item.shard_states().items():
-            (directory / f"shard_{index}-of-{shard_count}.json").write_text(json.dumps(state))
+    def save(self, directory: epath.Path, args: DataPositionSave) -> None:
+        batches = args.item
+        first, last = batches.stream_indices[0], batches.stream_indices[-1]
+        path = directory / f"streams_{first}-{last}-of-{batches.stream_count}.json"
+        path.write_text(json.dumps(batches.position()))
 
-    def restore(self, directory: epath.Path, args: DataShardsRestore) -> bool:
-        """Restore the iterators in place; False when the checkpoint has another shard count."""
-        item = args.item
-        files = {
-            int(m.group(1)): (m.group(2), path)
-            for path in directory.iterdir()
-            if (m := _SHARD_FILE.match(path.name))
-        }
-        saved_counts = {int(count) for count, _ in files.values()}
-        if not files:
-            raise FileNotFoundError(f"no data position files (shard_<i>-of-<n>.json) in {directory}")
-        if saved_counts != {item.shard_count}:
+    def restore(self, directory: epath.Path, args: DataPositionRestore) -> bool:
+        """Restore the streams in place; False when the checkpoint's batches had another number
+        of streams (rows): another train.global_batch_size, or a checkpoint of older jaxlm."""
+        batches = args.item
+        files = [
+            (int(m.group(1)), path) for path in directory.iterdir() if (m := _POSITION_FILE.match(path.name))
+        ]
+        if not files and not any(path.name.startswith("shard_") for path in directory.iterdir()):
+            raise FileNotFoundError(
+                f"no data position files (streams_<first>-<last>-of-<n>.json) in {directory}"
+            )
+        ours = [path for streams, path in files if streams == batches.stream_count]
+        if not ours:
             return False
-        missing = [index for index in item.shard_indices if index not in files]
-        if missing:
-            raise FileNotFoundError(f"no data position file for shard {missing[0]} in {directory}")
-        item.restore_shard_states(
-            {index: json.loads(files[index][1].read_text()) for index in item.shard_indices}
-        )
+        batches.restore_position([json.loads(path.read_text()) for path in ours])
         return True
 
 
-_SHARD_FILE = re.compile(r"shard_(\d+)-of-(\d+)\.json")
+_POSITION_FILE = re.compile(r"streams_\d+-\d+-of-(\d+)\.json")
 
 
-@ocp.args.register_with_handler(DataShardsHandler, for_save=True)
+@ocp.args.register_with_handler(DataPositionHandler, for_save=True)
 @dataclasses.dataclass
-class DataShardsSave(ocp.args.CheckpointArgs):
+class DataPositionSave(ocp.args.CheckpointArgs):
     item: Any
 
 
-@ocp.args.register_with_handler(DataShardsHandler, for_restore=True)
+@ocp.args.register_with_handler(DataPositionHandler, for_restore=True)
 @dataclasses.dataclass
-class DataShardsRestore(ocp.args.CheckpointArgs):
+class DataPositionRestore(ocp.args.CheckpointArgs):
     item: Any
 
 
@@ -194,7 +191,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=DataShardsSave(data_iterator),
+                data=DataPositionSave(data_iterator),
                 config=ocp.args.JsonSave(self.config.to_dict()),
             ),
             force=True,
@@ -255,17 +252,16 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
-                data=DataShardsRestore(data_iterator),
+                data=DataPositionRestore(data_iterator),
             ),
         )
         if not restored.data:
             log.warning(
-                "checkpoint step %d holds the data position for another number of data shards than this "
-                "run's %d (data.shards changed, or it defaults to one per process and the process count "
-                "changed): the model and optimizer state are restored, the data starts again from the "
-                "beginning of its seeded order. Keep data.shards fixed to resume the data position exactly.",
+                "checkpoint step %d holds the data position of batches of another number of rows than "
+                "this run's %d (train.global_batch_size changed, or an older jaxlm wrote it): the model and "
+                "optimizer state are restored, the data starts again from the beginning of its seeded order",
                 step,
-                data_iterator.shard_count,
+                data_iterator.stream_count,
             )
         return restored.state
 

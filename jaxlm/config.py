@@ -192,15 +192,10 @@ class DataConfig(Section):
         lt=1,
         description="Share of documents held out for eval (by a stable hash of their name).",
     )
-    shards: int = Field(
-        0,
-        ge=0,
-        description="Independent shards of the document stream (0 = one per process); fix it to get the same batches on any process count.",
-    )
     worker_count: int = Field(
         0,
         ge=0,
-        description="Grain worker processes per data shard (0 = background threads in this process). The data order depends on it: a checkpoint resumes only with the value it was saved with.",
+        description="Grain worker processes per process (0 = a background thread). The data order depends on it, and its data position restores only into the same number of processes and workers; with 0 any number of processes resumes a checkpoint exactly.",
     )
     prefetch: int = Field(4, ge=0, description="Batches buffered ahead of the step.")
 

@@ -4,7 +4,7 @@
 # on 127.0.0.1 at a free port. Waits for all of them; exits non-zero if any fails.
 #
 #   launch/local.sh N CONFIG [key=value ...]
-#   DEVICES_PER_PROCESS=2 launch/local.sh 4 configs/tiny.yaml mesh.fsdp=8 data.shards=4
+#   DEVICES_PER_PROCESS=2 launch/local.sh 4 configs/tiny.yaml mesh.fsdp=8
 #
 # Environment: DEVICES_PER_PROCESS (default 4), JAXLM (the command, default `jaxlm`),
 # PYTHON (default python3, used to find a free port). SIGTERM or Ctrl-C is passed on to every

@@ -135,36 +135,50 @@ def test_same_seed_same_batches_and_another_seed_another_order(tmp_path, corpus)
 
 def test_iterator_state_restores_the_exact_position(tmp_path, corpus):
     refs = source_of(str(corpus))
-    config = tiny_config(tmp_path, "data.shards=2")
+    config = tiny_config(tmp_path)
     iterator = pipeline.HostBatches(refs, config, ByteTokenizer())
     take(iterator, 5)
-    states = iterator.shard_states()
-    assert sorted(states) == [0, 1]
+    position = iterator.position()
+    assert sorted(map(int, position["streams"])) == list(range(8))  # one stream per row
     expected = take(iterator, 3)
     resumed = pipeline.HostBatches(refs, config, ByteTokenizer())
-    resumed.restore_shard_states(states)
+    resumed.restore_position([position])
     for x, y in zip(expected, take(resumed, 3), strict=True):
         np.testing.assert_array_equal(x["tokens"], y["tokens"])
     iterator.close()
     resumed.close()
 
 
-def test_shards_read_disjoint_documents(tmp_path):
+def test_streams_read_disjoint_documents(tmp_path):
     texts = [f"document number {i} " * (i + 1) for i in range(12)]
     refs = docs_of(tmp_path, texts)
     config = tiny_config(tmp_path, "data.seq_len=512")
-    seen = []
-    for shard in range(3):
+    for stream_index in range(3):
         stream = iter(
-            pipeline.packed_rows(
-                refs, config, ByteTokenizer(), shard_index=shard, shard_count=3, shuffle=False
-            )
+            pipeline.packed_rows(refs, config, ByteTokenizer(), stream=stream_index, streams=3, shuffle=False)
         )
         text = bytes(b for b in next(stream)["tokens"] if b < 256).decode()
-        seen.append({i for i in range(12) if f"document number {i} " in text})
-    assert seen[0] and seen[1] and seen[2]
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
-    assert set().union(*seen) == set(range(12))
+        # Documents stream, stream + 3, ...: its slice of every epoch's order.
+        assert {i for i in range(12) if f"document number {i} " in text} == set(range(stream_index, 12, 3))
+
+
+def test_a_batch_draws_each_row_from_another_document_even_when_a_few_documents_are_huge(tmp_path):
+    # Three documents of 60,000 bytes among 40 of 100: packed one after the other, a huge one would
+    # fill batch after batch of consecutive rows; here it fills one row of a batch at most.
+    texts = [f"<{i:02d}>" * (15000 if i in (3, 17, 30) else 25) for i in range(43)]
+    refs = docs_of(tmp_path, texts)
+    batches = pipeline.HostBatches(refs, tiny_config(tmp_path, "data.prefetch=0"), ByteTokenizer())
+    for batch in take(batches, 40):
+        documents_of_rows = [
+            {i for i in range(43) if f"<{i:02d}>" in bytes(b for b in row if b < 256).decode()}
+            for row in batch["tokens"]
+        ]
+        # Each row of a batch comes from its own stream, and streams read disjoint documents (a
+        # stream an epoch ahead of another may meet a document that one still reads: twice at most).
+        for i in range(43):
+            assert sum(i in row for row in documents_of_rows) <= 2, i
+        assert len(set().union(*documents_of_rows)) >= 6
+    batches.close()
 
 
 def test_host_batches_have_the_global_batch_shape_and_become_sharded_arrays(tmp_path, corpus):
@@ -291,3 +305,22 @@ def test_rows_with_more_documents_than_cudnn_slots_warn(caplog):
     assert "max_documents" not in caplog.text
     assert not _documents_fit(batch, max_documents=3)
     assert "a packed row holds 4 documents, more than model.max_documents=3" in caplog.text
+
+
+def test_a_position_saved_with_grain_workers_restores_into_the_same_layout(tmp_path, corpus):
+    refs = source_of(str(corpus))
+    config = tiny_config(tmp_path, "data.worker_count=1")
+    iterator = pipeline.HostBatches(refs, config, ByteTokenizer())
+    take(iterator, 3)
+    position = iterator.position()
+    expected = take(iterator, 2)
+    iterator.close()
+    resumed = pipeline.HostBatches(refs, config, ByteTokenizer())
+    resumed.restore_position([position])
+    for x, y in zip(expected, take(resumed, 2), strict=True):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    resumed.close()
+    threads = pipeline.HostBatches(refs, tiny_config(tmp_path), ByteTokenizer())
+    with pytest.raises(DataError, match=r"saved with data.worker_count=1 and this run sets 0"):
+        threads.restore_position([position])
+    threads.close()

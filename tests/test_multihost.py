@@ -18,8 +18,9 @@ from jaxlm.train import train
 
 pytestmark = pytest.mark.multiprocess
 
-# 2 processes × 4 CPU devices, and the same global mesh, batch order and schedule on 1 × 8.
-SHARED = [*TINY, "data.shards=2", "mesh.fsdp=4", "mesh.data=2", "optim.schedule_steps=8"]
+# 2 processes × 4 CPU devices, and the same global mesh and schedule on 1 × 8; the batch order
+# is the same by default.
+SHARED = [*TINY, "mesh.fsdp=4", "mesh.data=2", "optim.schedule_steps=8"]
 
 
 def free_port(low: int = 0) -> int:
@@ -110,8 +111,9 @@ def test_two_processes_log_the_losses_of_one(two_process_run, one_process_refere
     assert losses.keys() == one_process_reference.keys()
     for step, loss in losses.items():
         assert abs(loss - one_process_reference[step]) / one_process_reference[step] < 1e-4
-    data_files = sorted(p.name for p in (run_dir / "checkpoints" / "8" / "data").glob("shard_*"))
-    assert data_files == ["shard_0-of-2.json", "shard_1-of-2.json"]  # each written by its own process
+    # Each process writes the position of its rows' streams (rows 0-3 and 4-7 of 8).
+    data_files = sorted(p.name for p in (run_dir / "checkpoints" / "8" / "data").glob("streams_*"))
+    assert data_files == ["streams_0-3-of-8.json", "streams_4-7-of-8.json"]
 
 
 def test_multiprocess_resume_matches_the_uninterrupted_run(tmp_path, two_process_run):

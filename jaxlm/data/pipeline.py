@@ -1,8 +1,12 @@
 """The Grain input pipeline: documents → tokens → packed rows → host batches → global arrays.
 
-The training stream is split into `data.shards` independent shards of the document list; each
-process reads only the shards it owns. A host batch is the rows of its shards side by side, so a
-given `data.shards` yields the same global batch whatever the number of processes.
+Each row of the global batch has its own stream: row j of every batch is the next packed row of
+stream j, which reads the documents at positions j, j + B, j + 2B, ... of the seeded order of all
+documents (B = train.global_batch_size), epoch after epoch, each epoch in a new order. So a batch
+draws from B different documents (a long document fills one row of each batch while it lasts,
+not whole batches), and the global batches depend on the seed and the data only: each process
+reads the streams of its own rows of the batch, whatever the number of processes, and a
+checkpoint keeps every stream's position, which any number of processes can restore.
 
 Rows are packed by concatenating documents and cutting at `seq_len`; `segment_ids` number the
 documents within a row (attention never crosses them) and `positions` restart at each document.
@@ -63,21 +67,20 @@ def packed_rows(
     config: Config,
     tokenizer: Tokenizer,
     *,
-    shard_index: int = 0,
-    shard_count: int = 1,
+    stream: int = 0,
+    streams: int = 1,
     shuffle: bool = True,
 ) -> grain.IterDataset:
-    """An endless stream of packed [seq_len] rows from one shard of the documents."""
-    documents = grain.MapDataset.source(source)[shard_index::shard_count]
-    if len(documents) == 0:
-        raise DataError(
-            f"data shard {shard_index} of {shard_count} has no documents ({len(source)} in all); "
-            "use fewer data.shards or add documents"
-        )
+    """An endless stream of packed [seq_len] rows: stream `stream` of `streams`, which takes the
+    documents at positions stream, stream + streams, ... of the seeded order of all of them
+    (every epoch in a new order; with `shuffle=False`, the source's order)."""
+    documents = grain.MapDataset.source(source)
     if shuffle:
-        documents = documents.shuffle(seed=config.train.seed + shard_index)
-    tokens = documents.repeat(None).map(_Tokenize(tokenizer))
-    rows = tokens.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
+        documents = documents.shuffle(seed=config.train.seed)
+    tokens = documents.repeat(None)[stream::streams].map(_Tokenize(tokenizer))
+    # Read in the thread that packs: a process packs hundreds of streams, and a batch's read-ahead
+    # happens a level up (ThreadPrefetch or Grain's worker processes).
+    rows = tokens.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     seq_len = config.data.seq_len
     rows = grain.experimental.ConcatThenSplitIterDataset(
         rows, length_struct={"tokens": seq_len, "targets": seq_len}
@@ -85,88 +88,109 @@ def packed_rows(
     return rows.map(_pretraining_row)
 
 
-def shard_count(config: Config) -> int:
-    shards = config.data.shards or jax.process_count()
-    if shards % jax.process_count():
-        raise ConfigError(
-            f"data.shards={shards} is not a multiple of the {jax.process_count()} processes; "
-            "use a multiple, or 0 for one shard per process"
-        )
-    if config.train.global_batch_size % shards:
-        raise ConfigError(
-            f"train.global_batch_size={config.train.global_batch_size} is not divisible by data.shards={shards}"
-        )
-    return shards
+class RowsOfStreams(grain.IterDataset):
+    """Batches of one row from each of several row streams, in order: [streams, seq_len] per field."""
+
+    def __init__(self, streams: list[grain.IterDataset]):
+        super().__init__(streams)
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _RowsOfStreamsIterator([iter(stream) for stream in self.parents])
+
+
+class _RowsOfStreamsIterator(grain.DatasetIterator):
+    def __next__(self) -> Batch:
+        rows = [next(stream) for stream in self._parents]
+        return {field: np.stack([row[field] for row in rows]) for field in FIELDS}
+
+    def get_state(self) -> dict:
+        return {"streams": [stream.get_state() for stream in self._parents]}
+
+    def set_state(self, state: dict) -> None:
+        for stream, stream_state in zip(self._parents, state["streams"], strict=True):
+            stream.set_state(stream_state)
 
 
 class HostBatches:
-    """This process's rows of each global batch, drawn from the data shards it owns.
+    """This process's rows of each global batch: one row from each stream it owns.
 
-    Checkpointable per shard (`shard_states` / `restore_shard_states`), so a run may resume on
-    another number of processes as long as `data.shards` stays the same. Each state records
-    data.worker_count: Grain's worker processes each pack their own slice of the documents, so
-    the position means nothing, or the wrong thing, to another number of workers.
+    The data position (`position` / `restore_position`) is each stream's, by stream index, so
+    any process layout can restore it. With Grain worker processes (`data.worker_count`) each
+    worker packs its own slice of the streams' documents, and the position is this process's
+    as a whole: it restores only into the same process layout and worker count.
     """
 
     def __init__(self, source: Source, config: Config, tokenizer: Tokenizer):
-        self.shard_count = shard_count(config)
-        self.worker_count = config.data.worker_count
-        per_process = self.shard_count // jax.process_count()
-        first = jax.process_index() * per_process
-        self.shard_indices = list(range(first, first + per_process))
-        rows_per_shard = config.train.global_batch_size // self.shard_count
-        self._iterators = []
-        for shard_index in self.shard_indices:
-            stream = packed_rows(
-                source, config, tokenizer, shard_index=shard_index, shard_count=self.shard_count
+        self.stream_count = config.train.global_batch_size
+        if self.stream_count % jax.process_count():
+            raise ConfigError(
+                f"train.global_batch_size={self.stream_count} is not divisible by the "
+                f"{jax.process_count()} processes"
             )
-            stream = stream.batch(rows_per_shard, drop_remainder=True)
-            if config.data.worker_count:
-                _use_default_grain_flags()
-                stream = stream.mp_prefetch(
-                    grain.MultiprocessingOptions(num_workers=config.data.worker_count)
-                )
-            elif config.data.prefetch:
-                stream = grain.experimental.ThreadPrefetchIterDataset(
-                    stream, prefetch_buffer_size=config.data.prefetch
-                )
-            self._iterators.append(iter(stream))
+        per_process = self.stream_count // jax.process_count()
+        first = jax.process_index() * per_process
+        self.stream_indices = list(range(first, first + per_process))
+        self.worker_count = config.data.worker_count
+        dataset = RowsOfStreams(
+            [
+                packed_rows(source, config, tokenizer, stream=index, streams=self.stream_count)
+                for index in self.stream_indices
+            ]
+        )
+        if self.worker_count:
+            _use_default_grain_flags()
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
+        elif config.data.prefetch:
+            dataset = grain.experimental.ThreadPrefetchIterDataset(
+                dataset, prefetch_buffer_size=config.data.prefetch
+            )
+        self._iterator = iter(dataset)
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
-        parts = [next(iterator) for iterator in self._iterators]
-        if len(parts) == 1:
-            return {field: parts[0][field] for field in FIELDS}
-        return {field: np.concatenate([part[field] for part in parts]) for field in FIELDS}
+        return next(self._iterator)
 
-    def shard_states(self) -> dict[int, dict]:
-        """The position of each shard this process reads, by shard index: its Grain iterator
-        state and the worker count that state belongs to."""
+    def position(self) -> dict:
+        """Where this process's streams are: a JSON-able dict."""
+        state = self._iterator.get_state()
+        if self.worker_count:
+            return {"worker_count": self.worker_count, "streams": self.stream_indices, "grain": state}
         return {
-            index: {"worker_count": self.worker_count, "grain": iterator.get_state()}
-            for index, iterator in zip(self.shard_indices, self._iterators, strict=True)
+            "worker_count": 0,
+            "streams": dict(zip(map(str, self.stream_indices), state["streams"], strict=True)),
         }
 
-    def restore_shard_states(self, states: dict[int, dict]) -> None:
-        for index, iterator in zip(self.shard_indices, self._iterators, strict=True):
-            state = states[index]
-            if "grain" not in state:  # saved before the worker count was recorded
-                iterator.set_state(state)
-                continue
-            if state["worker_count"] != self.worker_count:
+    def restore_position(self, saved: list[dict]) -> None:
+        """Restore from the positions every process of the saving run wrote."""
+        if any(position["worker_count"] != self.worker_count for position in saved):
+            counts = sorted({position["worker_count"] for position in saved})
+            raise DataError(
+                f"the checkpoint's data position was saved with data.worker_count={counts[0]} "
+                f"and this run sets {self.worker_count}: resume with "
+                f"data.worker_count={counts[0]} (the data order depends on it)"
+            )
+        if self.worker_count:
+            ours = [position for position in saved if position["streams"] == self.stream_indices]
+            if not ours:
                 raise DataError(
-                    f"the checkpoint's data position was saved with data.worker_count={state['worker_count']} "
-                    f"and this run sets {self.worker_count}: resume with "
-                    f"data.worker_count={state['worker_count']} (the data order depends on it)"
+                    f"the checkpoint's data position was saved by Grain worker processes of another "
+                    f"process layout (this process reads rows {self.stream_indices[0]}-{self.stream_indices[-1]}); "
+                    "resume with the saving run's number of processes, or save with data.worker_count=0, "
+                    "whose position any layout restores"
                 )
-            iterator.set_state(state["grain"])
+            self._iterator.set_state(ours[0]["grain"])
+            return
+        streams = {int(index): state for position in saved for index, state in position["streams"].items()}
+        missing = [index for index in self.stream_indices if index not in streams]
+        if missing:
+            raise DataError(f"the checkpoint's data position has no state for data stream {missing[0]}")
+        self._iterator.set_state({"streams": [streams[index] for index in self.stream_indices]})
 
     def close(self) -> None:
-        for iterator in self._iterators:
-            if hasattr(iterator, "close"):
-                iterator.close()
+        if hasattr(self._iterator, "close"):
+            self._iterator.close()
 
 
 def _use_default_grain_flags() -> None:
@@ -178,22 +202,26 @@ def _use_default_grain_flags() -> None:
 
 
 def eval_host_batches(source: Source, config: Config, tokenizer: Tokenizer) -> list[Batch]:
-    """The fixed validation batches (this process's rows), read once and reused by every eval.
+    """The fixed validation batches (this process's rows), read once and reused by every eval:
+    drawn from streams like the training batches, so an eval spans many documents.
 
-    Every process packs the same validation stream and keeps its rows, so tiny validation splits
-    work on any number of processes.
+    Every process packs all streams of the validation set and keeps its rows, so tiny validation
+    splits work on any number of processes.
     """
-    rows = packed_rows(source, config, tokenizer, shuffle=False).batch(
-        config.train.global_batch_size, drop_remainder=True
+    rows_per_batch = config.train.global_batch_size
+    streams = RowsOfStreams(
+        [
+            packed_rows(source, config, tokenizer, stream=i, streams=rows_per_batch)
+            for i in range(rows_per_batch)
+        ]
     )
-    per_process = config.train.global_batch_size // jax.process_count()
+    per_process = rows_per_batch // jax.process_count()
     start = jax.process_index() * per_process
-    iterator = iter(rows)
+    iterator = iter(streams)
     batches = []
     for _ in range(config.train.eval_batches):
         batch = next(iterator)
         batches.append({field: batch[field][start : start + per_process] for field in FIELDS})
-    iterator.close()
     return batches
 
 
