@@ -59,16 +59,26 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
 
 
 class MetricsWriter:
-    """Appends JSON lines to <run.dir>/metrics.jsonl and scalars to TensorBoard (process 0 only)."""
+    """Appends JSON lines to <run.dir>/metrics.jsonl and scalars to TensorBoard (process 0 only).
 
-    def __init__(self, run_dir: Path):
+    A run resumed at `first_step` trains again the steps its previous run logged past its last
+    checkpoint: their records are dropped from metrics.jsonl, and TensorBoard is told to purge
+    its events from step first_step + 1 on, so that each step is there once.
+    """
+
+    def __init__(self, run_dir: Path, first_step: int = 0):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
 
-        self._jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
-        self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        jsonl = run_dir / "metrics.jsonl"
+        if first_step:
+            _drop_records_after(jsonl, first_step)
+        self._jsonl = jsonl.open("a", buffering=1)
+        self._tensorboard = SummaryWriter(
+            str(run_dir / "tensorboard"), purge_step=first_step + 1 if first_step else None
+        )
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -81,6 +91,33 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite a metrics.jsonl without the records of steps after `step` (and a line cut short by
+    a killed process), through a temporary file: a crash leaves the old file or the new one."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept))
+    temporary.replace(path)
+    log.info(
+        "dropped %d records of steps after %d from %s: this run trains those steps again",
+        len(lines) - len(kept),
+        step,
+        path,
+    )
 
 
 class Progress:
@@ -162,7 +199,7 @@ class StepLogger:
         self.flops_per_step = model_flops_per_step(config)
         self.peak_flops = peak_flops_per_device(mesh.devices.flat[0], config) * mesh.size
         self.check_loss = check_loss  # raises on a loss that must stop the run
-        self.writer = MetricsWriter(run_dir)
+        self.writer = MetricsWriter(run_dir, first_step)
         self.progress = Progress(first_step, self.last_step)
         self.last: dict[str, Any] = {"step": first_step}  # the latest logged metrics
         self.first_step_done_at: float | None = None  # time.perf_counter()

@@ -284,3 +284,34 @@ def test_sigterm_to_an_in_process_run_saves_and_returns_without_killing_the_call
             time.sleep(0.1)
     else:  # the write beat even that grace period
         assert result.preempted and result.step < 100000
+
+
+def tensorboard_events(run_dir):
+    """Every event of the run's TensorBoard files, in file order (TFRecord framing: length,
+    its CRC, the record, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            events.append(event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length]))
+            offset += 12 + length + 4
+    return events
+
+
+def test_a_resumed_run_leaves_each_step_once_in_metrics_and_tensorboard(tmp_path):
+    # The first run logged steps 5 and 6 past the checkpoint it is resumed from (4), and was
+    # killed while writing a line.
+    train(tiny_config(tmp_path, *RESUMABLE, "train.steps=6", "checkpoint.every=4"))
+    (tmp_path / "checkpoints" / "6").rename(tmp_path / "checkpoints" / "damaged-6")
+    with (tmp_path / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 7, "lo')
+    train(tiny_config(tmp_path, *RESUMABLE))
+    assert [record["step"] for record in read_metrics(tmp_path)] == list(range(1, 9))
+    # TensorBoard hides what came before a purge marker at the resumed run's first step.
+    purges = [event.step for event in tensorboard_events(tmp_path) if event.session_log.status == 1]
+    assert purges == [5]
