@@ -157,10 +157,19 @@ class MeshConfig(Section):
         return self
 
 
+class MixtureSource(Section):
+    path: str = Field(description="A directory, glob or file of .txt / .jsonl documents, as data.path.")
+    weight: float = Field(gt=0, description="Share of the training rows (weights are normalised).")
+
+
 class DataConfig(Section):
     path: str | None = Field(
         None,
         description="A directory, glob or file of .txt / .jsonl documents; null = this Python's standard library source.",
+    )
+    mixture: list[MixtureSource] = Field(
+        default_factory=list,
+        description="Sources mixed by weight, [{path: ..., weight: ...}, ...], instead of data.path: each row of a batch comes from one source, in these proportions.",
     )
     tfds: str | None = Field(
         None,
@@ -203,6 +212,12 @@ class DataConfig(Section):
     def _one_source(self) -> DataConfig:
         if self.tfds and self.path:
             raise ValueError(f"data.path={self.path} and data.tfds={self.tfds} are both set; keep one")
+        if self.mixture and (self.path or self.tfds):
+            other = f"data.path={self.path}" if self.path else f"data.tfds={self.tfds}"
+            raise ValueError(f"data.mixture and {other} are both set; put every source in data.mixture")
+        paths = [source.path for source in self.mixture]
+        if len(set(paths)) < len(paths):
+            raise ValueError("data.mixture names a path twice; give each source once, with its whole weight")
         return self
 
 

@@ -18,15 +18,13 @@ class Evaluator:
     """Evaluates every train.eval_every steps and at the last step (never with eval_every 0),
     on the same validation batches each time, placed on the devices once."""
 
-    def __init__(
-        self, config: Config, setup: ModelSetup, documents: pipeline.Source | None, tokenizer: Tokenizer
-    ):
+    def __init__(self, config: Config, setup: ModelSetup, corpus: pipeline.Corpus, tokenizer: Tokenizer):
         self.every, self.last_step = config.train.eval_every, config.train.steps
         if not self.every:
             return
         self._batches = [
             pipeline.to_global(batch, setup.batch_sharding)
-            for batch in pipeline.eval_host_batches(documents, config, tokenizer)
+            for batch in pipeline.eval_host_batches(corpus, config, tokenizer)
         ]
         # Compiled now, so an eval step that cannot compile fails before the first train step.
         self._step = compile_ahead(

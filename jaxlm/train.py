@@ -46,8 +46,8 @@ class TrainResult:
 
 def train(config: Config, devices: Sequence[jax.Device] | None = None) -> TrainResult:
     """Run (or resume) the experiment in `config`."""
-    setup, tokenizer, train_docs, validation_docs, run_dir = _prepare(config, devices)
-    data = pipeline.HostBatches(train_docs, config, tokenizer)
+    setup, tokenizer, corpus, run_dir = _prepare(config, devices)
+    data = pipeline.HostBatches(corpus, config, tokenizer)
     checkpointer = Checkpointer(config)  # even with checkpoint.every=0: resume, and preemption saves
     # From here a SIGTERM (during restore or compilation too) stops the run after its next step.
     preemption = PreemptionWatch(config.distributed.preemption_grace_s)
@@ -64,7 +64,7 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> TrainR
         checkpointer.start_pinning(state)  # overlaps compilation; see Checkpointer.start_pinning
         # Both steps compile before the first step, so no compilation falls inside the run's timing.
         train_step = compile_ahead("train", jit_train_step(config, setup), *abstract_inputs(config, setup))
-        evaluator = Evaluator(config, setup.model, validation_docs, tokenizer)
+        evaluator = Evaluator(config, setup.model, corpus, tokenizer)
         return _loop(config, setup, state, train_step, evaluator, data, checkpointer, preemption, run_dir)
     finally:
         preemption.close()
@@ -109,7 +109,7 @@ def _prepare(config: Config, devices: Sequence[jax.Device] | None):
     the config before a parameter is allocated."""
     setup = build_train(config, devices)
     check_state_fits(setup)
-    tokenizer, train_docs, validation_docs = _data(config)
+    tokenizer, corpus = _data(config)
     if config.optim.warmup_steps >= config.schedule_steps:
         log.warning(
             "optim.warmup_steps=%d covers the whole %d-step schedule: the learning rate never reaches optim.lr",
@@ -125,27 +125,34 @@ def _prepare(config: Config, devices: Sequence[jax.Device] | None):
         dict(setup.mesh.shape),
         setup.mesh.size,
         setup.mesh.devices.flat[0].device_kind,
-        len(train_docs),
-        len(validation_docs) if validation_docs else 0,
+        sum(len(part.train) for part in corpus),
+        sum(len(part.validation) for part in corpus if part.validation),
     )
-    return setup, tokenizer, train_docs, validation_docs, run_dir
+    if len(corpus) > 1:
+        log.info(
+            "data.mixture: %s",
+            ", ".join(
+                f"{part.name} {part.weight:.1%} of rows ({len(part.train)} documents)" for part in corpus
+            ),
+        )
+    return setup, tokenizer, corpus, run_dir
 
 
-def _data(config: Config) -> tuple[Tokenizer, pipeline.Source, pipeline.Source | None]:
-    """The tokenizer and the training and validation documents, checked against the config."""
+def _data(config: Config) -> tuple[Tokenizer, list[sources.Part]]:
+    """The tokenizer and the corpus (training and validation documents), checked against the config."""
     tokenizer = load_tokenizer(config.data)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} tokens; raise it to at least {tokenizer.vocab_size}"
         )
-    train_docs, validation_docs = sources.document_sources(config.data)
-    if config.train.eval_every and not validation_docs:
+    corpus = sources.corpus(config.data)
+    if config.train.eval_every and not any(part.validation for part in corpus):
         raise DataError(
             "train.eval_every is set but there are no validation documents (data.validation_fraction=0, "
             "no data.tfds_validation_split, or a corpus of one document); provide some or set train.eval_every=0"
         )
-    return tokenizer, train_docs, validation_docs
+    return tokenizer, corpus
 
 
 def _make_run_dir(config: Config) -> Path:

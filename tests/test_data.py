@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import ByteTokenizer, load_tokenizer
-from jaxlm.errors import DataError
+from jaxlm.errors import ConfigError, DataError
 from jaxlm.model import registry
 from jaxlm.model.layers import attention_kernel, attention_mask, document_spans, rotary_angles
 
@@ -324,3 +324,52 @@ def test_a_position_saved_with_grain_workers_restores_into_the_same_layout(tmp_p
     with pytest.raises(DataError, match=r"saved with data.worker_count=1 and this run sets 0"):
         threads.restore_position([position])
     threads.close()
+
+
+def mixture_config(tmp_path, *overrides):
+    """Two sources: documents of 'a's and documents of 'b's, mixed 70 / 30."""
+    for name in ("a", "b"):
+        root = tmp_path / name
+        root.mkdir()
+        for i in range(12):
+            (root / f"{i}.txt").write_text(f"{name} " * (40 + 13 * i))
+    mixture = f"[{{path: {tmp_path / 'a'}, weight: 7}}, {{path: {tmp_path / 'b'}, weight: 3}}]"
+    return tiny_config(tmp_path, f"data.mixture={mixture}", *overrides)
+
+
+def test_a_mixture_gives_each_source_its_weight_of_the_rows(tmp_path):
+    config = mixture_config(tmp_path, "data.prefetch=0")
+    corpus = sources.corpus(config.data)
+    assert [(part.name, part.weight) for part in corpus] == [
+        (str(tmp_path / "a"), 0.7),
+        (str(tmp_path / "b"), 0.3),
+    ]
+    batches = pipeline.HostBatches(corpus, config, ByteTokenizer())
+    rows = np.concatenate([batch["tokens"] for batch in take(batches, 400)])  # 3,200 rows
+    batches.close()
+    from_a = np.mean([ord("a") in row for row in rows])
+    from_b = np.mean([ord("b") in row for row in rows])
+    assert from_a + from_b == pytest.approx(1.0)  # a source's rows hold its own documents only
+    assert from_a == pytest.approx(0.7, abs=0.01)
+
+
+def test_a_mixture_resumes_at_the_exact_position(tmp_path):
+    config = mixture_config(tmp_path)
+    corpus = sources.corpus(config.data)
+    iterator = pipeline.HostBatches(corpus, config, ByteTokenizer())
+    take(iterator, 7)
+    position = iterator.position()
+    expected = take(iterator, 3)
+    iterator.close()
+    resumed = pipeline.HostBatches(corpus, config, ByteTokenizer())
+    resumed.restore_position([position])
+    for x, y in zip(expected, take(resumed, 3), strict=True):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    resumed.close()
+
+
+def test_a_mixture_is_one_way_to_name_the_data(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.mixture and data.path=x are both set"):
+        tiny_config(tmp_path, "data.mixture=[{path: y, weight: 1}]", "data.path=x")
+    with pytest.raises(ConfigError, match=r"data.mixture\.0\.weight=0 is invalid"):
+        tiny_config(tmp_path, "data.mixture=[{path: y, weight: 0}]")

@@ -24,13 +24,15 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxlm.config import Config
-from jaxlm.data.sources import DocumentSource, TfdsSource
+from jaxlm.data.sources import DocumentSource, Part, TfdsSource
 from jaxlm.data.tokenizers import Tokenizer
 from jaxlm.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]  # FIELDS: [rows, seq_len] int32 each
 FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 Source = DocumentSource | TfdsSource  # random access: index → document text
+# A corpus: one source, or weighted parts (data.mixture) whose rows are mixed in their proportions.
+Corpus = Source | list[Part]
 
 
 class _Tokenize(grain.transforms.Map):
@@ -88,6 +90,31 @@ def packed_rows(
     return rows.map(_pretraining_row)
 
 
+def stream_rows(
+    corpus: Corpus,
+    config: Config,
+    tokenizer: Tokenizer,
+    *,
+    stream: int,
+    streams: int,
+    validation: bool = False,
+) -> grain.IterDataset:
+    """Stream `stream` of `streams` of a corpus: with several parts, each part's stream packed on
+    its own and their rows mixed by weight (Grain's deterministic mixing, so every stream holds
+    the proportions row by row)."""
+    if not isinstance(corpus, list):
+        return packed_rows(corpus, config, tokenizer, stream=stream, streams=streams)
+    parts = [(part, part.validation if validation else part.train) for part in corpus]
+    rows = {
+        part.name: packed_rows(source, config, tokenizer, stream=stream, streams=streams)
+        for part, source in parts
+        if source is not None
+    }
+    if len(rows) == 1:
+        return next(iter(rows.values()))
+    return grain.IterDataset.mix(rows, {part.name: part.weight for part, _ in parts if part.name in rows})
+
+
 class RowsOfStreams(grain.IterDataset):
     """Batches of one row from each of several row streams, in order: [streams, seq_len] per field."""
 
@@ -120,7 +147,7 @@ class HostBatches:
     as a whole: it restores only into the same process layout and worker count.
     """
 
-    def __init__(self, source: Source, config: Config, tokenizer: Tokenizer):
+    def __init__(self, corpus: Corpus, config: Config, tokenizer: Tokenizer):
         self.stream_count = config.train.global_batch_size
         if self.stream_count % jax.process_count():
             raise ConfigError(
@@ -133,7 +160,7 @@ class HostBatches:
         self.worker_count = config.data.worker_count
         dataset = RowsOfStreams(
             [
-                packed_rows(source, config, tokenizer, stream=index, streams=self.stream_count)
+                stream_rows(corpus, config, tokenizer, stream=index, streams=self.stream_count)
                 for index in self.stream_indices
             ]
         )
@@ -201,7 +228,7 @@ def _use_default_grain_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def eval_host_batches(source: Source, config: Config, tokenizer: Tokenizer) -> list[Batch]:
+def eval_host_batches(corpus: Corpus, config: Config, tokenizer: Tokenizer) -> list[Batch]:
     """The fixed validation batches (this process's rows), read once and reused by every eval:
     drawn from streams like the training batches, so an eval spans many documents.
 
@@ -211,7 +238,7 @@ def eval_host_batches(source: Source, config: Config, tokenizer: Tokenizer) -> l
     rows_per_batch = config.train.global_batch_size
     streams = RowsOfStreams(
         [
-            packed_rows(source, config, tokenizer, stream=i, streams=rows_per_batch)
+            stream_rows(corpus, config, tokenizer, stream=i, streams=rows_per_batch, validation=True)
             for i in range(rows_per_batch)
         ]
     )

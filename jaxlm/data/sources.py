@@ -203,6 +203,30 @@ class TfdsSource:
         return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
 
 
+@dataclass(frozen=True)
+class Part:
+    """One source of the corpus: its documents for training and validation, and its weight."""
+
+    name: str  # data.path (or the TFDS name, or the built-in corpus) it comes from
+    weight: float  # share of the training rows, normalised over the parts
+    train: DocumentSource | TfdsSource
+    validation: DocumentSource | TfdsSource | None
+
+
+def corpus(config: DataConfig) -> list[Part]:
+    """The parts of the configured corpus: data.mixture's sources, or the one source."""
+    if not config.mixture:
+        train, validation = document_sources(config)
+        name = config.tfds or config.path or "the standard library"
+        return [Part(name, 1.0, train, validation)]
+    total = sum(source.weight for source in config.mixture)
+    parts = []
+    for source in config.mixture:
+        train, validation = document_sources(config.model_copy(update={"path": source.path, "mixture": []}))
+        parts.append(Part(source.path, source.weight / total, train, validation))
+    return parts
+
+
 def document_sources(
     config: DataConfig,
 ) -> tuple[DocumentSource | TfdsSource, DocumentSource | TfdsSource | None]:
