@@ -193,12 +193,14 @@ class StepLogger:
         run_dir: Path,
         first_step: int,
         check_loss: Callable[[float, int], None],
+        data_seen: Callable[[], dict[str, float]] = dict,
     ):
         self.every, self.last_step = config.train.log_every, config.train.steps
         self.tokens_per_step = config.train.global_batch_size * config.data.seq_len
         self.flops_per_step = model_flops_per_step(config)
         self.peak_flops = peak_flops_per_device(mesh.devices.flat[0], config) * mesh.size
         self.check_loss = check_loss  # raises on a loss that must stop the run
+        self.data_seen = data_seen  # tokens, documents and epochs of the data so far
         self.writer = MetricsWriter(run_dir, first_step)
         self.progress = Progress(first_step, self.last_step)
         self.last: dict[str, Any] = {"step": first_step}  # the latest logged metrics
@@ -228,6 +230,7 @@ class StepLogger:
             "mfu": self.flops_per_step / seconds / self.peak_flops if steps and self.peak_flops else 0.0,
             "step_time_s": seconds if steps else 0.0,
             "tokens": step * self.tokens_per_step,
+            **self.data_seen(),
         }
         self.writer.write(step, record)
         self.progress.update(step, record["loss"], record["tokens_per_s"])

@@ -77,7 +77,9 @@ def _loop(
 ) -> TrainResult:
     first_step = int(jax.device_get(state.step))
     batches = _GlobalBatches(data, setup, config)
-    logger = StepLogger(config, setup.mesh, run_dir, first_step, checkpointer.refuse_diverged)
+    logger = StepLogger(
+        config, setup.mesh, run_dir, first_step, checkpointer.refuse_diverged, data.counts.seen
+    )
     profiler = StepProfiler(config.train.profile_steps, run_dir / "profile")
     checkpointer.wait_for_pinning()  # the first step donates the state it reads
     step, preempted = first_step, False

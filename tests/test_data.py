@@ -373,3 +373,22 @@ def test_a_mixture_is_one_way_to_name_the_data(tmp_path):
         tiny_config(tmp_path, "data.mixture=[{path: y, weight: 1}]", "data.path=x")
     with pytest.raises(ConfigError, match=r"data.mixture\.0\.weight=0 is invalid"):
         tiny_config(tmp_path, "data.mixture=[{path: y, weight: 0}]")
+
+
+def test_tokens_documents_and_epochs_are_counted_and_a_repeating_source_is_named(tmp_path, caplog):
+    # 40 documents of 31 bytes: with the end-of-document token each fills one 32-token row.
+    refs = docs_of(tmp_path, [f"document {i:02d} " + "x" * 19 for i in range(40)])
+    batches = pipeline.HostBatches(refs, tiny_config(tmp_path), ByteTokenizer())
+    take(batches, 4)  # 32 rows: 32 documents, epoch 0.8
+    assert batches.counts.seen() == {"tokens_seen": 32 * 32, "documents_seen": 32, "epoch": 0.8}
+    assert "repeating" not in caplog.text
+    with caplog.at_level("WARNING", logger="jaxlm"):
+        take(batches, 2)  # 48 documents
+        assert batches.counts.seen()["epoch"] == 1.2
+    assert "the data starts repeating: 48 documents seen of its 40 (epoch 2 begins)" in caplog.text
+    saved = batches.position()
+    resumed = pipeline.HostBatches(refs, tiny_config(tmp_path), ByteTokenizer())
+    resumed.restore_position([saved])
+    assert resumed.counts.seen()["documents_seen"] == 48
+    batches.close()
+    resumed.close()

@@ -111,6 +111,8 @@ def test_two_processes_log_the_losses_of_one(two_process_run, one_process_refere
     assert losses.keys() == one_process_reference.keys()
     for step, loss in losses.items():
         assert abs(loss - one_process_reference[step]) / one_process_reference[step] < 1e-4
+    # Tokens seen are summed over both processes' rows: 8 steps of 8 rows of 32 tokens.
+    assert [r["tokens_seen"] for r in read_metrics(run_dir) if "loss" in r][-1] == 8 * 8 * 32
     # Each process writes the position of its rows' streams (rows 0-3 and 4-7 of 8).
     data_files = sorted(p.name for p in (run_dir / "checkpoints" / "8" / "data").glob("streams_*"))
     assert data_files == ["streams_0-3-of-8.json", "streams_4-7-of-8.json"]

@@ -53,6 +53,11 @@ def test_resumed_run_logs_exactly_the_losses_of_an_uninterrupted_one(tmp_path, u
     assert resumed.keys() == expected.keys()
     for step in expected:
         assert abs(resumed[step] - expected[step]) <= 1e-6, (step, resumed[step], expected[step])
+    # What the data counted carries over too.
+    seen = ("tokens_seen", "documents_seen", "epoch")
+    last_resumed = [r for r in read_metrics(tmp_path) if "loss" in r][-1]
+    last_expected = [r for r in read_metrics(uninterrupted) if "loss" in r][-1]
+    assert {k: last_resumed[k] for k in seen} == {k: last_expected[k] for k in seen}
     expected_eval = [r["eval_loss"] for r in read_metrics(uninterrupted) if "eval_loss" in r]
     resumed_eval = [r["eval_loss"] for r in read_metrics(tmp_path) if "eval_loss" in r]
     assert resumed_eval == pytest.approx(expected_eval, abs=1e-6)

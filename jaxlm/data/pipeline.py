@@ -16,11 +16,13 @@ documents within a row (attention never crosses them) and `positions` restart at
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import grain
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from jaxlm.config import Config
@@ -28,7 +30,9 @@ from jaxlm.data.sources import DocumentSource, Part, TfdsSource
 from jaxlm.data.tokenizers import Tokenizer
 from jaxlm.errors import ConfigError, DataError
 
-Batch = dict[str, np.ndarray]  # FIELDS: [rows, seq_len] int32 each
+log = logging.getLogger("jaxlm")
+
+Batch = dict[str, np.ndarray]  # FIELDS: [rows, seq_len] int32 each, and "source": [rows]
 FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 Source = DocumentSource | TfdsSource  # random access: index → document text
 # A corpus: one source, or weighted parts (data.mixture) whose rows are mixed in their proportions.
@@ -103,16 +107,28 @@ def stream_rows(
     its own and their rows mixed by weight (Grain's deterministic mixing, so every stream holds
     the proportions row by row)."""
     if not isinstance(corpus, list):
-        return packed_rows(corpus, config, tokenizer, stream=stream, streams=streams)
+        return packed_rows(corpus, config, tokenizer, stream=stream, streams=streams).map(_FromSource(0))
     parts = [(part, part.validation if validation else part.train) for part in corpus]
     rows = {
-        part.name: packed_rows(source, config, tokenizer, stream=stream, streams=streams)
-        for part, source in parts
+        part.name: packed_rows(source, config, tokenizer, stream=stream, streams=streams).map(
+            _FromSource(index)
+        )
+        for index, (part, source) in enumerate(parts)
         if source is not None
     }
     if len(rows) == 1:
         return next(iter(rows.values()))
     return grain.IterDataset.mix(rows, {part.name: part.weight for part, _ in parts if part.name in rows})
+
+
+class _FromSource(grain.transforms.Map):
+    """Tags a row with the index of the corpus part it comes from, for counting."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**row, "source": np.int32(self.index)}
 
 
 class RowsOfStreams(grain.IterDataset):
@@ -128,7 +144,7 @@ class RowsOfStreams(grain.IterDataset):
 class _RowsOfStreamsIterator(grain.DatasetIterator):
     def __next__(self) -> Batch:
         rows = [next(stream) for stream in self._parents]
-        return {field: np.stack([row[field] for row in rows]) for field in FIELDS}
+        return {field: np.stack([row[field] for row in rows]) for field in (*FIELDS, "source")}
 
     def get_state(self) -> dict:
         return {"streams": [stream.get_state() for stream in self._parents]}
@@ -158,6 +174,7 @@ class HostBatches:
         first = jax.process_index() * per_process
         self.stream_indices = list(range(first, first + per_process))
         self.worker_count = config.data.worker_count
+        self.counts = DataCounts(corpus, tokenizer.eos_id)
         dataset = RowsOfStreams(
             [
                 stream_rows(corpus, config, tokenizer, stream=index, streams=self.stream_count)
@@ -177,20 +194,27 @@ class HostBatches:
         return self
 
     def __next__(self) -> Batch:
-        return next(self._iterator)
+        batch = next(self._iterator)
+        self.counts.add(batch)
+        return batch
 
     def position(self) -> dict:
-        """Where this process's streams are: a JSON-able dict."""
+        """Where this process's streams are, and what its rows have seen: a JSON-able dict."""
         state = self._iterator.get_state()
+        seen = self.counts.local()
         if self.worker_count:
-            return {"worker_count": self.worker_count, "streams": self.stream_indices, "grain": state}
-        return {
-            "worker_count": 0,
-            "streams": dict(zip(map(str, self.stream_indices), state["streams"], strict=True)),
-        }
+            return {
+                "worker_count": self.worker_count,
+                "streams": self.stream_indices,
+                "grain": state,
+                "seen": seen,
+            }
+        streams = dict(zip(map(str, self.stream_indices), state["streams"], strict=True))
+        return {"worker_count": 0, "streams": streams, "seen": seen}
 
     def restore_position(self, saved: list[dict]) -> None:
         """Restore from the positions every process of the saving run wrote."""
+        self.counts.restore([position.get("seen", {}) for position in saved])
         if any(position["worker_count"] != self.worker_count for position in saved):
             counts = sorted({position["worker_count"] for position in saved})
             raise DataError(
@@ -218,6 +242,79 @@ class HostBatches:
     def close(self) -> None:
         if hasattr(self._iterator, "close"):
             self._iterator.close()
+
+
+class DataCounts:
+    """Tokens trained on and documents started, per part of the corpus, counted as batches pass.
+
+    Each process counts its own rows; `seen` sums them over processes. A checkpoint keeps each
+    process's counts, and a resumed run's process 0 takes their sum, so totals carry over onto
+    any number of processes.
+    """
+
+    def __init__(self, corpus: Corpus, eos_id: int):
+        parts = corpus if isinstance(corpus, list) else [Part("the data", 1.0, corpus, None)]
+        self.names = [part.name for part in parts]
+        self.documents = [len(part.train) for part in parts]
+        self.eos_id = eos_id
+        self._counts = np.zeros((len(parts), 2), np.int64)  # [part, (tokens, documents)]
+        self._epochs_warned = [0] * len(parts)
+
+    def add(self, batch: Batch) -> None:
+        for index in range(len(self.names)):
+            rows = batch["source"] == index
+            self._counts[index, 0] += int(batch["loss_mask"][rows].sum())
+            # Each document starts with the end-of-document token, once.
+            self._counts[index, 1] += int(np.count_nonzero(batch["tokens"][rows] == self.eos_id))
+
+    def local(self) -> dict[str, list[int]]:
+        return {
+            name: [int(tokens), int(documents)]
+            for name, (tokens, documents) in zip(self.names, self._counts, strict=True)
+        }
+
+    def restore(self, saved: list[dict[str, list[int]]]) -> None:
+        self._counts[:] = 0
+        if jax.process_index() != 0:
+            return
+        for counts in saved:
+            for index, name in enumerate(self.names):
+                self._counts[index] += counts.get(name, [0, 0])
+        self._epochs_warned = [
+            int(documents // total)
+            for (_, documents), total in zip(self._counts, self.documents, strict=True)
+        ]
+
+    def seen(self) -> dict[str, float]:
+        """Tokens and documents seen over all processes, in total and per part, and each part's
+        epoch (its documents seen / its documents); warns when a part starts repeating. With
+        several processes it is a collective: every process calls it at the same step."""
+        counts = self._counts
+        if jax.process_count() > 1:  # gathered as bytes: int64 counts would become int32
+            gathered = multihost_utils.process_allgather(np.frombuffer(counts.tobytes(), np.uint8))
+            counts = (
+                np.frombuffer(np.asarray(gathered, np.uint8).tobytes(), np.int64)
+                .reshape(-1, *counts.shape)
+                .sum(0)
+            )
+        record = {"tokens_seen": float(counts[:, 0].sum()), "documents_seen": float(counts[:, 1].sum())}
+        for index, (name, (tokens, documents)) in enumerate(zip(self.names, counts, strict=True)):
+            epoch = documents / self.documents[index]
+            if int(epoch) > self._epochs_warned[index]:
+                self._epochs_warned[index] = int(epoch)
+                if jax.process_index() == 0:
+                    log.warning(
+                        "%s starts repeating: %d documents seen of its %d (epoch %d begins)",
+                        name, documents, self.documents[index], int(epoch) + 1,
+                    )  # fmt: skip
+            suffix = f"/{name}" if len(self.names) > 1 else ""
+            if suffix:
+                record[f"tokens_seen{suffix}"], record[f"documents_seen{suffix}"] = (
+                    float(tokens),
+                    float(documents),
+                )
+            record[f"epoch{suffix}"] = epoch
+        return record
 
 
 def _use_default_grain_flags() -> None:
