@@ -74,6 +74,15 @@ def _train(args: argparse.Namespace) -> int:
     return PREEMPTED if result.preempted else 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from jaxlm.config import load_config
+    from jaxlm.data.prepare import prepare
+
+    config = load_config(args.config, args.overrides)
+    prepare(config.data, args.out, shards=args.shards, workers=args.workers)
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     import jax
 
@@ -102,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100"
     )
     train_parser.set_defaults(run=_train)
+    prepare_parser = commands.add_parser(
+        "prepare",
+        help="tokenize the config's documents once, into ArrayRecord shards that data.path can name",
+    )
+    prepare_parser.add_argument("config", help="YAML config: its data section (source, tokenizer, split)")
+    prepare_parser.add_argument("--out", required=True, help="a new directory for the prepared data")
+    prepare_parser.add_argument("--shards", type=int, help="files per split (default: the workers)")
+    prepare_parser.add_argument("--workers", type=int, help="tokenizing processes (default: the CPU cores)")
+    prepare_parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.path=~/corpus"
+    )
+    prepare_parser.set_defaults(run=_prepare)
     plan_parser = commands.add_parser(
         "plan",
         help="compile the train step for a TPU topology on this host: does it fit, how fast will it run",

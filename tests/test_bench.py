@@ -142,3 +142,9 @@ def test_cross_entropy_bench_variants_agree():
     assert figures["chunked"]["loss"] == pytest.approx(whole, rel=1e-5)
     assert figures["chunked_remat"]["loss"] == pytest.approx(whole, rel=1e-5)
     assert all(figures[name]["ms"] > 0 for name in ("whole", "chunked", "chunked_remat"))
+
+
+def test_prepare_throughput_bench_times_prepare_and_both_inputs():
+    figures = run_bench("prepare_throughput.py", "--batches", "20", "--warmup", "2", "--workers", "1")
+    assert figures["tokens"] > 0 and figures["prepare_tokens_per_s"] > 0
+    assert figures["input_tokens_per_s_text"] > 0 and figures["input_tokens_per_s_prepared"] > 0

@@ -34,19 +34,20 @@ log = logging.getLogger("jaxlm")
 
 Batch = dict[str, np.ndarray]  # FIELDS: [rows, seq_len] int32 each, and "source": [rows]
 FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
-Source = DocumentSource | TfdsSource  # random access: index → document text
+Source = DocumentSource | TfdsSource  # random access: index → document text (prepared data: token ids)
 # A corpus: one source, or weighted parts (data.mixture) whose rows are mixed in their proportions.
 Corpus = Source | list[Part]
 
 
 class _Tokenize(grain.transforms.Map):
-    """Document text → next-token pairs, with the end-of-document token as both BOS and EOS."""
+    """Document text (or prepared token ids) → next-token pairs, with the end-of-document token
+    as both BOS and EOS."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def map(self, text: str) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(text)
+    def map(self, document: str | np.ndarray) -> dict[str, np.ndarray]:
+        ids = document if isinstance(document, np.ndarray) else self.tokenizer.encode(document)
         eos = np.array([self.tokenizer.eos_id], np.int32)
         return {"tokens": np.concatenate([eos, ids]), "targets": np.concatenate([ids, eos])}
 

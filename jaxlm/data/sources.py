@@ -231,6 +231,11 @@ def document_sources(
     config: DataConfig,
 ) -> tuple[DocumentSource | TfdsSource, DocumentSource | TfdsSource | None]:
     """The training and validation sources of a config (validation None when there is none)."""
+    from jaxlm.data import prepare  # it lists documents with this module
+
+    if prepare.is_prepared(config.path):
+        prepare.check_tokenizer(config.path, config)
+        return prepare.prepared_sources(config.path)
     if config.tfds:
         split = config.tfds_validation_split
         return TfdsSource(config, config.tfds_train_split), TfdsSource(config, split) if split else None
