@@ -165,7 +165,7 @@ class MixtureSource(Section):
 class DataConfig(Section):
     path: str | None = Field(
         None,
-        description="A directory, glob or file of .txt / .jsonl documents; null = this Python's standard library source.",
+        description="A directory, glob or file of .txt / .jsonl / .parquet documents, or a directory `jaxlm prepare` wrote; null = this Python's standard library source.",
     )
     mixture: list[MixtureSource] = Field(
         default_factory=list,
@@ -193,7 +193,9 @@ class DataConfig(Section):
         None,
         description="End-of-document token of a tokenizer.json; null = the first of the usual names it has.",
     )
-    text_field: str = Field("text", description="Field of a .jsonl record that holds the document.")
+    text_field: str = Field(
+        "text", description="Field of a .jsonl record, or column of a .parquet file, that holds the document."
+    )
     seq_len: int = Field(128, gt=1, description="Tokens per packed row.")
     validation_fraction: float = Field(
         0.05,

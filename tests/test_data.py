@@ -277,7 +277,7 @@ def test_missing_path_and_empty_corpus_are_clear_errors(tmp_path):
         sources.list_documents(str(tmp_path / "missing"), "text")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DataError, match=r"holds no \.txt or \.jsonl files"):
+    with pytest.raises(DataError, match=r"holds no \.txt, \.jsonl or \.parquet files"):
         sources.list_documents(str(empty), "text")
     (empty / "blank.txt").write_text("")
     with pytest.raises(DataError, match="corpus is empty"):
@@ -392,3 +392,35 @@ def test_tokens_documents_and_epochs_are_counted_and_a_repeating_source_is_named
     assert resumed.counts.seen()["documents_seen"] == 48
     batches.close()
     resumed.close()
+
+
+def parquet_corpus(tmp_path, texts, column="text", row_group_size=3):
+    """A Parquet file as Hugging Face `datasets` writes one: a text column beside others."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "corpus" / "train-00000-of-00001.parquet"
+    path.parent.mkdir()
+    table = pa.table({"id": list(range(len(texts))), column: texts})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_rows_are_documents_read_in_any_order(tmp_path):
+    texts = [f"row {i} " * (i + 1) for i in range(10)]
+    texts[4] = ""  # an empty row is no document
+    path = parquet_corpus(tmp_path, texts)
+    refs = sources.list_documents(str(path.parent), "text")
+    assert [ref.name for ref in refs] == [f"{path.name}:{i + 1}" for i in range(10) if i != 4]
+    source = sources.DocumentSource(refs, "text")
+    for index in (8, 0, 5, 3, 8, 1):  # across row groups of 3, back and forth
+        assert source[index] == texts[int(refs[index].name.rsplit(":", 1)[1]) - 1]
+    rows = iter(pipeline.packed_rows(source, tiny_config(tmp_path), ByteTokenizer(), shuffle=False))
+    assert bytes(b for b in next(rows)["tokens"] if b < 256).decode().startswith("row 0 row 1 row 1")
+
+
+def test_a_parquet_file_without_the_text_column_is_one_line_naming_the_columns(tmp_path):
+    path = parquet_corpus(tmp_path, ["a", "b"], column="content")
+    with pytest.raises(DataError, match=r"has no column 'text' \(it has id, content\); set data.text_field"):
+        sources.list_documents(str(path), "text")
+    assert len(sources.list_documents(str(path), "content")) == 2

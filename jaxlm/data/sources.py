@@ -1,9 +1,10 @@
-"""Where documents come from: .txt / .jsonl files, a prepared TFDS dataset, or this Python's own
-standard library.
+"""Where documents come from: .txt / .jsonl / .parquet files, a prepared TFDS dataset, data
+`jaxlm prepare` wrote, or this Python's own standard library.
 
 A source is random access (`len`, index → text), which is what Grain shards and shuffles. A file
-document is addressed by a `DocumentRef` (file, and byte offset of the line for .jsonl), so the
-index is small and documents are read lazily, in any order, from any process.
+document is addressed by a `DocumentRef` (file, and byte offset of the line for .jsonl, or row
+for .parquet), so the index is small and documents are read lazily, in any order, from any
+process.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from pathlib import Path
 from types import ModuleType
 
 from jaxlm.config import DataConfig
+from jaxlm.data import parquet
 from jaxlm.errors import DataError
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 @dataclass(frozen=True)
 class DocumentRef:
     path: str
-    offset: int = -1  # byte offset of the line in a .jsonl file; -1 = the whole .txt file
+    offset: int = -1  # byte offset of the line in a .jsonl file, row of a .parquet; -1 = a whole .txt
     name: str = ""  # stable across machines: relative path (and line), used for the split
 
 
@@ -70,12 +72,14 @@ def find_files(spec: str) -> tuple[list[Path], Path]:
         )
     files = [f for f in files if f.suffix in TEXT_SUFFIXES]
     if not files:
-        raise DataError(f"data.path={spec} holds no .txt or .jsonl files; add some or point it elsewhere")
+        raise DataError(
+            f"data.path={spec} holds no .txt, .jsonl or .parquet files; add some or point it elsewhere"
+        )
     return files, root
 
 
 def file_documents(spec: str, text_field: str) -> list[DocumentRef]:
-    """One document per .txt file and one per non-blank .jsonl line."""
+    """One document per .txt file, per non-blank .jsonl line and per non-empty .parquet row."""
     files, root = find_files(spec)
     refs = []
     for path in files:
@@ -83,6 +87,10 @@ def file_documents(spec: str, text_field: str) -> list[DocumentRef]:
         if path.suffix == ".txt":
             if path.stat().st_size:
                 refs.append(DocumentRef(str(path), -1, relative))
+            continue
+        if path.suffix == ".parquet":
+            rows = parquet.nonempty_rows(path, text_field)
+            refs.extend(DocumentRef(str(path), row, f"{relative}:{row + 1}") for row in rows)
             continue
         offset = 0
         with path.open("rb") as lines:
@@ -112,6 +120,8 @@ def _check_record(line: bytes, text_field: str, where: str) -> None:
 def read_document(ref: DocumentRef, text_field: str) -> str:
     if ref.offset < 0:
         return Path(ref.path).read_text(encoding="utf-8", errors="replace")
+    if ref.path.endswith(".parquet"):
+        return parquet.read_row(ref.path, ref.offset, text_field)
     with open(ref.path, "rb") as file:
         file.seek(ref.offset)
         return json.loads(file.readline())[text_field]
