@@ -23,8 +23,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import SingleDeviceSharding
 
+from jaxlm import storage
 from jaxlm.config import Config
-from jaxlm.errors import PreemptionGraceExpired, TrainingDiverged, UserError
+from jaxlm.errors import PreemptionGraceExpired, TrainingDiverged, UserError, cause
 from jaxlm.setup import TrainSetup, with_shardings
 
 log = logging.getLogger("jaxlm")
@@ -79,6 +80,9 @@ class DataPositionRestore(ocp.args.CheckpointArgs):
 class Checkpointer:
     def __init__(self, config: Config):
         self.directory = config.checkpoint_dir
+        if storage.is_bucket(self.directory):
+            key = "checkpoint.dir" if config.checkpoint.dir else "run.dir"
+            storage.check_bucket(config.checkpoint.dir or config.run.dir, key)
         if self.directory.exists() and not self.directory.is_dir():
             raise UserError(
                 f"checkpoint.dir={self.directory} is a file, not a directory; point checkpoint.dir "
@@ -105,6 +109,8 @@ class Checkpointer:
         self.config = config
         self._pinning: threading.Thread | None = None
         self._abandoned = False  # a preemption save outlived its grace: never wait for it again
+        self._writing: int | None = None  # the step being written in the background
+        self._failed = False  # a save failed and was reported: nothing more to wait for
 
     def start_pinning(self, state: Any) -> None:
         """Pin the host memory the first save needs now, in the background, where saves use it.
@@ -156,9 +162,19 @@ class Checkpointer:
         deadline = time.monotonic() + within_s
         self.refuse_diverged(float(jax.device_get(loss)), step)
         self.save(step, state, data_iterator)
-        writer = threading.Thread(target=self._manager.wait_until_finished, daemon=True)
+        failures: list[Exception] = []
+
+        def wait() -> None:
+            try:
+                self._wait_for_writes()
+            except Exception as error:
+                failures.append(error)
+
+        writer = threading.Thread(target=wait, daemon=True)
         writer.start()
         writer.join(max(deadline - time.monotonic(), 0.0))
+        if failures:
+            raise failures[0]
         if writer.is_alive():
             self._abandoned = True
             kept = [saved for saved in self._manager.all_steps() if saved != step]
@@ -185,22 +201,54 @@ class Checkpointer:
         )
 
     def save(self, step: int, state: Any, data_iterator: Any) -> None:
+        """Start writing `step`; a `UserError` if the previous save, or this one's start, failed."""
         self.wait_for_pinning()
         started = time.perf_counter()
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=DataPositionSave(data_iterator),
-                config=ocp.args.JsonSave(self.config.to_dict()),
-            ),
-            force=True,
-        )
+        self._wait_for_writes()
+        self._writing = step
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=DataPositionSave(data_iterator),
+                    config=ocp.args.JsonSave(self.config.to_dict()),
+                ),
+                force=True,
+            )
+        except jax.errors.JaxRuntimeError:
+            raise  # a collective of the save failed: another process is gone (jax.distributed says so)
+        except Exception as error:
+            raise self._save_failed(error) from error
         log.info(
             "checkpoint of step %d: training waited %.2fs for it%s",
             step,
             time.perf_counter() - started,
             " (written in the background)" if self.config.checkpoint.async_save else "",
+        )
+
+    def _wait_for_writes(self) -> None:
+        """Wait for the save in progress; a `UserError` if it could not be written."""
+        if self._failed:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except jax.errors.JaxRuntimeError:
+            raise  # a collective of the save failed: another process is gone (jax.distributed says so)
+        except Exception as error:
+            raise self._save_failed(error) from error
+
+    def _save_failed(self, error: Exception) -> UserError:
+        """Note that the save failed (there is nothing more to wait for) and say so in one line:
+        Orbax marks a step complete only once all of it is written, so the run resumes from the
+        one before."""
+        self._failed = True
+        kept = [step for step in self._manager.all_steps() if step != self._writing]
+        previous = f"step {max(kept)}" if kept else "none"
+        return UserError(
+            f"checkpoint step {self._writing} could not be written to {self.directory} ({cause(error)}); "
+            f"the last complete checkpoint is {previous}. Check the storage (and this machine's access to it), "
+            "then run again to resume from it"
         )
 
     def saved_config(self, step: int) -> dict[str, Any]:
@@ -220,17 +268,13 @@ class Checkpointer:
             raise UserError(self._unreadable(step, error)) from error
 
     def _unreadable(self, step: int, error: BaseException) -> str:
-        while error.__cause__ is not None:  # the reason, not the layers that passed it on
-            error = error.__cause__
-        cause = (str(error).strip().splitlines() or [""])[0]
-        if len(cause) > 300:
-            cause = cause[:300] + "..."
         step_dir = self.directory / str(step)
         older = [s for s in self._manager.all_steps() if s < step]
         then = f"resume from step {max(older)}" if older else "start again from step 0"
+        move = "gcloud storage mv" if storage.is_bucket(self.directory) else "mv"
         return (
-            f"checkpoint step {step} in {self.directory} cannot be restored ({type(error).__name__}: {cause}); "
-            f"if it is damaged, move it aside (mv {step_dir} {self.directory / f'damaged-{step}'}) to {then}"
+            f"checkpoint step {step} in {self.directory} cannot be restored ({cause(error)}); "
+            f"if it is damaged, move it aside ({move} {step_dir} {self.directory / f'damaged-{step}'}) to {then}"
         )
 
     def _restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
@@ -267,10 +311,11 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait_for_pinning()
-        if self._abandoned:  # Orbax's close would wait for the write that outlived the grace
+        # Orbax's close would wait for the write that outlived the grace, or raise a failed one again.
+        if self._abandoned or self._failed:
             return
         started = time.perf_counter()
-        self._manager.wait_until_finished()
+        self._wait_for_writes()
         waited = time.perf_counter() - started
         if waited >= 1:
             log.info("waited %.1fs for the last checkpoint to finish writing", waited)

@@ -334,7 +334,7 @@ class DistributedConfig(Section):
 class RunConfig(Section):
     dir: str = Field(
         "runs/tiny",
-        description="Run directory: config.yaml, metrics.jsonl, TensorBoard events, checkpoints.",
+        description="Run directory, a path or gs:// URL: config.yaml, metrics.jsonl, TensorBoard events, profiles, checkpoints.",
     )
     cpu_peak_flops: float = Field(
         1e11,
@@ -373,9 +373,11 @@ class Config(Section):
 
     @property
     def checkpoint_dir(self) -> epath.Path:
-        """Local path or object-store URL (gs://...) of the checkpoints."""
+        """Local path or gs:// URL of the checkpoints."""
         if self.checkpoint.dir:
             return epath.Path(self.checkpoint.dir)
+        if self.run.dir.startswith("gs://"):
+            return epath.Path(self.run.dir) / "checkpoints"
         return epath.Path(Path(self.run.dir).absolute() / "checkpoints")
 
     @property

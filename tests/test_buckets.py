@@ -1,0 +1,216 @@
+"""run.dir and checkpoint.dir in a bucket: checkpoints through Orbax and TensorStore's own GCS
+support, the run's other files copied next to them, and the one-line errors of buckets. Against
+a GCS emulator on 127.0.0.1 (the `gcs_emulator` fixture in conftest.py)."""
+
+import http.client
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import urllib.parse
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import fsspec
+import pytest
+from conftest import TINY, read_metrics, tiny_config, train_losses
+from test_multihost import SHARED, free_port, logged_steps, start, wait_for
+from test_train import tensorboard_events
+
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.errors import UserError
+from jaxlm.train import train
+
+
+class RefusingProxy(ThreadingHTTPServer):
+    """Passes requests on to the emulator, but answers those `refused(method, path)` picks as GCS
+    answers a caller without permission: 403, which no client retries."""
+
+    def __init__(self, refused: Callable[[str, str], bool]):
+        super().__init__(("127.0.0.1", 0), _Forward)
+        self.upstream = urllib.parse.urlsplit(os.environ["STORAGE_EMULATOR_HOST"]).netloc
+        self.refused = refused
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def handle_error(self, request, client_address) -> None:
+        """Clients hang up on requests they no longer need (gcsfs races two lookups and drops the
+        slower one): nothing to report."""
+
+
+class _Forward(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: RefusingProxy
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.server.refused(self.command, urllib.parse.unquote(self.path)):
+            status, headers = 403, [("Content-Type", "application/json")]
+            message = "jaxlm-tests@example.iam.gserviceaccount.com does not have access to the bucket"
+            payload = json.dumps({"error": {"code": 403, "message": message}}).encode()
+        else:
+            upstream = http.client.HTTPConnection(self.server.upstream, timeout=60)
+            passed = {
+                k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "expect")
+            }
+            upstream.request(self.command, self.path, body, headers=passed)
+            response = upstream.getresponse()
+            status, payload = response.status, response.read()
+            headers = [
+                (k, v)
+                for k, v in response.getheaders()
+                if k.lower() not in ("connection", "content-length", "transfer-encoding")
+            ]
+            upstream.close()
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_gs_url_without_gcsfs_is_one_line_naming_the_gcs_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # what an interpreter without gcsfs finds
+    with pytest.raises(UserError) as refused:
+        train(tiny_config(tmp_path, "checkpoint.dir=gs://jaxlm-test/run/checkpoints"))
+    assert str(refused.value) == (
+        "checkpoint.dir=gs://jaxlm-test/run/checkpoints needs gcsfs, which is not installed; "
+        'pip install -e ".[gcs]" (or pip install "jaxlm[gcs]")'
+    )
+
+
+def test_a_missing_or_forbidden_bucket_is_one_line_naming_the_url(gcs_emulator, tmp_path, monkeypatch):
+    with pytest.raises(UserError) as refused:
+        train(tiny_config("gs://no-such-bucket/run"))
+    assert str(refused.value) == (
+        "run.dir=gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist; "
+        "create it or choose another run.dir"
+    )
+    with pytest.raises(
+        UserError, match=r"^checkpoint.dir=gs://no-such-bucket/c: bucket gs://no-such-bucket "
+    ):
+        train(tiny_config(tmp_path, "checkpoint.dir=gs://no-such-bucket/c"))
+    assert fsspec.filesystem("gs").ls("", refresh=True) == ["jaxlm-test/"]  # no bucket made by mistake
+
+    everything = RefusingProxy(lambda method, path: True)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", everything.url)
+    with pytest.raises(UserError) as refused:
+        train(tiny_config("gs://jaxlm-test/run"))
+    everything.shutdown()
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "run.dir=gs://jaxlm-test/run: cannot list gs://jaxlm-test (OSError: Forbidden: "
+    )
+    assert "does not have access to the bucket" in message
+    assert message.endswith("their access to the bucket, or choose another run.dir")
+
+
+def test_a_failed_save_is_one_line_and_never_leaves_a_checkpoint_that_restores_as_complete(
+    bucket_dir, monkeypatch, caplog
+):
+    # Every object of step 4 is written but its commit marker, the last one Orbax writes: what a
+    # network failure or a lost permission at the end of a save leaves.
+    marker = f"{bucket_dir.name}/checkpoints/4/commit_success.txt"
+    proxy = RefusingProxy(lambda method, path: method == "POST" and marker in path)
+    config = tiny_config(bucket_dir, "checkpoint.every=2", "train.profile_steps=[1,2]")
+    with monkeypatch.context() as env:
+        env.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        with pytest.raises(UserError) as refused:
+            train(config)
+    proxy.shutdown()
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"checkpoint step 4 could not be written to {bucket_dir}/checkpoints (OSError: Forbidden: "
+    )
+    assert "the last complete checkpoint is step 2" in message
+    assert (bucket_dir / "checkpoints" / "4" / "state").exists()
+    with caplog.at_level("INFO", logger="jaxlm"):
+        assert Checkpointer(config).latest_step() == 2
+    assert f"ignoring incomplete checkpoint {bucket_dir}/checkpoints/4" in caplog.text
+    # What the run wrote next to its checkpoints is there.
+    assert list(train_losses(bucket_dir)) == [1, 2, 3, 4]
+    assert "steps: 4" in (bucket_dir / "config.yaml").read_text()
+    assert {event.step for event in tensorboard_events(bucket_dir) if event.summary.value} == {1, 2, 3, 4}
+    traces = list((bucket_dir / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().length > 0
+
+
+def committed_steps(checkpoints) -> list[int]:
+    """The steps Orbax completed: on GCS, those with a commit marker. Listed afresh: gcsfs keeps
+    the listings it made, and the processes a test starts write the bucket too."""
+    fs = fsspec.filesystem("gs")
+    fs.invalidate_cache()
+    markers = [
+        name.split("/")[-2] for name in fs.find(str(checkpoints)) if name.endswith("/commit_success.txt")
+    ]
+    return sorted({int(step) for step in markers if step.isdigit()})
+
+
+@pytest.mark.multiprocess
+def test_two_processes_with_the_run_in_a_bucket_stop_on_sigterm_survive_kill_9_and_resume_exactly(
+    bucket_dir, tmp_path
+):
+    args = [
+        *SHARED,
+        "train.steps=100000",
+        "checkpoint.every=2",
+        f"run.dir={bucket_dir}",
+        "distributed.heartbeat_timeout_s=5",
+        "distributed.preemption_grace_s=20",
+    ]
+    checkpoints = bucket_dir / "checkpoints"
+
+    # SIGTERM to one process: both save the step they agree on into the bucket and exit 75.
+    logs = [tmp_path / f"sigterm-p{i}.log" for i in range(2)]
+    port = free_port()
+    processes = [start(i, 2, port, args, logs[i]) for i in range(2)]
+    try:
+        wait_for(lambda: logged_steps(bucket_dir) >= 3, 180, "three logged steps")
+        processes[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=60) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert codes == [75, 75], [log.read_text()[-2000:] for log in logs]
+    stops = [int(re.search(r"preempted: stopping at step (\d+)", log.read_text()).group(1)) for log in logs]
+    assert stops[0] == stops[1] and stops[0] in committed_steps(checkpoints)
+    assert max(train_losses(bucket_dir)) == stops[0]  # what the run logged is in the bucket
+
+    # kill -9 of one process once the resumed run has saved again: the other stops too.
+    logs = [tmp_path / f"kill-p{i}.log" for i in range(2)]
+    port = free_port()
+    processes = [start(i, 2, port, args, logs[i]) for i in range(2)]
+    try:
+        wait_for(lambda: max(committed_steps(checkpoints)) > stops[0], 180, "a checkpoint after the resume")
+        processes[1].kill()
+        code = processes[0].wait(timeout=60)
+    finally:
+        for p in processes:
+            p.kill()
+    assert code not in (0, 75)
+    assert f"resuming from checkpoint step {stops[0]}" in logs[0].read_text()
+
+    # One process × 8 devices resumes from the last complete checkpoint: the three runs together
+    # log each step once, with the losses of a run that never stopped.
+    saved = max(committed_steps(checkpoints))
+    train(
+        tiny_config(
+            bucket_dir, *SHARED[len(TINY) :], f"train.steps={saved + 1}", "mesh.data=1", "mesh.tensor=2"
+        )
+    )
+    train(tiny_config(tmp_path / "reference", *SHARED[len(TINY) :], f"train.steps={saved + 1}"))
+    assert [record["step"] for record in read_metrics(bucket_dir)] == list(range(1, saved + 2))
+    purges = [event.step for event in tensorboard_events(bucket_dir) if event.session_log.status == 1]
+    assert purges == [stops[0] + 1, saved + 1]  # TensorBoard hides the steps trained again
+    reference, resumed = train_losses(tmp_path / "reference"), train_losses(bucket_dir)
+    assert all(abs(resumed[step] - reference[step]) / reference[step] < 1e-4 for step in reference)
