@@ -165,7 +165,7 @@ class MixtureSource(Section):
 class DataConfig(Section):
     path: str | None = Field(
         None,
-        description="A directory, glob or file of .txt / .jsonl / .parquet documents, or a directory `jaxlm prepare` wrote; null = this Python's standard library source.",
+        description="A directory, glob or file of .txt / .jsonl / .parquet documents, or a directory `jaxlm prepare` wrote, local or gs://; null = this Python's standard library source.",
     )
     mixture: list[MixtureSource] = Field(
         default_factory=list,
@@ -187,7 +187,7 @@ class DataConfig(Section):
     )
     tokenizer: str = Field(
         "byte",
-        description="'byte' (built-in, 257 ids) or the path of a Hugging Face tokenizer.json.",
+        description="'byte' (built-in, 257 ids) or the path (or gs:// URL) of a Hugging Face tokenizer.json.",
     )
     eos_token: str | None = Field(
         None,

@@ -1,6 +1,11 @@
 """Where a run's files live: local paths and gs:// URLs, through etils epath (gcsfs for buckets),
 and the one-line errors of buckets.
 
+Data is read through the same layer: documents with gcsfs (one ranged read per document), and
+prepared ArrayRecord shards by ArrayRecord's own reader, which reaches gs:// with the Google
+Cloud C++ client (`CLOUD_STORAGE_EMULATOR_ENDPOINT` points it at an emulator). That writer cannot
+write to a bucket, so `jaxlm prepare` writes each shard locally and uploads it with gcsfs.
+
 Checkpoints go to buckets through Orbax and TensorStore's own GCS support. The files a run
 appends to (metrics.jsonl, TensorBoard events) cannot be written to a bucket as they are on a
 disk, since an object cannot be appended to; and jax.profiler's own GCS client (TSL's, inside
@@ -10,8 +15,10 @@ directory that a `BucketMirror` copies to the bucket with gcsfs, like everything
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -53,6 +60,48 @@ def check_bucket(url: str, key: str) -> None:
             f"{key}={url}: cannot list {BUCKET_SCHEME}{bucket} ({cause(error)}); check the network, this "
             f"machine's credentials and their access to the bucket, or choose another {key}"
         ) from None
+
+
+def path(location: str) -> epath.Path:
+    """A local path (~ expanded) or a gs:// URL."""
+    return epath.Path(location if is_bucket(location) else os.path.expanduser(location))
+
+
+def _gcs():
+    import fsspec
+
+    return fsspec.filesystem("gs")
+
+
+def files_under(directory: epath.Path) -> dict[str, int]:
+    """Every file under `directory`, at any depth, with its size: one listing in a bucket."""
+    if is_bucket(directory):
+        found = _gcs().find(str(directory), detail=True)
+        return {BUCKET_SCHEME + name: info["size"] for name, info in found.items() if info["type"] == "file"}
+    return {str(p): p.stat().st_size for p in Path(directory).rglob("*") if p.is_file()}
+
+
+def glob_files(pattern: str) -> dict[str, int]:
+    """The files a glob (`**` for any depth) matches, with their sizes."""
+    if is_bucket(pattern):
+        found = _gcs().glob(pattern, detail=True)
+        return {BUCKET_SCHEME + name: info["size"] for name, info in found.items() if info["type"] == "file"}
+    matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+    return {p: os.path.getsize(p) for p in matches if os.path.isfile(p)}
+
+
+def read_bytes(location: str, start: int = 0, stop: int | None = None) -> bytes:
+    """Bytes [start, stop) of a file (to its end when stop is None): one request in a bucket."""
+    if is_bucket(location):
+        return _gcs().cat_file(location, start, stop)
+    with open(location, "rb") as file:
+        file.seek(start)
+        return file.read() if stop is None else file.read(stop - start)
+
+
+def upload(local: Path, url: str) -> None:
+    """Copy a local file to a gs:// URL, streamed."""
+    _gcs().put_file(str(local), url)
 
 
 class BucketMirror:

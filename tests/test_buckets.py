@@ -1,5 +1,6 @@
-"""run.dir and checkpoint.dir in a bucket: checkpoints through Orbax and TensorStore's own GCS
-support, the run's other files copied next to them, and the one-line errors of buckets. Against
+"""run.dir, checkpoint.dir and data in a bucket: checkpoints through Orbax and TensorStore's own
+GCS support, the run's other files copied next to them, documents and prepared data read from
+it, and the one-line errors of buckets. Against
 a GCS emulator on 127.0.0.1 (the `gcs_emulator` fixture in conftest.py)."""
 
 import http.client
@@ -17,10 +18,13 @@ import fsspec
 import pytest
 from conftest import TINY, read_metrics, tiny_config, train_losses
 from test_multihost import SHARED, free_port, logged_steps, start, wait_for
+from test_prepare import bpe_tokenizer
 from test_train import tensorboard_events
 
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.errors import UserError
+from jaxlm.data import sources
+from jaxlm.data.prepare import prepare
+from jaxlm.errors import ConfigError, DataError, UserError
 from jaxlm.train import train
 
 
@@ -214,3 +218,69 @@ def test_two_processes_with_the_run_in_a_bucket_stop_on_sigterm_survive_kill_9_a
     assert purges == [stops[0] + 1, saved + 1]  # TensorBoard hides the steps trained again
     reference, resumed = train_losses(tmp_path / "reference"), train_losses(bucket_dir)
     assert all(abs(resumed[step] - reference[step]) / reference[step] < 1e-4 for step in reference)
+
+
+def upload(local, url) -> None:
+    fs = fsspec.filesystem("gs")
+    fs.put(str(local), str(url), recursive=True)
+    fs.invalidate_cache()
+
+
+def test_documents_in_a_bucket_are_the_documents_of_their_local_copy(bucket_dir, tmp_path, corpus):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["first row", "", "third row"]}), corpus / "rows.parquet")
+    upload(corpus, bucket_dir / "corpus")
+    local, remote = (sources.list_documents(str(path), "text") for path in (corpus, f"{bucket_dir}/corpus/"))
+    assert [ref.name for ref in remote] == [ref.name for ref in local]  # so the same split
+    assert all(ref.path.startswith(f"{bucket_dir}/corpus/") for ref in remote)
+    texts = [sources.DocumentSource(refs, "text") for refs in (local, remote)]
+    for index in (len(local) - 1, 0, 6, 5, 2):  # a parquet row, .txt files, .jsonl lines
+        assert texts[1][index] == texts[0][index]
+    jsonl = sources.list_documents(f"{bucket_dir}/corpus/*.jsonl", "text")
+    assert [ref.name for ref in jsonl] == ["docs.jsonl:1", "docs.jsonl:2", "docs.jsonl:3"]
+    one = sources.list_documents(f"{bucket_dir}/corpus/docs.jsonl", "text")
+    assert [ref.name for ref in one] == [ref.name for ref in jsonl]
+
+    with pytest.raises(DataError, match=rf"^data.path={bucket_dir}/nothing does not exist; point it at"):
+        sources.list_documents(f"{bucket_dir}/nothing", "text")
+    with pytest.raises(
+        UserError, match=r"^data.path=gs://no-such-bucket/c: bucket gs://no-such-bucket does not"
+    ):
+        sources.list_documents("gs://no-such-bucket/c", "text")
+
+    steps = ("train.steps=2", "train.eval_every=2")
+    train(tiny_config(tmp_path / "local", f"data.path={corpus}", *steps))
+    train(tiny_config(tmp_path / "remote", f"data.path={bucket_dir}/corpus", *steps))
+    assert train_losses(tmp_path / "remote") == train_losses(tmp_path / "local")
+    assert (
+        read_metrics(tmp_path / "remote")[-1]["eval_loss"]
+        == read_metrics(tmp_path / "local")[-1]["eval_loss"]
+    )
+
+
+def test_prepared_data_goes_to_a_bucket_and_trains_from_there(bucket_dir, tmp_path, corpus):
+    tokenizer = bpe_tokenizer(tmp_path, corpus)
+    upload(tokenizer, bucket_dir / "tokenizer.json")
+    out = f"{bucket_dir}/prepared"
+    data = tiny_config(tmp_path, f"data.path={corpus}", f"data.tokenizer={bucket_dir}/tokenizer.json").data
+    manifest = prepare(data, out, shards=2, workers=2)
+    names = sorted(path.name for path in (bucket_dir / "prepared").iterdir())
+    assert names == sorted(
+        ["manifest.json", *manifest["splits"]["train"]["files"], *manifest["splits"]["validation"]["files"]]
+    )
+    assert len(manifest["splits"]["train"]["files"]) == 2
+    with pytest.raises(UserError, match=rf"^--out {out} is not empty; choose a new directory"):
+        prepare(data, out, workers=1)
+    with pytest.raises(
+        UserError, match=r"^--out=gs://no-such-bucket/p: bucket gs://no-such-bucket does not exist"
+    ):
+        prepare(data, "gs://no-such-bucket/p", workers=1)
+
+    steps = ("train.steps=2", "train.eval_every=2", "model.vocab_size=300")
+    train(tiny_config(tmp_path / "text", f"data.path={corpus}", f"data.tokenizer={tokenizer}", *steps))
+    train(tiny_config(tmp_path / "prepared", f"data.path={out}", f"data.tokenizer={tokenizer}", *steps))
+    assert train_losses(tmp_path / "prepared") == train_losses(tmp_path / "text")
+    with pytest.raises(ConfigError, match=rf"^data.path={out} was prepared with tokenizer tokenizer.json"):
+        sources.document_sources(tiny_config(tmp_path, f"data.path={out}").data)

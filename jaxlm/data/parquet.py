@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import bisect
 import functools
-from pathlib import Path
 from typing import Any
 
+from jaxlm import storage
 from jaxlm.errors import DataError
 
 
-def import_pyarrow(path: Path) -> Any:
+def import_pyarrow(path: str) -> Any:
     try:
         import pyarrow.parquet
     except ModuleNotFoundError as error:
@@ -29,11 +29,17 @@ def import_pyarrow(path: Path) -> Any:
     return pyarrow.parquet
 
 
-def nonempty_rows(path: Path, text_field: str) -> list[int]:
+def _source(path: str) -> Any:
+    """What pyarrow reads: the path of a local file, an open gcsfs file for a gs:// URL (so that
+    buckets are read through the same layer as every other file)."""
+    return storage.path(path).open("rb") if storage.is_bucket(path) else path
+
+
+def nonempty_rows(path: str, text_field: str) -> list[int]:
     """The rows of a Parquet file whose text column holds a non-empty string."""
     parquet = import_pyarrow(path)
     try:
-        file = parquet.ParquetFile(path)
+        file = parquet.ParquetFile(_source(path))
     except Exception as error:
         raise DataError(f"{path} is not a readable Parquet file ({error}); fix or remove it") from None
     if text_field not in file.schema_arrow.names:
@@ -62,7 +68,7 @@ def read_row(path: str, row: int, text_field: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _group_starts(path: str) -> tuple[int, ...]:
-    metadata = import_pyarrow(Path(path)).ParquetFile(path).metadata
+    metadata = import_pyarrow(path).ParquetFile(_source(path)).metadata
     starts, first = [], 0
     for group in range(metadata.num_row_groups):
         starts.append(first)
@@ -79,8 +85,8 @@ def _group_of(path: str, row: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=4)
 def _row_group(path: str, group: int, text_field: str) -> list[str]:
     return (
-        import_pyarrow(Path(path))
-        .ParquetFile(path)
+        import_pyarrow(path)
+        .ParquetFile(_source(path))
         .read_row_group(group, columns=[text_field])
         .column(0)
         .to_pylist()

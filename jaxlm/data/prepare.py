@@ -11,12 +11,15 @@ trains from it; a run whose tokenizer differs from the manifest's is refused.
 from __future__ import annotations
 
 import concurrent.futures
+import glob
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,11 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxlm import storage
 from jaxlm.config import DataConfig
 from jaxlm.data import sources
 from jaxlm.data.tokenizers import load_tokenizer
-from jaxlm.errors import ConfigError, DataError
+from jaxlm.errors import ConfigError, DataError, cause
 
 log = logging.getLogger("jaxlm")
 
@@ -41,20 +45,24 @@ def tokenizer_identity(config: DataConfig) -> dict[str, Any]:
     """What makes two tokenizers the same for prepared data: the file's content, not its path."""
     if config.tokenizer == "byte":
         return {"tokenizer": "byte"}
-    digest = hashlib.sha256(Path(config.tokenizer).read_bytes()).hexdigest()
-    return {"tokenizer": Path(config.tokenizer).name, "sha256": digest, "eos_token": config.eos_token}
+    digest = hashlib.sha256(storage.read_bytes(config.tokenizer)).hexdigest()
+    return {"tokenizer": storage.path(config.tokenizer).name, "sha256": digest, "eos_token": config.eos_token}
 
 
 def is_prepared(path: str | None) -> bool:
-    return path is not None and (Path(path).expanduser() / MANIFEST).is_file()
+    if path is None or glob.has_magic(path):
+        return False
+    if storage.is_bucket(path):
+        storage.check_bucket(path, "data.path")
+    return (storage.path(path) / MANIFEST).is_file()
 
 
 def read_manifest(path: str) -> dict[str, Any]:
-    manifest_path = Path(path).expanduser() / MANIFEST
+    manifest_path = storage.path(path) / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{manifest_path} cannot be read ({error}); prepare the data again") from None
+    except Exception as error:
+        raise DataError(f"{manifest_path} cannot be read ({cause(error)}); prepare the data again") from None
     if manifest.get("format") != FORMAT:
         raise DataError(
             f"{manifest_path} is not a jaxlm prepared-data manifest ({FORMAT}); prepare the data again"
@@ -83,7 +91,7 @@ class PreparedSource:
     """One split of a prepared directory: index → the document's token ids (Grain random access)."""
 
     def __init__(self, path: str, split: str):
-        directory = Path(path).expanduser()
+        directory = storage.path(path)
         files = read_manifest(path)["splits"][split]["files"]
         self._records = grain.sources.ArrayRecordDataSource([str(directory / name) for name in files])
 
@@ -129,12 +137,18 @@ def prepare(
         )
     if is_prepared(config.path):
         raise ConfigError(f"data.path={config.path} is prepared data already; point it at the documents")
-    directory = Path(out).expanduser()
+    if storage.is_bucket(out):
+        storage.check_bucket(out, "--out")
+    directory = storage.path(out)
     if directory.exists() and any(directory.iterdir()):
         raise ConfigError(
             f"--out {out} is not empty; choose a new directory (prepared data is never overwritten)"
         )
-    directory.mkdir(parents=True, exist_ok=True)
+    # ArrayRecord's writer writes local files only: for a bucket each shard is written in a local
+    # directory, then uploaded and removed.
+    bucket = storage.is_bucket(out)
+    staging = Path(tempfile.mkdtemp(prefix="jaxlm-prepare-")) if bucket else Path(directory)
+    staging.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(config)
     listed = dict(zip(SPLITS, sources.document_sources(config), strict=True))
     workers = workers or os.cpu_count() or 1
@@ -163,7 +177,7 @@ def prepare(
             for shard in range(split_shards):
                 start, stop = shard * documents // split_shards, (shard + 1) * documents // split_shards
                 name = f"{split}-{shard:05d}-of-{split_shards:05d}.array_record"
-                writer = ArrayRecordWriter(str(directory / name), "group_size:1")
+                writer = ArrayRecordWriter(str(staging / name), "group_size:1")
                 chunks = [(split, s, min(s + CHUNK, stop)) for s in range(start, stop, CHUNK)]
                 for records in pool.map(_tokenize, *zip(*chunks, strict=True)) if chunks else ():
                     for record in records:
@@ -171,12 +185,21 @@ def prepare(
                         tokens += len(record) // 4
                     progress.update(len(records), tokens)
                 writer.close()
+                if bucket:
+                    _upload(staging / name, directory / name)
                 files.append(name)
             manifest["splits"][split] = {"documents": documents, "tokens": tokens, "files": files}
+    if bucket:
+        shutil.rmtree(staging, ignore_errors=True)
     progress.close()
     seconds = time.perf_counter() - started
     manifest["seconds"] = seconds
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence means complete
+    try:  # last: its presence means complete
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    except Exception as error:
+        raise DataError(
+            f"cannot write {directory / MANIFEST} ({cause(error)}); check --out and its access"
+        ) from None
     train, validation = manifest["splits"]["train"], manifest["splits"]["validation"]
     log.info(
         "prepared %s train / %s validation documents, %s / %s tokens, in %.1fs (%s tokens/s) into %s",
@@ -184,6 +207,17 @@ def prepare(
         f"{validation['tokens']:,}", seconds, f"{(train['tokens'] + validation['tokens']) / seconds:,.0f}", out,
     )  # fmt: skip
     return manifest
+
+
+def _upload(local: Path, url: Any) -> None:
+    try:
+        storage.upload(local, str(url))
+    except Exception as error:
+        raise DataError(
+            f"cannot upload {local.name} to {url} ({cause(error)}); check --out and this machine's access "
+            "to the bucket, then prepare again into a new --out"
+        ) from None
+    local.unlink()
 
 
 class _Progress:

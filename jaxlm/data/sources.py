@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from jaxlm import storage
 from jaxlm.config import DataConfig
 from jaxlm.data import parquet
 from jaxlm.errors import DataError
@@ -30,6 +31,7 @@ class DocumentRef:
     path: str
     offset: int = -1  # byte offset of the line in a .jsonl file, row of a .parquet; -1 = a whole .txt
     name: str = ""  # stable across machines: relative path (and line), used for the split
+    length: int = -1  # bytes of the .jsonl line
 
 
 def stdlib_root() -> Path:
@@ -52,25 +54,25 @@ def stdlib_documents() -> list[DocumentRef]:
     return refs
 
 
-def find_files(spec: str) -> tuple[list[Path], Path]:
-    """Files named by a directory, a glob or a single file, and the root to name them from."""
-    path = Path(spec).expanduser()
+def find_files(spec: str) -> tuple[dict[str, int], str]:
+    """Files (and their sizes) named by a directory, a glob or a single file, local or gs://, and
+    the root to name them from."""
+    if storage.is_bucket(spec):
+        storage.check_bucket(spec, "data.path")
+    path = storage.path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
-        root = path
+        files, root = storage.files_under(path), str(path)
     elif path.is_file():
-        files, root = [path], path.parent
+        files, root = {str(path): path.stat().length}, str(path.parent)
     elif glob.has_magic(spec):
-        files = sorted(
-            Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()
-        )
-        root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path(".")
+        files = storage.glob_files(spec)
+        root = _common_parent(list(files)) if files else ""
     else:
         raise DataError(
-            f"data.path={spec} does not exist; point it at a directory, glob or file of .txt/.jsonl "
+            f"data.path={spec} does not exist; point it at a directory, glob or file of .txt/.jsonl/.parquet "
             "documents, or leave it null for the built-in corpus"
         )
-    files = [f for f in files if f.suffix in TEXT_SUFFIXES]
+    files = {name: size for name, size in sorted(files.items()) if name.endswith(TEXT_SUFFIXES)}
     if not files:
         raise DataError(
             f"data.path={spec} holds no .txt, .jsonl or .parquet files; add some or point it elsewhere"
@@ -78,26 +80,39 @@ def find_files(spec: str) -> tuple[list[Path], Path]:
     return files, root
 
 
+def _common_parent(files: list[str]) -> str:
+    scheme = storage.BUCKET_SCHEME if storage.is_bucket(files[0]) else ""
+    bare = [name.removeprefix(scheme) for name in files]
+    return scheme + os.path.commonpath([os.path.dirname(name) for name in bare])
+
+
+def _relative(path: str, root: str) -> str:
+    """The name of a file below root, the same for a corpus on a disk and its copy in a bucket."""
+    if storage.is_bucket(path):
+        return path.removeprefix(root.rstrip("/") + "/")
+    return os.path.relpath(path, root) if root else path
+
+
 def file_documents(spec: str, text_field: str) -> list[DocumentRef]:
     """One document per .txt file, per non-blank .jsonl line and per non-empty .parquet row."""
     files, root = find_files(spec)
     refs = []
-    for path in files:
-        relative = path.relative_to(root).as_posix()
-        if path.suffix == ".txt":
-            if path.stat().st_size:
-                refs.append(DocumentRef(str(path), -1, relative))
+    for path, size in files.items():
+        relative = _relative(path, root)
+        if path.endswith(".txt"):
+            if size:
+                refs.append(DocumentRef(path, -1, relative))
             continue
-        if path.suffix == ".parquet":
+        if path.endswith(".parquet"):
             rows = parquet.nonempty_rows(path, text_field)
-            refs.extend(DocumentRef(str(path), row, f"{relative}:{row + 1}") for row in rows)
+            refs.extend(DocumentRef(path, row, f"{relative}:{row + 1}") for row in rows)
             continue
         offset = 0
-        with path.open("rb") as lines:
+        with storage.path(path).open("rb") as lines:
             for line_number, line in enumerate(lines, start=1):
                 if line.strip():
                     _check_record(line, text_field, f"{path}:{line_number}")
-                    refs.append(DocumentRef(str(path), offset, f"{relative}:{line_number}"))
+                    refs.append(DocumentRef(path, offset, f"{relative}:{line_number}", len(line)))
                 offset += len(line)
     if not refs:
         raise DataError(f"data.path={spec} has no non-empty documents; the corpus is empty")
@@ -119,12 +134,10 @@ def _check_record(line: bytes, text_field: str, where: str) -> None:
 
 def read_document(ref: DocumentRef, text_field: str) -> str:
     if ref.offset < 0:
-        return Path(ref.path).read_text(encoding="utf-8", errors="replace")
+        return storage.read_bytes(ref.path).decode("utf-8", errors="replace")
     if ref.path.endswith(".parquet"):
         return parquet.read_row(ref.path, ref.offset, text_field)
-    with open(ref.path, "rb") as file:
-        file.seek(ref.offset)
-        return json.loads(file.readline())[text_field]
+    return json.loads(storage.read_bytes(ref.path, ref.offset, ref.offset + ref.length))[text_field]
 
 
 def list_documents(path: str | None, text_field: str) -> list[DocumentRef]:

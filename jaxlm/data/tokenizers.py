@@ -1,12 +1,12 @@
-"""Tokenizers: a built-in byte-level one, and any local Hugging Face `tokenizer.json`."""
+"""Tokenizers: a built-in byte-level one, and any Hugging Face `tokenizer.json` (a path or gs:// URL)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from jaxlm import storage
 from jaxlm.config import DataConfig
 from jaxlm.errors import DataError
 
@@ -44,7 +44,7 @@ class HuggingFaceTokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
-            self._tokenizer = HFTokenizer.from_file(path)
+            self._tokenizer = HFTokenizer.from_str(storage.read_bytes(path).decode("utf-8"))
         except Exception as error:
             raise DataError(
                 f"data.tokenizer={path} could not be loaded as a tokenizer.json ({error})"
@@ -82,7 +82,9 @@ class HuggingFaceTokenizer:
 def load_tokenizer(config: DataConfig) -> Tokenizer:
     if config.tokenizer == "byte":
         return ByteTokenizer()
-    if not Path(config.tokenizer).is_file():
+    if storage.is_bucket(config.tokenizer):
+        storage.check_bucket(config.tokenizer, "data.tokenizer")
+    if not storage.path(config.tokenizer).is_file():
         raise DataError(
             f"data.tokenizer={config.tokenizer} is neither 'byte' nor an existing tokenizer.json file"
         )
