@@ -30,8 +30,11 @@ from jaxlm.setup import TrainSetup, with_shardings
 
 log = logging.getLogger("jaxlm")
 
-# Model keys that change how the step runs, not the parameters: a run may resume with new values.
-HOW_TO_RUN_MODEL_KEYS = frozenset({"dtype", "remat", "scan_layers", "attention", "max_documents"})
+# Model keys that change how the step runs, not the parameters: a run may resume with new values
+# (and a run started from model.init_from resumes from its own checkpoints, wherever that points).
+HOW_TO_RUN_MODEL_KEYS = frozenset(
+    {"dtype", "remat", "scan_layers", "attention", "max_documents", "init_from"}
+)
 
 
 class DataPositionHandler(ocp.CheckpointHandler):

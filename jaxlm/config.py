@@ -104,6 +104,10 @@ class ModelConfig(Section):
         description="attention=cudnn: the most documents of a packed row kept apart; later ones in the row attend within the last kept one's span (still causal). cuDNN's backward memory grows with it.",
     )
     init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal initialiser.")
+    init_from: str | None = Field(
+        None,
+        description="Start from this model's parameters: a Hugging Face directory, a jaxlm run directory (its newest checkpoint) or a checkpoint step directory. Its architecture keys replace the config's; a fresh optimizer and data position; a restart resumes from the run's own checkpoints.",
+    )
 
 
 class MeshConfig(Section):

@@ -1,6 +1,6 @@
 """The Llama family: every parameter names logical axes; remat, unrolling and chunked loss change
 speed and memory, not results; dtypes; the KV cache gives the logits of the whole sequence; the
-family's Hugging Face names."""
+family's Hugging Face tensors; qkv biases and llama3 RoPE scaling."""
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ from flax import nnx
 
 from jaxlm.config import DEFAULT_RULES
 from jaxlm.model import registry
+from jaxlm.model.layers import Llama3RopeScaling
 from jaxlm.step import _loss_fn
 
 
@@ -138,18 +139,60 @@ def test_prefill_then_decoding_with_the_cache_gives_the_logits_of_the_whole_sequ
     np.testing.assert_allclose(jnp.concatenate(decoded, axis=1), whole, rtol=1e-5, atol=1e-5)
 
 
-def test_every_parameter_has_one_hugging_face_name(tmp_path):
-    for overrides in ([], ["model.tie_embeddings=true"]):
+def test_every_parameter_is_one_hugging_face_tensor_of_its_size(tmp_path):
+    for overrides in ([], ["model.tie_embeddings=true"], ["model.qkv_bias=true", "model.head_dim=8"]):
         config = tiny_config(tmp_path, *overrides)
         params = nnx.to_pure_dict(nnx.state(registry.abstract_model(config.model), nnx.Param))
-        paths = {
-            jax.tree_util.keystr(path, simple=True, separator=".")
-            for path, _ in jax.tree_util.tree_leaves_with_path(params)
+        shapes = {
+            jax.tree_util.keystr(path, simple=True, separator="."): leaf.shape
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)
         }
-        names = registry.family_of(config.model).hf_names(config.model)
-        assert set(names) == paths
-        assert len(set(names.values())) == len(names)
-        assert all(("{layer}" in name) == path.startswith("blocks.") for path, name in names.items())
+        tensors = registry.family_of(config.model).hf.tensors(config.model)
+        assert sorted(tensor.param for tensor in tensors) == sorted(shapes)
+        assert len({tensor.name for tensor in tensors}) == len(tensors)
+        for tensor in tensors:
+            assert tensor.stacked == ("{layer}" in tensor.name) == tensor.param.startswith("blocks.")
+            one_layer = shapes[tensor.param][1:] if tensor.stacked else shapes[tensor.param]
+            assert tuple(tensor.view[axis] for axis in tensor.order) == one_layer, tensor
+            assert np.prod(tensor.view) == np.prod(tensor.hf_shape), tensor
+
+
+def test_qkv_biases_are_zero_at_init_named_like_their_heads_and_never_decayed(tmp_path):
+    config = tiny_config(tmp_path, "model.qkv_bias=true")
+    model = build(config)
+    attention = model.blocks.attention
+    assert attention.bq[...].shape == (2, 4, 16) and attention.bk[...].shape == (2, 2, 16)
+    assert not jnp.any(attention.bq[...]) and not jnp.any(attention.bv[...])
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
+    assert tuple(specs["blocks"]["attention"]["bk"]) == ("layers", "kv_heads", "head_dim")
+    decays = registry.family_of(config.model).decays
+    assert not any(decays(f"blocks.attention.{name}", True) for name in ("bq", "bk", "bv"))
+    assert decays("blocks.attention.wq", False)
+
+
+def test_biases_change_the_logits(tmp_path):
+    config = tiny_config(tmp_path, "model.qkv_bias=true")
+    model = build(config)
+    batch = batch_of(config)
+    before, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    model.blocks.attention.bk[...] = jnp.ones_like(model.blocks.attention.bk[...])
+    after, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    assert float(jnp.abs(after - before).max()) > 1e-3
+
+
+def test_llama3_rope_scaling_stretches_long_wavelengths_and_keeps_short_ones():
+    scaling = Llama3RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=128
+    )
+    inv_freq = 1.0 / (500000.0 ** (jnp.arange(16, dtype=jnp.float32) / 16))
+    scaled = scaling(inv_freq)
+    wavelength = 2 * np.pi / np.asarray(inv_freq)
+    short, long = wavelength < 128 / 4, wavelength > 128 / 1
+    assert short.any() and long.any() and (~short & ~long).any()
+    np.testing.assert_array_equal(scaled[short], inv_freq[short])
+    np.testing.assert_allclose(scaled[long], inv_freq[long] / 8, rtol=1e-6)
+    between = ~short & ~long
+    assert np.all((scaled[between] < inv_freq[between]) & (scaled[between] > inv_freq[between] / 8))
 
 
 def test_the_private_cudnn_attention_jaxlm_calls_still_has_its_packed_layout():

@@ -99,7 +99,6 @@ TOY_GPT = registry.ModelFamily(
     build=ToyGPT,
     flops_per_token=toy_flops_per_token,
     decays=toy_decays,
-    hf_names=lambda config: {"embedding": "transformer.wte.weight", "positions": "transformer.wpe.weight"},
 )
 
 

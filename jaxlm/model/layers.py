@@ -8,6 +8,7 @@ devices.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +49,36 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's stretch of the rotary frequencies to a longer context: wavelengths longer than
+    original_max_positions / low_freq_factor are divided by `factor`, those shorter than
+    original_max_positions / high_freq_factor are kept, and the ones between are interpolated."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_positions: int
+
+    def __call__(self, inv_freq: jax.Array) -> jax.Array:
+        wavelength = 2 * jnp.pi / inv_freq
+        original = self.original_max_positions
+        smooth = (original / wavelength - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        interpolated = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        stretched = jnp.where(
+            wavelength > original / self.low_freq_factor, inv_freq / self.factor, interpolated
+        )
+        return jnp.where(wavelength < original / self.high_freq_factor, inv_freq, stretched)
+
+
 def rotary_angles(
-    positions: jax.Array, head_dim: int, theta: float, table_length: int
+    positions: jax.Array,
+    head_dim: int,
+    theta: float,
+    table_length: int,
+    scaling: Llama3RopeScaling | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """sin and cos of each position's rotation angles, [batch, length, 1, head_dim / 2] float32.
 
@@ -58,6 +87,8 @@ def rotary_angles(
     shapes: XLA folds them at compile time, so a step computes no sin or cos."""
     half = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # [half]
+    if scaling is not None:
+        inv_freq = scaling(inv_freq)
     angles = jnp.arange(table_length, dtype=jnp.float32)[:, None] * inv_freq  # [table_length, half]
 
     def lookup(table: jax.Array) -> jax.Array:

@@ -1,8 +1,10 @@
 """The Llama family: pre-norm decoder blocks of grouped-query attention with rotary positions and
 a SwiGLU MLP, RMSNorm. Its config keys, its module, and what jaxlm asks of it (FLOPs, weight
-decay, Hugging Face names): everything Llama-specific in jaxlm is in this file."""
+decay); its Hugging Face conversion is `llama_hf`."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import flax
 import jax
@@ -10,9 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 from pydantic import Field, model_validator
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, Section
+from jaxlm.model import llama_hf
 from jaxlm.model.layers import (
     REMAT_POLICIES,
+    Llama3RopeScaling,
     RMSNorm,
     cache_mask,
     cudnn_attention,
@@ -28,6 +32,32 @@ from jaxlm.model.registry import ModelFamily
 from jaxlm.parallel import constrain
 
 
+class RopeScaling(Section):
+    """model.rope_scaling: Llama 3.1's stretch of the rotary frequencies to a longer context."""
+
+    type: Literal["llama3"] = Field("llama3", description="The scaling rule; llama3 is the one jaxlm has.")
+    factor: float = Field(gt=0, description="How much longer wavelengths are stretched (8 in Llama 3.1).")
+    low_freq_factor: float = Field(gt=0, description="Wavelengths above original/this are stretched fully.")
+    high_freq_factor: float = Field(gt=0, description="Wavelengths below original/this are kept.")
+    original_max_position_embeddings: int = Field(
+        gt=0, description="The context length the frequencies were trained for."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RopeScaling:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"model.rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                f"low_freq_factor={self.low_freq_factor}"
+            )
+        return self
+
+    def layer(self) -> Llama3RopeScaling:
+        return Llama3RopeScaling(
+            self.factor, self.low_freq_factor, self.high_freq_factor, self.original_max_position_embeddings
+        )
+
+
 class LlamaConfig(ModelConfig):
     num_heads: int = Field(4, gt=0, description="Query heads.")
     num_kv_heads: int | None = Field(
@@ -36,6 +66,18 @@ class LlamaConfig(ModelConfig):
     head_dim: int | None = Field(None, gt=0, description="Width of one head; null = d_model / num_heads.")
     mlp_dim: int = Field(512, gt=0, description="Hidden width of the SwiGLU MLP.")
     rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary position frequencies.")
+    rope_scaling: RopeScaling | None = Field(
+        None,
+        description="null, or Llama 3.1's stretch of the rotary frequencies: {type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}.",
+    )
+    qkv_bias: bool = Field(
+        False, description="Biases on the query, key and value projections (as Qwen2 has); never decayed."
+    )
+    context_length: int | None = Field(
+        None,
+        gt=0,
+        description="Longest sequence the model is made for (Hugging Face's max_position_embeddings, which import sets and export writes); null = data.seq_len.",
+    )
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of RMSNorm.")
 
     @model_validator(mode="after")
@@ -76,11 +118,15 @@ class Attention(nnx.Module):
         d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
         pdt = dtype_of(config.param_dtype)
         out_std = config.init_std / (2 * config.num_layers) ** 0.5
-        self.implementation = config.attention
+        self.implementation, self.qkv_bias = config.attention, config.qkv_bias
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), config.init_std, pdt)
         self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
         self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
         self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, pdt)
+        if config.qkv_bias:
+            self.bq = bias((h, hd), ("heads", "head_dim"), pdt)
+            self.bk = bias((k, hd), ("kv_heads", "head_dim"), pdt)
+            self.bv = bias((k, hd), ("kv_heads", "head_dim"), pdt)
 
     def __call__(self, x: jax.Array, rope, documents, cache=None):
         """x: [batch, length, embed]; rope: `rotary_angles`; documents: `document_boundaries`, or
@@ -90,6 +136,8 @@ class Attention(nnx.Module):
         q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(dt))  # [batch, length, heads, head_dim]
         k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))  # [batch, length, kv_heads, head_dim]
         v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
+        if self.qkv_bias:
+            q, k, v = (t + b[...].astype(dt) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
         q = constrain(rotary(q, *rope), ("batch", "length", "act_heads", None))
         k = constrain(rotary(k, *rope), ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
@@ -156,6 +204,7 @@ class Llama(nnx.Module):
         self.scan_layers = config.scan_layers
         self.num_layers, self.num_kv_heads = config.num_layers, config.num_kv_heads
         self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
+        self.rope_scaling = config.rope_scaling.layer() if config.rope_scaling else None
         self.tie_embeddings = config.tie_embeddings
         self.embedding = param(
             rngs, (config.vocab_size, config.d_model), ("vocab", "embed"), config.init_std, pdt
@@ -193,7 +242,7 @@ class Llama(nnx.Module):
 
         # What every layer shares is computed once, outside the layers.
         if cache is None:
-            rope = rotary_angles(positions, self.head_dim, self.rope_theta, positions.shape[1])
+            rope = self._rope(positions, positions.shape[1])
             documents = document_boundaries(self.attention, self.max_documents, segment_ids)
             x = self._blocks(x, rope, documents)
         else:
@@ -203,6 +252,9 @@ class Llama(nnx.Module):
             return hidden, cache
         logits = jnp.einsum("bte,ev->btv", hidden, self.output_projection())
         return constrain(logits, ("batch", "length", "act_vocab")), cache
+
+    def _rope(self, positions: jax.Array, table_length: int):
+        return rotary_angles(positions, self.head_dim, self.rope_theta, table_length, self.rope_scaling)
 
     def _blocks(self, x: jax.Array, rope, documents) -> jax.Array:
         block_def, block_params = nnx.split(self.blocks)
@@ -225,7 +277,7 @@ class Llama(nnx.Module):
         max_length = cache.segment_ids.shape[1]
         start = cache.length
         cache_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)
-        rope = rotary_angles(positions, self.head_dim, self.rope_theta, max_length)
+        rope = self._rope(positions, max_length)
         documents = cache_mask(segment_ids, cache_segments, start)
         block_def, block_params = nnx.split(self.blocks)
 
@@ -261,6 +313,10 @@ class Llama(nnx.Module):
         )
 
 
+def bias(shape: tuple[int, ...], logical_axes: tuple[str, ...], dtype: jnp.dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=logical_axes, eager_sharding=False)
+
+
 def matmul_params(config: LlamaConfig) -> int:
     """Parameters that take part in a matmul per token (the embedding lookup does not)."""
     d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
@@ -278,34 +334,12 @@ def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
 
 
 def decays(path: str, decay_embeddings: bool) -> bool:
-    """Weight matrices decay; norm scales never; the embedding only with optim.decay_embeddings."""
+    """Weight matrices decay; norm scales and biases never; the embedding only with
+    optim.decay_embeddings."""
     name = path.rsplit(".", 1)[-1]
-    if name == "scale":
+    if name in ("scale", "bq", "bk", "bv"):
         return False
     return decay_embeddings or name != "embedding"
-
-
-def hf_names(config: LlamaConfig) -> dict[str, str]:
-    """The tensors of transformers' LlamaForCausalLM holding each parameter (jaxlm keeps heads
-    on their own axes and the blocks stacked: [embed, heads, head_dim] here is q_proj's
-    [heads × head_dim, embed] there, for every {layer})."""
-    layer = "model.layers.{layer}"
-    names = {
-        "embedding": "model.embed_tokens.weight",
-        "final_norm.scale": "model.norm.weight",
-        "blocks.attention_norm.scale": f"{layer}.input_layernorm.weight",
-        "blocks.attention.wq": f"{layer}.self_attn.q_proj.weight",
-        "blocks.attention.wk": f"{layer}.self_attn.k_proj.weight",
-        "blocks.attention.wv": f"{layer}.self_attn.v_proj.weight",
-        "blocks.attention.wo": f"{layer}.self_attn.o_proj.weight",
-        "blocks.mlp_norm.scale": f"{layer}.post_attention_layernorm.weight",
-        "blocks.mlp.w_gate": f"{layer}.mlp.gate_proj.weight",
-        "blocks.mlp.w_up": f"{layer}.mlp.up_proj.weight",
-        "blocks.mlp.w_down": f"{layer}.mlp.down_proj.weight",
-    }
-    if not config.tie_embeddings:
-        names["lm_head"] = "lm_head.weight"
-    return names
 
 
 FAMILY = ModelFamily(
@@ -314,5 +348,5 @@ FAMILY = ModelFamily(
     build=Llama,
     flops_per_token=flops_per_token,
     decays=decays,
-    hf_names=hf_names,
+    hf=llama_hf.HUGGING_FACE,
 )

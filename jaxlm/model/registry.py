@@ -21,11 +21,39 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from flax import nnx
 
 from jaxlm.config import ModelConfig
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, UserError
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    """Where one parameter lives in a Hugging Face checkpoint. The tensor `name` ("{layer}" in it
+    for each layer of a parameter stacked on a leading `layers` axis), of shape `hf_shape`,
+    reshaped to `view` and transposed by `order`, is the parameter (one layer of it)."""
+
+    param: str  # path of the parameter in the module: "blocks.attention.wq"
+    name: str  # "model.layers.{layer}.self_attn.q_proj.weight"
+    hf_shape: tuple[int, ...]
+    view: tuple[int, ...]
+    order: tuple[int, ...]
+    stacked: bool  # the parameter has a leading `layers` axis, one Hugging Face tensor per layer
+
+
+@dataclass(frozen=True)
+class HuggingFace:
+    """A family's conversion to and from Hugging Face transformers (torchtitan's state-dict
+    adapter, in the shape of jaxlm's config)."""
+
+    architectures: tuple[str, ...]  # the `architectures` of config.json the family reads
+    # config.json → the family's model keys; a UserError (one line) for what it cannot represent.
+    config_from_hf: Callable[[dict[str, Any]], dict[str, Any]]
+    # model config → config.json (with its `architectures`), given the context length to write.
+    config_to_hf: Callable[[ModelConfig, int], dict[str, Any]]
+    tensors: Callable[[ModelConfig], list[HFTensor]]
 
 
 @dataclass(frozen=True)
@@ -39,9 +67,8 @@ class ModelFamily:
     # Whether AdamW decays the parameter at this path ("blocks.mlp.w_up"), given
     # optim.decay_embeddings.
     decays: Callable[[str, bool], bool]
-    # Parameter path → the Hugging Face tensor name of the same weights ("{layer}" in the names
-    # of stacked block parameters), for importing and exporting checkpoints.
-    hf_names: Callable[[ModelConfig], dict[str, str]]
+    # Importing and exporting Hugging Face checkpoints; None: the family has no HF counterpart.
+    hf: HuggingFace | None = None
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -58,6 +85,15 @@ def get(name: str) -> ModelFamily:
             f"model.family={name} is not a model family; use one of {', '.join(sorted(_FAMILIES))}"
         )
     return _FAMILIES[name]
+
+
+def family_of_architecture(architecture: str) -> ModelFamily:
+    """The family that reads Hugging Face checkpoints of `architecture` (config.json's)."""
+    for family in _FAMILIES.values():
+        if family.hf and architecture in family.hf.architectures:
+            return family
+    supported = sorted(name for family in _FAMILIES.values() if family.hf for name in family.hf.architectures)
+    raise UserError(f"architecture {architecture} is not supported; jaxlm reads {', '.join(supported)}")
 
 
 def family_of(config: ModelConfig) -> ModelFamily:
