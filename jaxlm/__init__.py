@@ -1,3 +1,12 @@
 """jaxlm: pretrain and fine-tune language models on JAX device meshes."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `jaxlm.load` without importing JAX for `import jaxlm` alone.
+    if name == "load":
+        from jaxlm.loading import load
+
+        return load
+    raise AttributeError(f"module 'jaxlm' has no attribute {name!r}")

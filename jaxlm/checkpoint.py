@@ -16,6 +16,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -136,10 +137,15 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def restore_or_init(self, setup: TrainSetup, data_iterator: Any) -> Any:
+    def restore_or_init(
+        self, setup: TrainSetup, data_iterator: Any, init_params: Callable[[], Any] | None = None
+    ) -> Any:
         """The newest checkpoint's train state on the setup's shardings (and the data iterator at
-        its position), or a fresh one."""
+        its position), or a fresh one: at step 0, with `init_params()`'s parameters if given, or
+        random ones."""
         latest = self.latest_step()
+        if latest is None and init_params is not None:
+            return setup.start(init_params())
         if latest is None:
             return setup.init(jax.random.key(self.config.train.seed))
         log.info("resuming from checkpoint step %d in %s", latest, self.directory)

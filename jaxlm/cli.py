@@ -68,7 +68,10 @@ def _train(args: argparse.Namespace) -> int:
     distributed.initialize(config.distributed)
     if not jax.distributed.is_initialized():  # a single process: no backend has started yet
         _use_cpu_devices_for_mesh(config)
+    from jaxlm.loading import apply_init_from
     from jaxlm.train import train
+
+    config = apply_init_from(config, given={override.partition("=")[0] for override in args.overrides})
 
     result = train(config)
     return PREEMPTED if result.preempted else 0
@@ -100,6 +103,15 @@ def _plan(args: argparse.Namespace) -> int:
     result = plan.plan(config, args.topology)
     print(plan.format_plan(result))
     return 0 if result.fits else 1
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    if args.overrides:
+        raise UserError(f"export-hf takes no key=value overrides (got {' '.join(args.overrides)})")
+    from jaxlm.hf.write import export
+
+    export(args.source, args.out, step=args.step, dtype=args.dtype)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.remat=full"
     )
     plan_parser.set_defaults(run=_plan)
+    export_parser = commands.add_parser(
+        "export-hf",
+        help="write a run's model as a Hugging Face directory (config.json, safetensors, tokenizer)",
+    )
+    export_parser.add_argument(
+        "source", help="a jaxlm run directory, one of its checkpoint steps, or an HF directory"
+    )
+    export_parser.add_argument("out", help="a new (or empty) directory for the Hugging Face model")
+    export_parser.add_argument("--step", type=int, help="the checkpoint step to export (default: the newest)")
+    export_parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        help="dtype of the tensors written (default: model.param_dtype)",
+    )
+    export_parser.set_defaults(run=_export_hf, overrides=[])
     return parser
 
 

@@ -71,6 +71,7 @@ class TrainSetup:
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     init: Callable[[jax.Array], TrainState]  # key → TrainState, jitted straight into its shardings
+    start: Callable[[Any], TrainState]  # params → TrainState at step 0 with a fresh optimizer state
     abstract_state: TrainState
     state_shardings: TrainState
 
@@ -128,6 +129,9 @@ def build_train(config: Config, devices: Sequence[jax.Device] | None = None) -> 
         params = model.params(key)
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
+    def start(params: Any) -> TrainState:
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
     abstract_state = jax.eval_shape(init, jax.random.key(0))
     replicated = NamedSharding(model.mesh, PartitionSpec())
     opt_shardings = optax.tree_map_params(
@@ -143,6 +147,9 @@ def build_train(config: Config, devices: Sequence[jax.Device] | None = None) -> 
         optimizer=optimizer,
         schedule=schedule,
         init=jax.jit(init, out_shardings=state_shardings),
+        start=jax.jit(
+            start, in_shardings=(model.param_shardings,), out_shardings=state_shardings, donate_argnums=0
+        ),
         abstract_state=abstract_state,
         state_shardings=state_shardings,
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from jaxlm import storage
+from jaxlm import loading, storage
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config
 from jaxlm.data import pipeline, sources
@@ -48,13 +48,14 @@ class TrainResult:
 
 def train(config: Config, devices: Sequence[jax.Device] | None = None) -> TrainResult:
     """Run (or resume) the experiment in `config`."""
+    config = loading.apply_init_from(config)
     setup, tokenizer, corpus, run_dir = _prepare(config, devices)
     data = pipeline.HostBatches(corpus, config, tokenizer)
     checkpointer = Checkpointer(config)  # even with checkpoint.every=0: resume, and preemption saves
     # From here a SIGTERM (during restore or compilation too) stops the run after its next step.
     preemption = PreemptionWatch(config.distributed.preemption_grace_s)
     try:
-        state = checkpointer.restore_or_init(setup, data)
+        state = checkpointer.restore_or_init(setup, data, _init_params(config, setup))
         if jax.process_index() == 0:  # only once the checkpoint has accepted this config
             _write_config(config, run_dir)
         first_step = int(jax.device_get(state.step))
@@ -106,6 +107,18 @@ def _loop(
     result = TrainResult(step, logger.last, preempted, logger.first_step_done_at, time.perf_counter())
     _log_end(result, run_dir)
     return result
+
+
+def _init_params(config: Config, setup: TrainSetup) -> Callable[[], Any] | None:
+    """What a run without checkpoints of its own starts from: model.init_from's parameters."""
+    if not config.model.init_from:
+        return None
+
+    def read() -> Any:
+        log.info("starting from the parameters of model.init_from=%s", config.model.init_from)
+        return loading.open_source(config.model.init_from).read_params(setup.model)
+
+    return read
 
 
 def _prepare(config: Config, devices: Sequence[jax.Device] | None):

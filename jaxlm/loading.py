@@ -1,0 +1,243 @@
+"""Models from elsewhere: `jaxlm.load(path)` for a Hugging Face directory or a jaxlm run (or one
+of its checkpoint steps), ready to run on a mesh; the sources `model.init_from` trains from."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+import yaml
+from etils import epath
+from flax import nnx
+
+from jaxlm.config import Config, apply_override, config_from_dict
+from jaxlm.data.tokenizers import Tokenizer, load_tokenizer
+from jaxlm.errors import ConfigError, UserError, cause
+from jaxlm.hf import files, read
+from jaxlm.model import registry
+from jaxlm.setup import ModelSetup, build_model, with_shardings
+
+log = logging.getLogger("jaxlm")
+
+# Model keys that say how a model runs, not what it is: model.init_from leaves them as configured.
+RUN_MODEL_KEYS = frozenset(
+    {"dtype", "param_dtype", "remat", "scan_layers", "attention", "max_documents", "init_std", "init_from"}
+)
+
+
+@dataclass
+class Source:
+    """A model to load: a Hugging Face directory, or one checkpoint step of a jaxlm run."""
+
+    path: str  # as the user named it
+    model: dict[str, Any]  # the source's model keys
+    tokenizer: str | None  # its data.tokenizer: a tokenizer.json path, or "byte"
+    eos_token: str | None  # its data.eos_token
+    eos_ids: tuple[int, ...]  # end-of-sequence ids its config names (empty: the tokenizer's)
+    context_length: int  # the longest sequence it is made for
+    bos_id: int | None  # the token its prompts start with, if any
+    hf: files.HFDirectory | None = None
+    checkpoints: epath.Path | None = None  # a jaxlm source's checkpoint directory
+    step: int | None = None  # and its step
+
+    def read_params(self, setup: ModelSetup) -> Any:
+        """The source's parameters on `setup`'s shardings, in its param_dtype."""
+        if self.hf is not None:
+            return read.read_params(self.hf, setup)
+        target = with_shardings(setup.abstract_params, setup.param_shardings)
+        restore_args = jax.tree.map(
+            lambda leaf: ocp.ArrayRestoreArgs(
+                sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype
+            ),
+            target,
+        )
+        state = ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+        )
+        try:
+            with _manager(self.checkpoints) as manager:
+                restored = manager.restore(self.step, args=ocp.args.Composite(state=state))
+        except Exception as error:
+            raise UserError(
+                f"the parameters of checkpoint {self.checkpoints / str(self.step)} cannot be restored ({cause(error)})"
+            ) from error
+        return restored.state["params"]
+
+
+def open_source(path: str | Path, step: int | None = None) -> Source:
+    """The model at `path`: a Hugging Face directory (config.json), a jaxlm run directory (its
+    newest checkpoint, or `step`), or a checkpoint step directory of one."""
+    local = Path(path)
+    if files.is_hf_directory(local):
+        directory = files.open_hf_directory(local)
+        tokenizer = directory.tokenizer
+        return Source(
+            str(path),
+            read.model_keys(directory),
+            str(tokenizer) if tokenizer else None,
+            None,
+            directory.eos_ids(),
+            directory.config.get("max_position_embeddings") or 0,
+            directory.bos_id(),
+            hf=directory,
+        )
+    if (local / "config.yaml").is_file():
+        checkpoints = _checkpoint_dir(local)
+    elif (local / "state").is_dir() and local.name.isdigit():
+        checkpoints, step = epath.Path(local.parent.absolute()), int(local.name)
+    else:
+        raise UserError(
+            f"{path} is neither a Hugging Face model directory (config.json) nor a jaxlm run directory "
+            "(config.yaml, checkpoints/) nor one of its checkpoint steps; pass one of those"
+        )
+    return _checkpoint_source(str(path), checkpoints, step)
+
+
+def _checkpoint_dir(run_dir: Path) -> epath.Path:
+    """A run directory's checkpoints: checkpoint.dir of its config.yaml, else <run>/checkpoints."""
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise UserError(f"{run_dir / 'config.yaml'} cannot be read ({cause(error)})") from None
+    directory = (raw.get("checkpoint") or {}).get("dir") if isinstance(raw, dict) else None
+    return epath.Path(directory) if directory else epath.Path(run_dir.absolute() / "checkpoints")
+
+
+def _manager(checkpoints: epath.Path) -> ocp.CheckpointManager:
+    """A manager that only reads: it is never asked to save, and keeps every step (Orbax's
+    read_only option would say so in two warnings each time)."""
+    return ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(create=False))
+
+
+def _checkpoint_source(path: str, checkpoints: epath.Path, step: int | None) -> Source:
+    if not checkpoints.is_dir():
+        raise UserError(f"{path} has no checkpoints ({checkpoints} does not exist); train it first")
+    with _manager(checkpoints) as manager:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise UserError(f"{path} has no checkpoints (none complete in {checkpoints}); train it first")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise UserError(
+                f"{path} has no checkpoint of step {step}; it has steps {', '.join(map(str, steps))}"
+            )
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    data, model = (
+        saved.get("data", {}),
+        {"family": "llama", **saved.get("model", {})},
+    )  # saved before families
+    return Source(
+        path,
+        model,
+        data.get("tokenizer", "byte"),
+        data.get("eos_token"),
+        (),  # the tokenizer's
+        model.get("context_length") or data.get("seq_len", 0),
+        None,  # jaxlm's documents start with the end-of-document token, not a BOS
+        checkpoints=checkpoints,
+        step=step,
+    )
+
+
+def latest_step(checkpoints: epath.Path) -> int | None:
+    """The newest complete checkpoint step in `checkpoints`, if any."""
+    if not checkpoints.is_dir():
+        return None
+    with _manager(checkpoints) as manager:
+        return manager.latest_step()
+
+
+def source_config(source: Source, overrides: Sequence[str] = ()) -> Config:
+    """A config of the source's model and tokenizer (the defaults elsewhere), with `overrides`."""
+    if source.tokenizer is None:
+        raise UserError(f"{source.path} has no tokenizer.json; jaxlm reads tokenizers in that format")
+    raw: dict[str, Any] = {
+        "model": dict(source.model),
+        "data": {"tokenizer": source.tokenizer, "eos_token": source.eos_token},
+    }
+    for override in overrides:
+        apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+@dataclass
+class Loaded:
+    """A model ready to run: its config, its set-up on a mesh, its parameters, its tokenizer."""
+
+    config: Config  # the source's model keys; data.tokenizer its tokenizer
+    setup: ModelSetup
+    params: Any  # nested dict of jax.Arrays on setup.param_shardings
+    tokenizer: Tokenizer
+    eos_ids: tuple[int, ...]  # generation stops at any of these
+    bos_id: int | None = None  # the token a prompt starts with, where the model has one
+
+    def model(self) -> nnx.Module:
+        """The Flax NNX module with these parameters."""
+        return nnx.merge(self.setup.graphdef, self.params)
+
+
+def load(
+    path: str | Path,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    overrides: Sequence[str] = (),
+    step: int | None = None,
+) -> Loaded:
+    """The model at `path` (a Hugging Face directory, a jaxlm run or checkpoint step directory),
+    its parameters sharded over `devices` (default all) by the config's mesh: `overrides` such as
+    "mesh.tensor=2" or "model.param_dtype=bfloat16" change it."""
+    source = open_source(path, step)
+    config = source_config(source, overrides)
+    setup = build_model(config, devices)
+    tokenizer = load_tokenizer(config.data)
+    params = source.read_params(setup)
+    return Loaded(config, setup, params, tokenizer, source.eos_ids or (tokenizer.eos_id,), source.bos_id)
+
+
+def apply_init_from(config: Config, given: Collection[str] = ()) -> Config:
+    """`config` with the architecture of model.init_from (every model key but RUN_MODEL_KEYS), and
+    its tokenizer unless data.tokenizer is set. `given`: the dotted keys set on the command line,
+    which must agree with the source. A run with checkpoints of its own takes all that from its
+    newest one, so a restart resumes without needing the source again."""
+    if not config.model.init_from:
+        return config
+    own = latest_step(config.checkpoint_dir)
+    if own is None:
+        source = open_source(config.model.init_from)
+    else:
+        source = _checkpoint_source(config.run.dir, config.checkpoint_dir, own)
+    family = registry.get(source.model.get("family", "llama"))
+    architecture = {
+        key: value
+        for key, value in family.config.model_validate(source.model).model_dump(mode="json").items()
+        if key not in RUN_MODEL_KEYS
+    }
+    current = config.model.model_dump(mode="json")
+    changed = [key for key, value in architecture.items() if current.get(key) != value]
+    for key in changed:
+        if f"model.{key}" in given:
+            raise ConfigError(
+                f"model.{key}={current.get(key)} on the command line disagrees with model.init_from="
+                f"{config.model.init_from}, whose {key} is {architecture[key]}; drop it (the architecture comes from the source)"
+            )
+    if changed:
+        log.info(
+            "model.init_from=%s sets %s",
+            config.model.init_from,
+            ", ".join(f"{key} {current.get(key)!r} -> {architecture[key]!r}" for key in changed),
+        )
+    raw = config.to_dict()
+    raw["model"] = {**{key: current[key] for key in RUN_MODEL_KEYS if key in current}, **architecture}
+    if "tokenizer" not in config.data.model_fields_set:
+        if source.tokenizer is None:
+            raise ConfigError(
+                f"model.init_from={config.model.init_from} has no tokenizer.json; set data.tokenizer to the model's tokenizer"
+            )
+        raw["data"].update(tokenizer=source.tokenizer, eos_token=config.data.eos_token or source.eos_token)
+    return config_from_dict(raw)
