@@ -106,8 +106,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    if args.overrides:
-        raise UserError(f"export-hf takes no key=value overrides (got {' '.join(args.overrides)})")
+    from jaxlm import distributed
+    from jaxlm.config import load_config
+
+    others = [override for override in args.overrides if not override.startswith("distributed.")]
+    if others:
+        raise UserError(f"export-hf takes only distributed.* overrides, not {' '.join(others)}")
+    distributed.initialize(load_config(None, args.overrides).distributed)
     from jaxlm.hf.write import export
 
     export(args.source, args.out, step=args.step, dtype=args.dtype)
@@ -166,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("bfloat16", "float32"),
         help="dtype of the tensors written (default: model.param_dtype)",
     )
-    export_parser.set_defaults(run=_export_hf, overrides=[])
+    export_parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="distributed.* keys, for several processes"
+    )
+    export_parser.set_defaults(run=_export_hf)
     return parser
 
 

@@ -6,6 +6,7 @@ trains from an HF directory or a jaxlm run, and a restart resumes from the run's
 bad input is one line."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +20,13 @@ from flax import nnx
 from safetensors import safe_open
 
 import jaxlm
+from jaxlm.config import config_from_dict
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError, UserError
+from jaxlm.hf.read import read_block
 from jaxlm.hf.write import byte_tokenizer_json, export
 from jaxlm.loading import apply_init_from, open_source
+from jaxlm.model import registry
 from jaxlm.step import _loss_fn
 from jaxlm.train import _data, train
 
@@ -79,6 +83,30 @@ def test_imported_models_give_transformers_logits_on_a_tensor_and_fsdp_mesh(name
     wq = loaded.params["blocks"]["attention"]["wq"]
     assert tuple(wq.sharding.spec) == (None, "fsdp", "tensor", None) and len(wq.sharding.device_set) == 8
     assert_logits_equal_transformers(loaded, name)
+
+
+class RecordedSlice:
+    """A safetensors slice that notes the index of every read."""
+
+    def __init__(self, tensor_slice):
+        self.tensor_slice, self.reads = tensor_slice, []
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        return self.tensor_slice[index]
+
+
+def test_a_shard_reads_only_the_block_of_the_tensor_it_holds():
+    config = config_from_dict({"model": open_source(FIXTURES / "llama3").model}).model
+    wq = next(t for t in registry.family_of(config).hf.tensors(config) if t.param == "blocks.attention.wq")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    with safe_open(FIXTURES / "llama3/model.safetensors", framework="numpy") as handle:
+        whole = handle.get_tensor(name)  # [heads × head_dim, embed] = [128, 64]
+        recorded = RecordedSlice(handle.get_slice(name))
+        block = read_block(recorded, wq, [slice(16, 48), slice(1, 3), slice(8, 24)])  # embed, heads, head_dim
+    expected = whole.reshape(4, 32, 64).transpose(2, 0, 1)[16:48, 1:3, 8:24]
+    assert np.array_equal(block, expected)
+    assert recorded.reads == [(slice(32, 96), slice(16, 48))]  # the rows of heads 1-2, a half of embed
 
 
 def read_tensors(directory) -> dict[str, np.ndarray]:
@@ -187,6 +215,40 @@ def test_a_run_trained_on_a_tensor_parallel_mesh_exports_and_loads_back(tensor_p
         assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     assert exported.eos_ids == (256,) and exported.tokenizer.encode("ab").tolist() == [97, 98]
     assert json.loads((tmp_path / "out/config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_export_what_they_import_bitwise(tmp_path):
+    from test_multihost import free_port
+
+    port, out = free_port(), tmp_path / "out"
+    environment = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    distributed = [f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "jaxlm.cli",
+        "export-hf",
+        str(FIXTURES / "llama2"),
+        str(out),
+        *distributed,
+    ]
+    logs = [tmp_path / f"p{process}.log" for process in range(2)]
+    processes = [
+        subprocess.Popen(
+            [*command, f"distributed.process_id={process}"], cwd=REPO, env=environment, stderr=log.open("w")
+        )
+        for process, log in enumerate(logs)
+    ]
+    for process, log in zip(processes, logs, strict=True):
+        assert process.wait(timeout=300) == 0, log.read_text()
+    exported, original = read_tensors(out), read_tensors(FIXTURES / "llama2")
+    assert exported.keys() == original.keys()
+    assert all(np.array_equal(exported[name], value) for name, value in original.items())
 
 
 def first_batch_loss(config, params, graphdef) -> float:
