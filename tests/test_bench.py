@@ -148,3 +148,9 @@ def test_prepare_throughput_bench_times_prepare_and_both_inputs():
     figures = run_bench("prepare_throughput.py", "--batches", "20", "--warmup", "2", "--workers", "1")
     assert figures["tokens"] > 0 and figures["prepare_tokens_per_s"] > 0
     assert figures["input_tokens_per_s_text"] > 0 and figures["input_tokens_per_s_prepared"] > 0
+
+
+def test_hf_io_bench_prints_import_and_export_times():
+    figures = run_bench("hf_io.py", "--repeats", "1")
+    assert figures["import_s"] > 0 and figures["export_s"] > 0
+    assert figures["parameter_bytes"] > 0 and "transformers_load_s" in figures

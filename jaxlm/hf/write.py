@@ -68,7 +68,8 @@ def export(
         if staging is not None and staging.exists():
             shutil.rmtree(staging)
     multihost_utils.sync_global_devices("jaxlm export-hf done")
-    log.info("exported %s (step %s) to %s as %s", source_path, source.step, out, dtype)
+    at_step = "" if source.step is None else f" (step {source.step})"
+    log.info("exported %s%s to %s, %s tensors", source_path, at_step, out, dtype)
 
 
 def _parent(out: Path) -> Path:
