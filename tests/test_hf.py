@@ -215,6 +215,7 @@ def test_a_run_trained_on_a_tensor_parallel_mesh_exports_and_loads_back(tensor_p
         assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     assert exported.eos_ids == (256,) and exported.tokenizer.encode("ab").tolist() == [97, 98]
     assert json.loads((tmp_path / "out/config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert json.loads((tmp_path / "out/tokenizer_config.json").read_text()) == {"eos_token": "<|endoftext|>"}
 
 
 @pytest.mark.multiprocess

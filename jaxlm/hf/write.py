@@ -172,7 +172,7 @@ def _write_metadata(source: Source, setup: ModelSetup, staging: Path, dtype: str
     if hf_config["bos_token_id"] is not None:
         generation.setdefault("bos_token_id", hf_config["bos_token_id"])
     (staging / files.GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
-    _write_tokenizer(source, staging)
+    _write_tokenizer(source, staging, eos_ids[0])
 
 
 def _tokenizer_eos(source: Source) -> int:
@@ -181,17 +181,20 @@ def _tokenizer_eos(source: Source) -> int:
     return load_tokenizer(source_config(source).data).eos_id
 
 
-def _write_tokenizer(source: Source, staging: Path) -> None:
-    """tokenizer.json (jaxlm's byte tokenizer as an equivalent one), and the files transformers
-    reads beside it where the source has them."""
+def _write_tokenizer(source: Source, staging: Path, eos_id: int) -> None:
+    """tokenizer.json (jaxlm's byte tokenizer as an equivalent one), the files transformers reads
+    beside it where the source has them, else a tokenizer_config.json naming the EOS token."""
     if source.tokenizer == "byte":
         (staging / files.TOKENIZER).write_text(byte_tokenizer_json())
-        return
-    directory = storage.path(source.tokenizer).parent
-    (staging / files.TOKENIZER).write_bytes(storage.read_bytes(source.tokenizer))
-    for name in files.TOKENIZER_FILES[1:]:
-        if (directory / name).exists():
-            (staging / name).write_bytes((directory / name).read_bytes())
+    else:
+        (staging / files.TOKENIZER).write_bytes(storage.read_bytes(source.tokenizer))
+        directory = storage.path(source.tokenizer).parent
+        for name in files.TOKENIZER_FILES[1:]:
+            if (directory / name).exists():
+                (staging / name).write_bytes((directory / name).read_bytes())
+    if not (staging / "tokenizer_config.json").exists():
+        eos_token = Tokenizer.from_file(str(staging / files.TOKENIZER)).id_to_token(eos_id)
+        (staging / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos_token}, indent=2) + "\n")
 
 
 def byte_tokenizer_json() -> str:
