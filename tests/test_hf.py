@@ -271,13 +271,23 @@ def init_from_config(run_dir, source, *overrides):
 
 
 def test_init_from_a_hugging_face_model_trains_from_its_parameters(tmp_path):
-    config = init_from_config(tmp_path / "run", FIXTURES / "qwen2", "train.steps=1", "mesh.fsdp=2")
+    config = init_from_config(
+        tmp_path / "run", FIXTURES / "qwen2", "train.steps=1", "checkpoint.every=1", "mesh.fsdp=2"
+    )
     assert config.model.qkv_bias and config.model.vocab_size == 320 and config.model.rope_theta == 1e6
     assert config.data.tokenizer == str(FIXTURES / "qwen2/tokenizer.json")
     imported = jaxlm.load(FIXTURES / "qwen2", devices=jax.devices()[:1])
     expected = first_batch_loss(config, imported.params, imported.setup.graphdef)
     train(config, devices=jax.devices()[:2])
     assert train_losses(tmp_path / "run")[1] == pytest.approx(expected, rel=1e-5)
+
+    export(tmp_path / "run", tmp_path / "out", devices=jax.devices()[:1])  # as Qwen2, with its ids
+    written = json.loads((tmp_path / "out/config.json").read_text())
+    assert written["architectures"] == ["Qwen2ForCausalLM"] and written["eos_token_id"] == 317
+    assert json.loads((tmp_path / "out/generation_config.json").read_text())["eos_token_id"] == 317
+    assert (tmp_path / "out/tokenizer_config.json").read_bytes() == (
+        FIXTURES / "qwen2/tokenizer_config.json"
+    ).read_bytes()
 
 
 def test_init_from_a_jaxlm_run_starts_from_its_checkpoint_on_another_mesh_and_restarts_from_its_own(

@@ -158,7 +158,7 @@ def _write_metadata(source: Source, setup: ModelSetup, staging: Path, dtype: str
     """config.json, generation_config.json and the tokenizer files."""
     config = setup.model_config
     hf_config = setup.family.hf.config_to_hf(config, config.context_length or source.context_length)
-    original = source.hf.config if source.hf else {}
+    original, generation = _origin(source)
     eos_ids = list(source.eos_ids) or [_tokenizer_eos(source)]
     hf_config.update(
         bos_token_id=original.get("bos_token_id"),
@@ -167,12 +167,29 @@ def _write_metadata(source: Source, setup: ModelSetup, staging: Path, dtype: str
         dtype=dtype,
     )
     (staging / files.CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
-    generation = source.hf.generation_config() if source.hf else {}
     generation.setdefault("eos_token_id", hf_config["eos_token_id"])
     if hf_config["bos_token_id"] is not None:
         generation.setdefault("bos_token_id", hf_config["bos_token_id"])
     (staging / files.GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
     _write_tokenizer(source, staging, eos_ids[0])
+
+
+def _origin(source: Source) -> tuple[dict[str, Any], dict[str, Any]]:
+    """config.json and generation_config.json of the Hugging Face model the source is, or that
+    its run started from (model.init_from) with that model's tokenizer; empty otherwise."""
+    if source.hf is not None:
+        return source.hf.config, source.hf.generation_config()
+    origin = source.model.get("init_from")
+    if (
+        not origin
+        or not files.is_hf_directory(origin)
+        or source.tokenizer != str(Path(origin) / files.TOKENIZER)
+    ):
+        return {}, {}
+    generation = Path(origin) / files.GENERATION_CONFIG
+    return files.read_json(Path(origin) / files.CONFIG), files.read_json(
+        generation
+    ) if generation.is_file() else {}
 
 
 def _tokenizer_eos(source: Source) -> int:
