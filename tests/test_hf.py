@@ -135,6 +135,9 @@ def test_import_export_import_gives_back_the_same_tensors_bitwise(name, tmp_path
     )
     exported = read_tensors(out)
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # a plain directory, not a private temporary one
     assert exported.keys() == original.keys()
     for tensor, value in original.items():
         assert exported[tensor].dtype == value.dtype and np.array_equal(exported[tensor], value), tensor
@@ -170,6 +173,13 @@ def test_export_writes_rope_scaling_in_the_forms_of_transformers_4_and_5(tmp_pat
     assert all(value.dtype == jnp.bfloat16 for value in exported.values())
     name = "model.layers.1.self_attn.k_proj.weight"
     assert np.array_equal(exported[name], original[name].astype(jnp.bfloat16))
+    again = jaxlm.load(tmp_path / "out", devices=jax.devices()[:1])  # kept in the dtype it was saved in
+    assert again.config.model.param_dtype == "bfloat16"
+    assert again.params["blocks"]["attention"]["wk"].dtype == jnp.bfloat16
+    export(tmp_path / "out", tmp_path / "again", devices=jax.devices()[:1])
+    assert all(
+        np.array_equal(read_tensors(tmp_path / "again")[name], value) for name, value in exported.items()
+    )
     for old_form in (False, True):  # both forms read back to the same model keys
         if old_form:
             config.pop("rope_parameters")

@@ -23,9 +23,12 @@ log = logging.getLogger("jaxlm")
 
 
 def model_keys(directory: HFDirectory) -> dict[str, Any]:
-    """The jaxlm model keys of the directory's config.json (its family's and architecture's)."""
+    """The jaxlm model keys of the directory's config.json (its family's and architecture's), with
+    model.param_dtype the dtype its tensors were saved in (bfloat16 or float32)."""
     family = registry.family_of_architecture(directory.architecture)
-    return family.hf.config_from_hf(directory.config)
+    keys = family.hf.config_from_hf(directory.config)
+    saved = directory.config.get("dtype") or directory.config.get("torch_dtype")
+    return {**keys, "param_dtype": "bfloat16" if saved == "bfloat16" else "float32"}
 
 
 def layer_names(tensor: HFTensor, num_layers: int) -> list[str]:

@@ -58,7 +58,7 @@ def export(
     setup = build_model(config, devices)
     params = source.read_params(setup)
     writing = jax.process_index() == 0
-    staging = Path(tempfile.mkdtemp(dir=_parent(out), prefix=f".{out.name}.partial-")) if writing else None
+    staging = _staging_directory(out) if writing else None
     try:
         write_tensors(params, setup, staging, jnp.dtype(dtype), max_shard_bytes)
         if writing:
@@ -72,13 +72,18 @@ def export(
     log.info("exported %s%s to %s, %s tensors", source_path, at_step, out, dtype)
 
 
-def _parent(out: Path) -> Path:
+def _staging_directory(out: Path) -> Path:
+    """A new hidden directory beside `out` to write into, with the permissions of a plain mkdir."""
     parent = out.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.partial-"))
     except OSError as error:
-        raise UserError(f"{parent} cannot be created ({error.strerror}); choose a writable OUT_DIR") from None
-    return parent
+        raise UserError(f"{parent} cannot be written ({error.strerror}); choose a writable OUT_DIR") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
 
 
 def shard_plan(tensors: list[HFTensor], num_layers: int, itemsize: int, max_bytes: int) -> list[list[tuple]]:
