@@ -101,7 +101,7 @@ def _sharded_array(
                 read = np.stack([read_block(slices[layer], tensor, ranges[1:]) for layer in layers])
             else:
                 read = read_block(slices[0], tensor, ranges)
-            blocks[bounds] = read.astype(dtype)
+            blocks[bounds] = read.astype(dtype, copy=False)
         return blocks[bounds]
 
     return jax.make_array_from_callback(shape, sharding, block)
