@@ -262,6 +262,15 @@ def test_two_processes_export_what_they_import_bitwise(tmp_path):
     assert all(np.array_equal(exported[name], value) for name, value in original.items())
 
 
+def test_a_step_directory_loads_like_its_run_and_a_missing_step_is_one_line(tensor_parallel_run):
+    run = jaxlm.load(tensor_parallel_run, devices=jax.devices()[:1])
+    step = jaxlm.load(tensor_parallel_run / "checkpoints/4", devices=jax.devices()[:1])
+    for ours, theirs in zip(jax.tree.leaves(run.params), jax.tree.leaves(step.params), strict=True):
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    with pytest.raises(UserError, match=r"has no checkpoint of step 3; it has steps 4$"):
+        export(tensor_parallel_run, tensor_parallel_run.parent / "out", step=3)
+
+
 def first_batch_loss(config, params, graphdef) -> float:
     """The loss of `params` on the first batch the run with `config` trains on."""
     tokenizer, corpus = _data(config)
