@@ -89,6 +89,10 @@ def open_source(path: str | Path, step: int | None = None) -> Source:
     if (local / "config.yaml").is_file():
         checkpoints = _checkpoint_dir(local)
     elif (local / "state").is_dir() and local.name.isdigit():
+        if step is not None and step != int(local.name):
+            raise UserError(
+                f"{path} is the checkpoint of step {local.name}, not of step {step}; pass the run directory"
+            )
         checkpoints, step = epath.Path(local.parent.absolute()), int(local.name)
     else:
         raise UserError(

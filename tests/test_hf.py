@@ -405,7 +405,7 @@ def test_bad_hugging_face_directories_are_one_line_naming_the_problem(tmp_path):
     refused(run, "has no checkpoints")
 
 
-def test_export_refuses_a_non_empty_out_dir_and_a_run_without_checkpoints_in_one_line(tmp_path):
+def test_export_to_a_non_empty_out_dir_and_training_from_a_missing_init_from_are_one_line_exit_2(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
