@@ -67,6 +67,9 @@ def test_imported_models_give_transformers_logits_on_a_600_token_prompt(name):
     bos = [] if loaded.bos_id is None else [loaded.bos_id]  # transformers' tokenizer adds it
     prompt = [*bos, *loaded.tokenizer.encode(str(expected["prompt_text"]))][:600]
     assert prompt == expected["prompt_ids"].tolist()
+    mixed = [*bos, *loaded.tokenizer.encode(str(expected["mixed_text"]))]  # non-ASCII, EOS written in it
+    assert mixed == expected["mixed_text_ids"].tolist()
+    assert loaded.tokenizer.eos_id == expected["eos_ids"][0]  # documents end as the model's do
 
 
 def test_llama3_rope_scaling_is_what_makes_llama3_1_agree():
