@@ -27,6 +27,7 @@ from jax.sharding import SingleDeviceSharding
 from jaxlm import storage
 from jaxlm.config import Config
 from jaxlm.errors import PreemptionGraceExpired, TrainingDiverged, UserError, cause
+from jaxlm.model import registry
 from jaxlm.setup import TrainSetup, with_shardings
 
 log = logging.getLogger("jaxlm")
@@ -288,7 +289,7 @@ class Checkpointer:
 
     def _restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         saved, current = self.saved_config(step), self.config.to_dict()
-        saved_model = {"family": "llama", **saved.get("model", {})}  # saved before families existed
+        saved_model = _with_defaults({"family": "llama", **saved.get("model", {})})  # saved before families
         model = current["model"]
         changed = sorted(
             key
@@ -329,6 +330,18 @@ class Checkpointer:
         if waited >= 1:
             log.info("waited %.1fs for the last checkpoint to finish writing", waited)
         self._manager.close()
+
+
+def _with_defaults(model: dict[str, Any]) -> dict[str, Any]:
+    """A saved model section with the keys its family gained since, at their defaults: what the
+    saved model had (qkv_bias false, rope_scaling null, ...)."""
+    fields = registry.get(model["family"]).config.model_fields
+    defaults = {
+        name: field.get_default(call_default_factory=True)
+        for name, field in fields.items()
+        if not field.is_required()
+    }
+    return {**defaults, **model}
 
 
 def _report_changes(saved: dict[str, Any], current: dict[str, Any], schedule_steps: int) -> None:

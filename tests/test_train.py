@@ -247,14 +247,17 @@ def test_pinning_host_memory_for_saves_copies_one_replica_and_leaves_the_state_i
     np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(64.0).reshape(8, 8))
 
 
-def test_a_checkpoint_saved_before_model_families_resumes_as_llama(tmp_path, uninterrupted):
+def test_a_checkpoint_saved_before_model_families_and_newer_model_keys_resumes_as_llama(
+    tmp_path, uninterrupted
+):
     import json
     import shutil
 
     shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
     metadata = tmp_path / "checkpoints" / "8" / "config" / "metadata"
     saved = json.loads(metadata.read_text())
-    del saved["model"]["family"]
+    for key in ("family", "qkv_bias", "rope_scaling", "context_length", "init_from"):
+        del saved["model"][key]
     metadata.write_text(json.dumps(saved))
     assert train(tiny_config(tmp_path, *RESUMABLE, "train.steps=9", "optim.schedule_steps=8")).step == 9
 
