@@ -328,7 +328,8 @@ def matmul_params(config: LlamaConfig) -> int:
 def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 per matmul parameter (forward + backward), plus attention scores
     and values over the whole row (12·layers·heads·head_dim·seq_len, causal masking not discounted,
-    as XLA computes it)."""
+    as XLA computes it). Heads are head_dim wide whatever d_model is; the q/k/v biases (an add per
+    output) and the norms are left out, as in the usual 6N count."""
     attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
     return 6 * matmul_params(config) + attention
 
