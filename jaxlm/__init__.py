@@ -4,9 +4,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # `jaxlm.load` without importing JAX for `import jaxlm` alone.
+    # `jaxlm.load` and `jaxlm.generate` without importing JAX for `import jaxlm` alone.
     if name == "load":
         from jaxlm.loading import load
 
         return load
+    if name == "generate":
+        from jaxlm.generation import generate
+
+        return generate
     raise AttributeError(f"module 'jaxlm' has no attribute {name!r}")

@@ -119,6 +119,36 @@ def _export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    """Continue the prompts: one streamed to stdout as it comes, or a JSON line per prompt of a file."""
+    import json
+
+    from jaxlm.generation import complete, iter_completions, read_prompt_file
+    from jaxlm.run_loader import load_run
+
+    if args.overrides:
+        raise UserError(f"generate takes PATH and options, not {' '.join(args.overrides)}")
+    if args.prompt is not None:
+        prompts, names = [args.prompt], ["--prompt"]
+        if not args.prompt:
+            raise UserError("--prompt is empty; give it some text to continue")
+    else:
+        prompts, names = read_prompt_file(args.prompt_file)
+    loaded = load_run(args.path)
+    options = {
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "greedy": args.greedy, "seed": args.seed, "stop": args.stop or (),
+        "batch_size": args.batch_size, "names": names,
+    }  # fmt: skip
+    if args.prompt is not None:
+        complete(loaded, prompts, on_text=lambda _, text: print(text, end="", flush=True), **options)
+        print()
+        return 0
+    for prompt, completion in zip(prompts, iter_completions(loaded, prompts, **options), strict=True):
+        print(json.dumps({"prompt": prompt, "completion": completion.text}), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description="Train language models on JAX device meshes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +205,40 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="distributed.* keys, for several processes"
     )
     export_parser.set_defaults(run=_export_hf)
+    generate_parser = commands.add_parser(
+        "generate", help="continue prompts with a trained model: a jaxlm run directory or a Hugging Face one"
+    )
+    generate_parser.add_argument("path", help="a jaxlm run directory (its newest checkpoint)")
+    prompt_source = generate_parser.add_mutually_exclusive_group(required=True)
+    prompt_source.add_argument("--prompt", help="one prompt; its continuation streams to stdout")
+    prompt_source.add_argument(
+        "--prompt-file",
+        help='.jsonl (a "prompt" per line) or .txt (a prompt per line); prints a JSON line per prompt',
+    )
+    generate_parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="at most this many (default 64)"
+    )
+    generate_parser.add_argument(
+        "--temperature", type=float, default=1.0, help="divides the logits (default 1; 0 is greedy)"
+    )
+    generate_parser.add_argument(
+        "--top-k", type=int, default=0, help="draw among the k most likely tokens (0: all)"
+    )
+    generate_parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="draw among the fewest tokens holding this probability (1: all)",
+    )
+    generate_parser.add_argument("--greedy", action="store_true", help="always the most likely token")
+    generate_parser.add_argument("--seed", type=int, default=0, help="the same seed draws the same text")
+    generate_parser.add_argument(
+        "--stop", action="append", metavar="STR", help="end a continuation before this text (repeatable)"
+    )
+    generate_parser.add_argument(
+        "--batch-size", type=int, default=8, help="prompts decoded together (default 8)"
+    )
+    generate_parser.set_defaults(run=_generate, overrides=[])
     return parser
 
 

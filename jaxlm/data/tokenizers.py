@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +20,14 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> np.ndarray: ...
 
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """A prompt's ids, starting as the model's training documents start."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of the ids, special tokens left out; U+FFFD where a character is incomplete."""
+        ...
+
     def token_bytes(self) -> np.ndarray:
         """[vocab_size] UTF-8 bytes each token stands for (0 for special tokens): for bits per byte."""
         ...
@@ -33,14 +42,26 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
+    def encode_prompt(self, text: str) -> np.ndarray:
+        # jaxlm's training documents begin with the end-of-document token (data/pipeline.py).
+        return np.concatenate([np.array([self.eos_id], np.int32), self.encode(text)])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
     def token_bytes(self) -> np.ndarray:
         return np.array([1] * 256 + [0], np.int32)
 
 
 class HuggingFaceTokenizer:
-    """A `tokenizer.json` read with the `tokenizers` library (no network)."""
+    """A `tokenizer.json` read with the `tokenizers` library (no network).
 
-    def __init__(self, path: str, eos_token: str | None):
+    Prompts start as the model's training documents did: with the end-of-document token for a
+    model jaxlm trained (data/pipeline.py), or, with `hf_prompts`, with the special tokens the
+    tokenizer adds itself, as transformers encodes them (Llama 3 adds its BOS, Qwen2 nothing)."""
+
+    def __init__(self, path: str, eos_token: str | None, *, hf_prompts: bool = False):
+        self.hf_prompts = hf_prompts
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
@@ -62,6 +83,14 @@ class HuggingFaceTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        if self.hf_prompts:
+            return np.asarray(self._tokenizer.encode(text, add_special_tokens=True).ids, np.int32)
+        return np.concatenate([np.array([self.eos_id], np.int32), self.encode(text)])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def token_bytes(self) -> np.ndarray:
         # A byte-level BPE token may hold part of a multi-byte character; decoding it alone gives

@@ -110,6 +110,13 @@ class KVCache:
     segment_ids: jax.Array  # [batch, max_length] int32; 0 in slots not yet written
     length: jax.Array  # int32 scalar: slots written, the same in every row
 
+    @staticmethod
+    def logical_axes() -> KVCache:
+        """Each array's logical axes: rows split like the batch, kv heads like the attention's
+        (tensor parallelism). Slots stay whole: a decode step writes one slot of every row."""
+        slots = ("layers", "batch", None, "act_kv_heads", None)
+        return KVCache(keys=slots, values=slots, segment_ids=("batch", None), length=())
+
 
 class Attention(nnx.Module):
     """Grouped-query self-attention with rotary positions."""
@@ -304,11 +311,14 @@ class Llama(nnx.Module):
         return weight.astype(self.dtype)
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
+        """An empty cache; under `parallel.activation_sharding` (in a jitted function) it is born
+        sharded by `KVCache.logical_axes`."""
         shape = (self.num_layers, batch, max_length, self.num_kv_heads, self.head_dim)
+        axes = KVCache.logical_axes()
         return KVCache(
-            keys=jnp.zeros(shape, self.dtype),
-            values=jnp.zeros(shape, self.dtype),
-            segment_ids=jnp.zeros((batch, max_length), jnp.int32),
+            keys=constrain(jnp.zeros(shape, self.dtype), axes.keys),
+            values=constrain(jnp.zeros(shape, self.dtype), axes.values),
+            segment_ids=constrain(jnp.zeros((batch, max_length), jnp.int32), axes.segment_ids),
             length=jnp.zeros((), jnp.int32),
         )
 

@@ -12,7 +12,11 @@ logical axis names (`nnx.Param(..., out_sharding=("embed", "mlp"))`) and which p
         cache is None; with one, they continue the cache's sequences and the cache comes back
         with them appended (prefill, then one token at a time for generation).
     model.output_projection() -> [embed, vocab] in the compute dtype
-    model.init_cache(batch, max_length) -> an empty cache for `max_length` tokens per row
+    model.init_cache(batch, max_length) -> an empty cache for `max_length` tokens per row: a
+        pytree whose `logical_axes()` is the same tree with each array's logical axes, so that
+        generation keeps it sharded like the model (jaxlm/generation.py). Segment id 0 marks
+        padding: generation left-pads prompts of different lengths with it, and no token of
+        segment 1 attends to a padded slot.
 
 See docs/architecture.md#model-families for how to add one.
 """

@@ -1,0 +1,332 @@
+"""Text generation: the prompts fill a KV cache in one prefill, then a jitted decode step draws a
+token per row at a time; the host turns the tokens into text, streams it, and stops each row at
+an end-of-sequence token, a stop string or `max_new_tokens`.
+
+The loop is a jitted step per token called from Python, not one `lax.while_loop`: the host has to
+see every token as it comes, to stream it and to stop a row at a stop string (text, not ids), and
+a `while_loop` would need host callbacks for both. The loop dispatches step t+1 before it reads
+token t, so the device does not wait on the host; the step's state (cache, last tokens, positions,
+key) is donated to the next one, and the step compiles once per batch shape, whatever the number
+of tokens. Both jitted functions are module-level with their static settings in `_Program`, so
+calls with the same model, sampling and (bucketed) shapes reuse one compilation.
+
+Prompts of different lengths are left-padded to one length with segment id 0, which no prompt
+token (segment 1) attends to: every row's last prompt token is in the same slot, so one prefill
+gives every row's first token, and every decode step writes the same cache slot in all rows.
+Positions count from each row's first real token, so a row computes what it would alone.
+
+The forward is the model's own (the one training runs), with its cache; the cache is sharded by
+its `logical_axes()` through `mesh.rules`, like the model: kv heads over `tensor`, rows over
+`data` × `fsdp` (the batch is padded to a multiple of those).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxlm import parallel
+from jaxlm.errors import UserError
+from jaxlm.text_stream import RowText
+
+# Prompt and cache lengths are rounded up to a multiple of this, so prompts of nearby lengths and
+# nearby max_new_tokens share one compilation.
+LENGTH_QUANTUM = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn from the logits: temperature 0 is greedy (the most likely
+    token); otherwise the logits are divided by the temperature, cut to the `top_k` most likely
+    tokens (0: all), then to the fewest whose probabilities add up to `top_p`, and sampled."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        if not self.temperature >= 0:
+            raise UserError(f"temperature={self.temperature} must be ≥ 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise UserError(f"top_k={self.top_k} must be ≥ 0 (0 keeps every token)")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p={self.top_p} must be in (0, 1] (1 keeps every token)")
+
+
+@dataclasses.dataclass
+class Completion:
+    """What one prompt became. `token_ids` are the drawn tokens (an end-of-sequence token left
+    out; with a stop string, up to the token that completed it), `logprobs` the model's log
+    probability of each (before temperature and cuts), `text` their text cut before the stop
+    string; `finish_reason` is "eos", "stop" or "length"."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """What one decode step hands the next (donated)."""
+
+    cache: Any  # the model family's cache
+    tokens: jax.Array  # [batch] int32: the last tokens drawn, the step's input
+    positions: jax.Array  # [batch] int32: their positions in their sequences
+    key: jax.Array  # PRNG key; draw n uses fold_in(key, n)
+    drawn: jax.Array  # int32 scalar: tokens drawn per row so far
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """Everything static about a prefill and a decode step: the jit cache's key."""
+
+    graphdef: nnx.GraphDef
+    mesh: Mesh
+    rules: tuple[tuple[str, tuple[str, ...] | None], ...]
+    sampling: Sampling
+    vocab_size: int  # the tokenizer's: larger ids of a padded embedding table are never drawn
+
+
+def generate(loaded, prompts: str | Sequence[str], **options) -> list[str]:
+    """The text each prompt continues with. `options` are `iter_completions`'."""
+    return [completion.text for completion in complete(loaded, prompts, **options)]
+
+
+def complete(loaded, prompts: str | Sequence[str], **options) -> list[Completion]:
+    """Each prompt's `Completion`: its text, token ids and their log probabilities. `options` are
+    `iter_completions`'."""
+    return list(iter_completions(loaded, prompts, **options))
+
+
+def iter_completions(
+    loaded,
+    prompts: str | Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+    on_text: Callable[[int, str], None] | None = None,
+    names: Sequence[str] | None = None,
+) -> Iterator[Completion]:
+    """Continue each prompt with a `jaxlm.load`ed model, `batch_size` prompts at a time, yielding
+    their completions in order as each batch finishes. The same seed gives the same text.
+
+    on_text(prompt index, text): called with each piece of text as soon as it is final.
+    names: what error messages call the prompts (default "prompt 1", "prompt 2", ...)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    sampling = Sampling(0.0 if greedy else temperature, top_k, top_p)
+    sampling.check()
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size} must be at least 1")
+    names = list(names) if names is not None else [f"prompt {i + 1}" for i in range(len(prompts))]
+    prompt_ids = encode_prompts(loaded, prompts, names, max_new_tokens)
+    program = program_of(loaded, sampling)
+    for first in range(0, len(prompts), batch_size):
+        batch = prompt_ids[first : first + batch_size]
+        rows = [RowText(loaded.tokenizer, loaded.eos_ids, stop) for _ in batch]
+        stream = None if on_text is None else functools.partial(_stream, on_text, first)
+        key = jax.random.fold_in(jax.random.key(seed), first // batch_size)
+        _decode_batch(
+            program, loaded.params, loaded.setup.batch_sharding, batch, rows, max_new_tokens, key, stream
+        )
+        for ids, row in zip(batch, rows, strict=True):
+            yield Completion(ids.tolist(), row.token_ids, row.logprobs, row.text, row.finish_reason)
+
+
+def program_of(loaded, sampling: Sampling) -> _Program:
+    setup = loaded.setup
+    return _Program(
+        graphdef=setup.graphdef,
+        mesh=setup.mesh,
+        rules=tuple((name, tuple(axes) if axes else None) for name, axes in setup.rules.items()),
+        sampling=sampling,
+        vocab_size=min(loaded.tokenizer.vocab_size, setup.model_config.vocab_size),
+    )
+
+
+def context_length(loaded) -> int:
+    """Tokens the model attends over: a prompt and its new tokens together."""
+    return loaded.config.data.seq_len
+
+
+def encode_prompts(
+    loaded, prompts: Sequence[str], names: Sequence[str], max_new_tokens: int
+) -> list[np.ndarray]:
+    """Each prompt's ids; a prompt that is empty or does not fit the context with
+    `max_new_tokens` more is a UserError naming it."""
+    if not prompts:
+        raise UserError("no prompts to continue; give at least one")
+    context = context_length(loaded)
+    encoded = []
+    for name, prompt in zip(names, prompts, strict=True):
+        if not prompt:
+            raise UserError(f"{name} is empty; give it some text to continue")
+        ids = loaded.tokenizer.encode_prompt(prompt)
+        if len(ids) + max_new_tokens > context:
+            fix = (
+                f"lower --max-new-tokens to {context - len(ids)} or shorten it"
+                if len(ids) < context
+                else "shorten it"
+            )
+            raise UserError(
+                f"{name} has {len(ids)} tokens, which with max_new_tokens={max_new_tokens} exceed the "
+                f"model's context of {context} tokens; {fix}"
+            )
+        encoded.append(ids)
+    return encoded
+
+
+def read_prompt_file(path: str) -> tuple[list[str], list[str]]:
+    """The prompts of a .jsonl file (a "prompt" field per line) or a .txt file (a prompt per line),
+    blank lines skipped, and what errors call each ("prompts.jsonl line 3")."""
+    file = Path(path)
+    if file.suffix not in (".jsonl", ".txt"):
+        raise UserError(f"--prompt-file={path} is neither .jsonl nor .txt; give one of those")
+    if not file.is_file():
+        raise UserError(f"--prompt-file={path} does not exist; give a .jsonl or .txt file of prompts")
+    prompts, names = [], []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        name = f"{path} line {number}"
+        if file.suffix == ".txt":
+            prompts.append(line)
+        else:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{name} is not JSON ({error.msg}); write one JSON object per line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise UserError(f'{name} has no "prompt" text; write {{"prompt": "..."}} on each line')
+            prompts.append(record["prompt"])
+        names.append(name)
+    return prompts, names
+
+
+def _stream(on_text: Callable[[int, str], None], first: int, row: int, text: str) -> None:
+    on_text(first + row, text)
+
+
+def _decode_batch(program, params, batch_sharding, prompt_ids, rows, max_new_tokens, key, stream) -> None:
+    """Prefill and decode one batch of prompts, feeding each row's tokens to its `RowText`."""
+    data_parallel = parallel.data_parallel_size(program.mesh, dict(program.rules))
+    tokens, positions, segment_ids = left_pad(prompt_ids, _round_up(len(prompt_ids), data_parallel))
+    cache_length = _round_up(tokens.shape[1] + max_new_tokens, LENGTH_QUANTUM)
+    placed = [jax.device_put(x, batch_sharding) for x in (tokens, positions, segment_ids)]
+    state, pending = _prefill(params, *placed, key, program=program, cache_length=cache_length)
+    for drawn in range(1, max_new_tokens + 1):
+        following = None
+        if drawn < max_new_tokens:  # dispatched before `pending` is read: the device keeps busy
+            state, following = _decode_step(params, state, program=program)
+        drawn_tokens, logprobs = (np.asarray(x) for x in pending)
+        for index, row in enumerate(rows):
+            if row.finish_reason is None:
+                row.add(int(drawn_tokens[index]), float(logprobs[index]), last=drawn == max_new_tokens)
+                if stream is not None and (text := row.take_final_text()):
+                    stream(index, text)
+        if all(row.finish_reason is not None for row in rows):
+            break
+        pending = following
+
+
+def left_pad(prompt_ids: Sequence[np.ndarray], rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tokens, positions, segment_ids [rows, length]: each prompt at the end of its row, after
+    padding of segment 0; positions count from each prompt's first token. Rows past the prompts
+    are padding alone."""
+    length = _round_up(max(len(ids) for ids in prompt_ids), LENGTH_QUANTUM)
+    tokens = np.zeros((rows, length), np.int32)
+    positions = np.zeros((rows, length), np.int32)
+    segment_ids = np.zeros((rows, length), np.int32)
+    for row, ids in enumerate(prompt_ids):
+        tokens[row, length - len(ids) :] = ids
+        positions[row, length - len(ids) :] = np.arange(len(ids))
+        segment_ids[row, length - len(ids) :] = 1
+    return tokens, positions, segment_ids
+
+
+def draw(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits [batch, vocab] float32 → the next tokens [batch] int32, by `sampling`."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth_largest = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if sampling.top_p < 1:
+        descending = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(descending, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # of the tokens more likely than each
+        kept = jnp.where(mass_before < sampling.top_p, descending, jnp.inf)
+        logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _next_tokens(program: _Program, model, tokens, positions, segment_ids, cache, key, drawn):
+    """The forward over `tokens` with the cache; the next token of each row (drawn from the logits
+    of its last position) and its log probability, and the cache."""
+    hidden, cache = model(tokens, positions, segment_ids, cache, return_hidden=True)
+    logits = (hidden[:, -1] @ model.output_projection()).astype(jnp.float32)  # [batch, vocab]
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < program.vocab_size, logits, -jnp.inf)
+    next_tokens = draw(logits, jax.random.fold_in(key, drawn), program.sampling)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), next_tokens[:, None], axis=-1)[:, 0]
+    return next_tokens, logprobs, cache
+
+
+def _pinned(state: DecodeState) -> DecodeState:
+    """The state constrained to its shardings (the cache by its logical axes, rows like the
+    batch), so that every step gets its input as the step before left it."""
+    cache = jax.tree.map(parallel.constrain, state.cache, state.cache.logical_axes())
+    rows = ("batch",)
+    tokens, positions = parallel.constrain(state.tokens, rows), parallel.constrain(state.positions, rows)
+    return DecodeState(cache, tokens, positions, state.key, state.drawn)
+
+
+@functools.partial(jax.jit, static_argnames=("program", "cache_length"))
+def _prefill(params, tokens, positions, segment_ids, key, *, program: _Program, cache_length: int):
+    """The prompts [batch, length] into a new cache → the decode state and the first tokens drawn."""
+    model = nnx.merge(program.graphdef, params)
+    with parallel.activation_sharding(program.mesh, dict(program.rules)):
+        cache = model.init_cache(tokens.shape[0], cache_length)
+        drawn = jnp.zeros((), jnp.int32)
+        next_tokens, logprobs, cache = _next_tokens(
+            program, model, tokens, positions, segment_ids, cache, key, drawn
+        )
+        state = _pinned(DecodeState(cache, next_tokens, positions[:, -1] + 1, key, drawn + 1))
+    return state, (next_tokens, logprobs)
+
+
+@functools.partial(jax.jit, static_argnames=("program",), donate_argnames=("state",))
+def _decode_step(params, state: DecodeState, *, program: _Program):
+    """One token per row: the state with it → the next state and the tokens drawn."""
+    model = nnx.merge(program.graphdef, params)
+    with parallel.activation_sharding(program.mesh, dict(program.rules)):
+        inputs = state.tokens[:, None], state.positions[:, None], jnp.ones_like(state.tokens)[:, None]
+        next_tokens, logprobs, cache = _next_tokens(
+            program, model, *inputs, state.cache, state.key, state.drawn
+        )
+        state = _pinned(DecodeState(cache, next_tokens, state.positions + 1, state.key, state.drawn + 1))
+    return state, (next_tokens, logprobs)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
