@@ -77,8 +77,11 @@ def test_cached_decoding_draws_what_recomputing_the_whole_sequence_draws(loaded,
 
 def test_each_prompt_of_a_batch_continues_as_it_would_alone(loaded, greedy):
     for prompt, together in zip(PROMPTS, greedy, strict=True):
-        (alone,) = generation.complete(loaded, [prompt], max_new_tokens=12, greedy=True)
+        (alone,) = generation.complete(loaded, prompt, max_new_tokens=12, greedy=True)
         assert alone.token_ids == together.token_ids
+    # A prompt given as its token ids continues as its text does.
+    (from_ids,) = generation.complete(loaded, greedy[0].prompt_ids, max_new_tokens=12, greedy=True)
+    assert from_ids.token_ids == greedy[0].token_ids
     # Batches of 2 then 1 prompt, padded to the data-parallel rows, give the same again.
     in_twos = generation.complete(loaded, PROMPTS, max_new_tokens=12, greedy=True, batch_size=2)
     assert [c.token_ids for c in in_twos] == [c.token_ids for c in greedy]
