@@ -154,3 +154,23 @@ def test_hf_io_bench_prints_import_and_export_times():
     figures = run_bench("hf_io.py", "--repeats", "1")
     assert figures["import_s"] > 0 and figures["export_s"] > 0
     assert figures["parameter_bytes"] > 0 and "transformers_load_s" in figures
+
+
+def test_generate_bench_times_prefill_decode_and_recomputing():
+    figures = run_bench(
+        "generate.py",
+        "--batch-sizes",
+        "1",
+        "2",
+        "--prompt-tokens",
+        "16",
+        "--new-tokens",
+        "4",
+        "--repeats",
+        "1",
+    )
+    for batch in ("1", "2"):
+        assert figures["jaxlm"][batch]["prefill_tokens_per_s"] > 0
+        assert figures["jaxlm"][batch]["decode_tokens_per_s"] > 0
+    assert figures["recompute"]["context"] == 28 and figures["recompute"]["tokens_per_s"] > 0
+    assert figures["cache_speedup"] > 0
