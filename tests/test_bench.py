@@ -163,11 +163,11 @@ def test_generate_bench_times_prefill_decode_and_recomputing():
         "1",
         "2",
         "--prompt-tokens",
-        "16",
+        "8",
         "--new-tokens",
-        "4",
+        "20",
         "--repeats",
-        "1",
+        "2",
     )
     for batch in ("1", "2"):
         assert figures["jaxlm"][batch]["prefill_tokens_per_s"] > 0
