@@ -39,7 +39,7 @@ from jaxlm import generation
 from jaxlm.config import Config, load_config
 from jaxlm.data.tokenizers import load_tokenizer
 from jaxlm.errors import UserError
-from jaxlm.run_loader import Loaded
+from jaxlm.loading import Loaded
 from jaxlm.setup import build_model, count_params
 
 log = logging.getLogger("jaxlm")

@@ -124,7 +124,7 @@ def _generate(args: argparse.Namespace) -> int:
     import json
 
     from jaxlm.generation import complete, iter_completions, read_prompt_file
-    from jaxlm.run_loader import load_run
+    from jaxlm.loading import load
 
     if args.overrides:
         raise UserError(f"generate takes PATH and options, not {' '.join(args.overrides)}")
@@ -134,7 +134,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise UserError("--prompt is empty; give it some text to continue")
     else:
         prompts, names = read_prompt_file(args.prompt_file)
-    loaded = load_run(args.path)
+    loaded = load(args.path)
     options = {
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "greedy": args.greedy, "seed": args.seed, "stop": args.stop or (),
@@ -208,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate_parser = commands.add_parser(
         "generate", help="continue prompts with a trained model: a jaxlm run directory or a Hugging Face one"
     )
-    generate_parser.add_argument("path", help="a jaxlm run directory (its newest checkpoint)")
+    generate_parser.add_argument(
+        "path",
+        help="a Hugging Face model directory, a jaxlm run directory (its newest checkpoint) or a step of one",
+    )
     prompt_source = generate_parser.add_mutually_exclusive_group(required=True)
     prompt_source.add_argument("--prompt", help="one prompt; its continuation streams to stdout")
     prompt_source.add_argument(

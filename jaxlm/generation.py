@@ -42,7 +42,7 @@ from jaxlm.model import registry
 from jaxlm.text_stream import RowText
 
 if TYPE_CHECKING:
-    from jaxlm.run_loader import Loaded
+    from jaxlm.loading import Loaded
 
 Prompt = str | Sequence[int]  # text, or token ids to continue as they are
 
@@ -184,8 +184,10 @@ def _scanned_graphdef(family: str, model_config_json: str) -> nnx.GraphDef:
 
 
 def context_length(loaded: Loaded) -> int:
-    """Tokens the model attends over: a prompt and its new tokens together."""
-    return loaded.config.data.seq_len
+    """Tokens the model is made for, a prompt and its new tokens together: its source's (a
+    Hugging Face model's max_position_embeddings, a jaxlm run's model.context_length or
+    data.seq_len), else data.seq_len."""
+    return loaded.context_length or loaded.config.data.seq_len
 
 
 def encode_prompts(

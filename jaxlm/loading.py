@@ -180,6 +180,7 @@ class Loaded:
     tokenizer: Tokenizer
     eos_ids: tuple[int, ...]  # generation stops at any of these
     bos_id: int | None = None  # the token a prompt starts with, where the model has one
+    context_length: int | None = None  # the longest sequence it is made for; None: data.seq_len
 
     def model(self) -> nnx.Module:
         """The Flax NNX module with these parameters."""
@@ -199,9 +200,10 @@ def load(
     source = open_source(path, step)
     config = source_config(source, overrides)
     setup = build_model(config, devices)
-    tokenizer = load_tokenizer(config.data)
+    tokenizer = load_tokenizer(config.data, hf_prompts=source.hf is not None)
     params = source.read_params(setup)
-    return Loaded(config, setup, params, tokenizer, source.eos_ids or (tokenizer.eos_id,), source.bos_id)
+    eos_ids = source.eos_ids or (tokenizer.eos_id,)
+    return Loaded(config, setup, params, tokenizer, eos_ids, source.bos_id, source.context_length or None)
 
 
 def apply_init_from(config: Config, given: Collection[str] = ()) -> Config:

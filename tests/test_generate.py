@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import generation
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.run_loader import Loaded
+from jaxlm.loading import Loaded
 from jaxlm.setup import build_model
 from jaxlm.text_stream import RowText
 

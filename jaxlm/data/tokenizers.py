@@ -108,7 +108,9 @@ class HuggingFaceTokenizer:
         return lengths
 
 
-def load_tokenizer(config: DataConfig) -> Tokenizer:
+def load_tokenizer(config: DataConfig, *, hf_prompts: bool = False) -> Tokenizer:
+    """data.tokenizer; `hf_prompts`: a Hugging Face model's, whose prompts start as transformers
+    encodes them (see HuggingFaceTokenizer)."""
     if config.tokenizer == "byte":
         return ByteTokenizer()
     if storage.is_bucket(config.tokenizer):
@@ -117,4 +119,4 @@ def load_tokenizer(config: DataConfig) -> Tokenizer:
         raise DataError(
             f"data.tokenizer={config.tokenizer} is neither 'byte' nor an existing tokenizer.json file"
         )
-    return HuggingFaceTokenizer(config.tokenizer, config.eos_token)
+    return HuggingFaceTokenizer(config.tokenizer, config.eos_token, hf_prompts=hf_prompts)
