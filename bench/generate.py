@@ -14,6 +14,9 @@ for the same model shapes where transformers (with torch) is importable.
   default attention and CPU threads): `generate(do_sample=False)` with 1 and with
   --new-tokens tokens, timed the same way.
 
+- hf_io: the model's import (`jaxlm.load` of a Hugging Face directory) and export (`jaxlm
+  export-hf`) times, and transformers' load time where installed, as bench/hf_io.py measures them.
+
 Every figure is the median of --repeats timed calls after one untimed call (which compiles).
 Prints one JSON line to stdout; logs go to stderr.
 
@@ -30,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import hf_io  # bench/hf_io.py: the import and export times
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +181,10 @@ def benchmark(
     one = figures["jaxlm"].get("1")
     figures["recompute"] = {"context": context, "tokens_per_s": recompute}
     figures["cache_speedup"] = one["decode_tokens_per_s"] / recompute if one else None
+    log.info("importing and exporting the model as a Hugging Face directory")
+    figures["hf_io"] = hf_io.measure(
+        argparse.Namespace(config=config_path, overrides=list(overrides), repeats=repeats, shard_mb=64)
+    )
     return figures
 
 
