@@ -15,6 +15,7 @@ import yaml
 from etils import epath
 from flax import nnx
 
+from jaxlm import storage
 from jaxlm.config import Config, apply_override, config_from_dict
 from jaxlm.data.tokenizers import Tokenizer, load_tokenizer
 from jaxlm.errors import ConfigError, UserError, cause
@@ -72,7 +73,16 @@ class Source:
 def open_source(path: str | Path, step: int | None = None) -> Source:
     """The model at `path`: a Hugging Face directory (config.json), a jaxlm run directory (its
     newest checkpoint, or `step`), or a checkpoint step directory of one."""
-    local = Path(path)
+    if storage.is_bucket(str(path)):
+        storage.check_bucket(str(path), "the model path")
+        local = storage.path(str(path))
+        if (local / files.CONFIG).is_file():
+            raise UserError(
+                f"{path} is a Hugging Face directory in a bucket, which jaxlm reads from a disk only; copy it "
+                f"(gcloud storage cp -r {path} DIR) and pass DIR"
+            )
+    else:
+        local = Path(path)
     if files.is_hf_directory(local):
         directory = files.open_hf_directory(local)
         tokenizer = directory.tokenizer
@@ -93,7 +103,7 @@ def open_source(path: str | Path, step: int | None = None) -> Source:
             raise UserError(
                 f"{path} is the checkpoint of step {local.name}, not of step {step}; pass the run directory"
             )
-        checkpoints, step = epath.Path(local.parent.absolute()), int(local.name)
+        checkpoints, step = _absolute(local.parent), int(local.name)
     else:
         raise UserError(
             f"{path} is neither a Hugging Face model directory (config.json) nor a jaxlm run directory "
@@ -102,14 +112,18 @@ def open_source(path: str | Path, step: int | None = None) -> Source:
     return _checkpoint_source(str(path), checkpoints, step)
 
 
-def _checkpoint_dir(run_dir: Path) -> epath.Path:
+def _absolute(path: Path | epath.Path) -> epath.Path:
+    return epath.Path(path if storage.is_bucket(path) else Path(path).absolute())
+
+
+def _checkpoint_dir(run_dir: Path | epath.Path) -> epath.Path:
     """A run directory's checkpoints: checkpoint.dir of its config.yaml, else <run>/checkpoints."""
     try:
         raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, ValueError, yaml.YAMLError) as error:
         raise UserError(f"{run_dir / 'config.yaml'} cannot be read ({cause(error)})") from None
     directory = (raw.get("checkpoint") or {}).get("dir") if isinstance(raw, dict) else None
-    return epath.Path(directory) if directory else epath.Path(run_dir.absolute() / "checkpoints")
+    return epath.Path(directory) if directory else _absolute(run_dir) / "checkpoints"
 
 
 def _manager(checkpoints: epath.Path) -> ocp.CheckpointManager:

@@ -284,3 +284,42 @@ def test_prepared_data_goes_to_a_bucket_and_trains_from_there(bucket_dir, tmp_pa
     assert train_losses(tmp_path / "prepared") == train_losses(tmp_path / "text")
     with pytest.raises(ConfigError, match=rf"^data.path={out} was prepared with tokenizer tokenizer.json"):
         sources.document_sources(tiny_config(tmp_path, f"data.path={out}").data)
+
+
+def test_a_run_in_a_bucket_loads_exports_to_a_bucket_and_starts_another(bucket_dir, tmp_path):
+    import jax
+    import numpy as np
+
+    import jaxlm
+    from jaxlm.hf.write import export
+
+    run = bucket_dir / "run"
+    train(tiny_config(run, "train.steps=2", "checkpoint.every=2", "train.eval_every=0"))
+    loaded = jaxlm.load(str(run), devices=jax.devices()[:1])
+    step = jaxlm.load(str(run / "checkpoints" / "2"), devices=jax.devices()[:1])
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), loaded.params, step.params))
+
+    out = bucket_dir / "exported"
+    export(str(run), str(out), devices=jax.devices()[:1])
+    fs = fsspec.filesystem("gs")
+    fs.invalidate_cache()
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    fs.get(str(out), str(tmp_path / "exported"), recursive=True)
+    exported = jaxlm.load(str(tmp_path / "exported"), devices=jax.devices()[:1])
+    same = jax.tree.map(
+        lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), loaded.params, exported.params
+    )
+    assert jax.tree.all(same)
+    with pytest.raises(
+        UserError, match=rf"^{out} exists and is not an empty directory; choose a new OUT_DIR"
+    ):
+        export(str(run), str(out), devices=jax.devices()[:1])
+    with pytest.raises(
+        UserError, match=r"is a Hugging Face directory in a bucket, which jaxlm reads from a disk only"
+    ):
+        jaxlm.load(str(out))
+
+    train(tiny_config(tmp_path / "next", f"model.init_from={run}", "train.steps=1", "train.eval_every=0"))
+    assert list(train_losses(tmp_path / "next")) == [1]

@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from jaxlm import storage
-from jaxlm.errors import UserError
+from jaxlm.errors import UserError, cause
 from jaxlm.hf import files
 from jaxlm.loading import Source, open_source, source_config
 from jaxlm.model.registry import HFTensor
@@ -47,7 +47,10 @@ def export(
 ) -> None:
     """Write the model at `source_path` (a jaxlm run or step directory, or a Hugging Face one) to
     `out_dir` as a Hugging Face directory, its tensors in `dtype` (default: its param_dtype)."""
-    out = Path(out_dir)
+    bucket = storage.is_bucket(str(out_dir))
+    if bucket:
+        storage.check_bucket(str(out_dir), "OUT_DIR")
+    out = storage.path(str(out_dir)) if bucket else Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(
             f"{out} exists and is not an empty directory; choose a new OUT_DIR (nothing was written)"
@@ -58,18 +61,38 @@ def export(
     setup = build_model(config, devices)
     params = source.read_params(setup)
     writing = jax.process_index() == 0
-    staging = _staging_directory(out) if writing else None
+    staging = None
+    if writing:  # a bucket cannot rename: written locally, then uploaded
+        staging = Path(tempfile.mkdtemp(prefix="jaxlm-export-")) if bucket else _staging_directory(out)
     try:
         write_tensors(params, setup, staging, jnp.dtype(dtype), max_shard_bytes)
         if writing:
             _write_metadata(source, setup, staging, dtype)
-            os.replace(staging, out)  # over an empty OUT_DIR too
+            if bucket:
+                _upload(staging, out)
+            else:
+                os.replace(staging, out)  # over an empty OUT_DIR too
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging)
     multihost_utils.sync_global_devices("jaxlm export-hf done")
     at_step = "" if source.step is None else f" (step {source.step})"
     log.info("exported %s%s to %s, %s tensors", source_path, at_step, out, dtype)
+
+
+def _upload(staging: Path, out) -> None:
+    """Copy the files of `staging` to the gs:// directory `out`, config.json last: a directory
+    without it is not a model, so an upload cut short is never taken for one."""
+    names = sorted(path.name for path in staging.iterdir())
+    names.sort(key=lambda name: name == files.CONFIG)
+    for name in names:
+        try:
+            storage.upload(staging / name, str(out / name))
+        except Exception as error:
+            raise UserError(
+                f"cannot upload {name} to {out} ({cause(error)}); check this machine's access to the bucket, "
+                "remove what was uploaded and export again"
+            ) from None
 
 
 def _staging_directory(out: Path) -> Path:
