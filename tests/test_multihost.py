@@ -192,7 +192,11 @@ def test_a_killed_process_stops_the_others_and_the_run_resumes_from_the_last_che
             p.kill()
     assert code != 0
     assert time.monotonic() - killed < 60
-    assert "another task died" in logs[0].read_text() or "stopped sending heartbeats" in logs[0].read_text()
+    # How the survivor learns of it depends on when the kill lands: jax.distributed's error
+    # (a peer gone, heartbeats missed) between steps, or, in the middle of a collective, gloo
+    # aborting on the half-sent message its dead peer left on the socket.
+    told = ("another task died", "stopped sending heartbeats", "Received data size doesn't match")
+    assert any(reason in logs[0].read_text() for reason in told), logs[0].read_text()[-2000:]
     saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     result = train(
         tiny_config(tmp_path, *SHARED[len(TINY) :], f"train.steps={saved + 1}", "checkpoint.every=2")
