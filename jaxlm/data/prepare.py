@@ -129,8 +129,6 @@ def prepare(
     config: DataConfig, out: str, shards: int | None = None, workers: int | None = None
 ) -> dict[str, Any]:
     """Tokenize the configured corpus into `out`; returns the manifest."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     if config.mixture:
         raise ConfigError(
             "jaxlm prepare takes one source (data.path or data.tfds); prepare each part of data.mixture on its own"
@@ -165,6 +163,46 @@ def prepare(
     total = sum(len(source) for source in listed.values() if source is not None)
     progress = _Progress(total)
     started = time.perf_counter()
+    try:
+        manifest["splits"] = _write_splits(
+            config, listed, staging, directory if bucket else None, workers, shards, progress
+        )
+    finally:
+        if bucket:
+            shutil.rmtree(staging, ignore_errors=True)
+    progress.close()
+    seconds = time.perf_counter() - started
+    manifest["seconds"] = seconds
+    try:  # last: its presence means complete
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    except Exception as error:
+        raise DataError(
+            f"cannot write {directory / MANIFEST} ({cause(error)}); check --out and its access"
+        ) from None
+    train, validation = manifest["splits"]["train"], manifest["splits"]["validation"]
+    log.info(
+        "prepared %s train / %s validation documents, %s / %s tokens, in %.1fs (%s tokens/s) into %s",
+        f"{train['documents']:,}", f"{validation['documents']:,}", f"{train['tokens']:,}",
+        f"{validation['tokens']:,}", seconds, f"{(train['tokens'] + validation['tokens']) / seconds:,.0f}", out,
+    )  # fmt: skip
+    return manifest
+
+
+def _write_splits(
+    config: DataConfig,
+    listed: dict[str, Any],
+    staging: Path,
+    bucket: Any,
+    workers: int,
+    shards: int,
+    progress: _Progress,
+) -> dict[str, Any]:
+    """Tokenize each split in `workers` processes into at most `shards` ArrayRecord files in
+    `staging` (uploaded to the gs:// directory `bucket`, if given, as each is closed); returns
+    each split's documents, tokens and files."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    splits = {}
     # Spawned, not forked: a fork of a process that has started JAX's threads can deadlock.
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
@@ -185,28 +223,11 @@ def prepare(
                         tokens += len(record) // 4
                     progress.update(len(records), tokens)
                 writer.close()
-                if bucket:
-                    _upload(staging / name, directory / name)
+                if bucket is not None:
+                    _upload(staging / name, bucket / name)
                 files.append(name)
-            manifest["splits"][split] = {"documents": documents, "tokens": tokens, "files": files}
-    if bucket:
-        shutil.rmtree(staging, ignore_errors=True)
-    progress.close()
-    seconds = time.perf_counter() - started
-    manifest["seconds"] = seconds
-    try:  # last: its presence means complete
-        (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    except Exception as error:
-        raise DataError(
-            f"cannot write {directory / MANIFEST} ({cause(error)}); check --out and its access"
-        ) from None
-    train, validation = manifest["splits"]["train"], manifest["splits"]["validation"]
-    log.info(
-        "prepared %s train / %s validation documents, %s / %s tokens, in %.1fs (%s tokens/s) into %s",
-        f"{train['documents']:,}", f"{validation['documents']:,}", f"{train['tokens']:,}",
-        f"{validation['tokens']:,}", seconds, f"{(train['tokens'] + validation['tokens']) / seconds:,.0f}", out,
-    )  # fmt: skip
-    return manifest
+            splits[split] = {"documents": documents, "tokens": tokens, "files": files}
+    return splits
 
 
 def _upload(local: Path, url: Any) -> None:
