@@ -99,9 +99,16 @@ def read_bytes(location: str, start: int = 0, stop: int | None = None) -> bytes:
         return file.read() if stop is None else file.read(stop - start)
 
 
-def upload(local: Path, url: str) -> None:
-    """Copy a local file to a gs:// URL, streamed."""
-    _gcs().put_file(str(local), url)
+def upload(local: Path, url: str, then: str) -> None:
+    """Copy a local file to a gs:// URL, streamed; a failure is one line ending in `then`, what
+    the user does once the bucket is reachable again."""
+    try:
+        _gcs().put_file(str(local), url)
+    except Exception as error:
+        raise UserError(
+            f"cannot upload {local.name} to {url} ({cause(error)}); check this machine's access to the "
+            f"bucket, then {then}"
+        ) from None
 
 
 class BucketMirror:

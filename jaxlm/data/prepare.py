@@ -224,21 +224,11 @@ def _write_splits(
                     progress.update(len(records), tokens)
                 writer.close()
                 if bucket is not None:
-                    _upload(staging / name, bucket / name)
+                    storage.upload(staging / name, str(bucket / name), "prepare again into a new --out")
+                    (staging / name).unlink()
                 files.append(name)
             splits[split] = {"documents": documents, "tokens": tokens, "files": files}
     return splits
-
-
-def _upload(local: Path, url: Any) -> None:
-    try:
-        storage.upload(local, str(url))
-    except Exception as error:
-        raise DataError(
-            f"cannot upload {local.name} to {url} ({cause(error)}); check --out and this machine's access "
-            "to the bucket, then prepare again into a new --out"
-        ) from None
-    local.unlink()
 
 
 class _Progress:

@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from jaxlm import storage
-from jaxlm.errors import UserError, cause
+from jaxlm.errors import UserError
 from jaxlm.hf import files
 from jaxlm.loading import Source, open_source, source_config
 from jaxlm.model.registry import HFTensor
@@ -86,13 +86,7 @@ def _upload(staging: Path, out) -> None:
     names = sorted(path.name for path in staging.iterdir())
     names.sort(key=lambda name: name == files.CONFIG)
     for name in names:
-        try:
-            storage.upload(staging / name, str(out / name))
-        except Exception as error:
-            raise UserError(
-                f"cannot upload {name} to {out} ({cause(error)}); check this machine's access to the bucket, "
-                "remove what was uploaded and export again"
-            ) from None
+        storage.upload(staging / name, str(out / name), "remove what was uploaded and export again")
 
 
 def _staging_directory(out: Path) -> Path:
