@@ -133,20 +133,25 @@ def test_same_seed_same_batches_and_another_seed_another_order(tmp_path, corpus)
         iterator.close()
 
 
-def test_iterator_state_restores_the_exact_position(tmp_path, corpus):
-    refs = source_of(str(corpus))
-    config = tiny_config(tmp_path)
-    iterator = pipeline.HostBatches(refs, config, ByteTokenizer())
-    take(iterator, 5)
+def assert_resumes_exactly(data, config, before: int, after: int) -> dict:
+    """Batches `before`+1 .. `before`+`after` of `data` equal those of a new iterator restored
+    from the position after `before` batches; returns that position."""
+    iterator = pipeline.HostBatches(data, config, ByteTokenizer())
+    take(iterator, before)
     position = iterator.position()
-    assert sorted(map(int, position["streams"])) == list(range(8))  # one stream per row
-    expected = take(iterator, 3)
-    resumed = pipeline.HostBatches(refs, config, ByteTokenizer())
-    resumed.restore_position([position])
-    for x, y in zip(expected, take(resumed, 3), strict=True):
-        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    expected = take(iterator, after)
     iterator.close()
+    resumed = pipeline.HostBatches(data, config, ByteTokenizer())
+    resumed.restore_position([position])
+    for x, y in zip(expected, take(resumed, after), strict=True):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
     resumed.close()
+    return position
+
+
+def test_iterator_state_restores_the_exact_position(tmp_path, corpus):
+    position = assert_resumes_exactly(source_of(str(corpus)), tiny_config(tmp_path), 5, 3)
+    assert sorted(map(int, position["streams"])) == list(range(8))  # one stream per row
 
 
 def test_streams_read_disjoint_documents(tmp_path):
@@ -309,17 +314,7 @@ def test_rows_with_more_documents_than_cudnn_slots_warn(caplog):
 
 def test_a_position_saved_with_grain_workers_restores_into_the_same_layout(tmp_path, corpus):
     refs = source_of(str(corpus))
-    config = tiny_config(tmp_path, "data.worker_count=1")
-    iterator = pipeline.HostBatches(refs, config, ByteTokenizer())
-    take(iterator, 3)
-    position = iterator.position()
-    expected = take(iterator, 2)
-    iterator.close()
-    resumed = pipeline.HostBatches(refs, config, ByteTokenizer())
-    resumed.restore_position([position])
-    for x, y in zip(expected, take(resumed, 2), strict=True):
-        np.testing.assert_array_equal(x["tokens"], y["tokens"])
-    resumed.close()
+    position = assert_resumes_exactly(refs, tiny_config(tmp_path, "data.worker_count=1"), 3, 2)
     threads = pipeline.HostBatches(refs, tiny_config(tmp_path), ByteTokenizer())
     with pytest.raises(DataError, match=r"saved with data.worker_count=1 and this run sets 0"):
         threads.restore_position([position])
@@ -355,17 +350,7 @@ def test_a_mixture_gives_each_source_its_weight_of_the_rows(tmp_path):
 
 def test_a_mixture_resumes_at_the_exact_position(tmp_path):
     config = mixture_config(tmp_path)
-    corpus = sources.corpus(config.data)
-    iterator = pipeline.HostBatches(corpus, config, ByteTokenizer())
-    take(iterator, 7)
-    position = iterator.position()
-    expected = take(iterator, 3)
-    iterator.close()
-    resumed = pipeline.HostBatches(corpus, config, ByteTokenizer())
-    resumed.restore_position([position])
-    for x, y in zip(expected, take(resumed, 3), strict=True):
-        np.testing.assert_array_equal(x["tokens"], y["tokens"])
-    resumed.close()
+    assert_resumes_exactly(sources.corpus(config.data), config, 7, 3)
 
 
 def test_a_mixture_is_one_way_to_name_the_data(tmp_path):
