@@ -213,6 +213,19 @@ class DataConfig(Section):
         description="Grain worker processes per process (0 = a background thread). The data order depends on it, and its data position restores only into the same number of processes and workers; with 0 any number of processes resumes a checkpoint exactly.",
     )
     prefetch: int = Field(4, ge=0, description="Batches buffered ahead of the step.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for `messages` records: a .jinja file (local or gs://), 'builtin' for jaxlm's own, or null = the tokenizer's (chat_template.jinja or tokenizer_config.json beside data.tokenizer), else jaxlm's own.",
+    )
+    too_long: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="Instruction records longer than data.seq_len: keep their first seq_len tokens, or leave them out. Counted and logged either way.",
+    )
+    packing_bins: int = Field(
+        16,
+        gt=0,
+        description="Rows that instruction examples are first-fit packed into at once, per stream: more bins, less padding, more host memory (bins x seq_len x 12 bytes per row of the batch).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -371,10 +371,14 @@ def test_tokens_documents_and_epochs_are_counted_and_a_repeating_source_is_named
         take(batches, 2)  # 48 documents
         assert batches.counts.seen()["epoch"] == 1.2
     assert "the data starts repeating: 48 documents seen of its 40 (epoch 2 begins)" in caplog.text
+    with caplog.at_level("WARNING", logger="jaxlm"):
+        take(batches, 6)  # 96 documents: epoch 3 begins, without a second warning
+        assert batches.counts.seen()["epoch"] == 2.4
+    assert caplog.text.count("starts repeating") == 1
     saved = batches.position()
     resumed = pipeline.HostBatches(refs, tiny_config(tmp_path), ByteTokenizer())
     resumed.restore_position([saved])
-    assert resumed.counts.seen()["documents_seen"] == 48
+    assert resumed.counts.seen()["documents_seen"] == 96
     batches.close()
     resumed.close()
 

@@ -8,25 +8,30 @@ not whole batches), and the global batches depend on the seed and the data only:
 reads the streams of its own rows of the batch, whatever the number of processes, and a
 checkpoint keeps every stream's position, which any number of processes can restore.
 
-Rows are packed by concatenating documents and cutting at `seq_len`; `segment_ids` number the
-documents within a row (attention never crosses them) and `positions` restart at each document.
-`loss_mask` says which targets the loss trains on: in pretraining every target of a document
-(all but padding, which packed rows do not have).
+Text documents are packed by concatenating them and cutting at `seq_len`; `segment_ids` number
+the documents within a row (attention never crosses them) and `positions` restart at each
+document. `loss_mask` says which targets the loss trains on: in pretraining every target of a
+document (all but padding, which such rows do not have). Instruction records (prompt/completion,
+chats: `jaxlm.data.instructions`) are packed whole, first-fit, into `data.packing_bins` rows at a
+time: an example is never split across rows, and the rest of a row is padding (segment 0,
+loss_mask 0).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 
 import grain
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from jaxlm.config import Config
-from jaxlm.data.sources import DocumentSource, Part, TfdsSource
+from jaxlm.data.counts import DataCounts
+from jaxlm.data.instructions import InstructionExamples
+from jaxlm.data.sources import TEXT, DocumentSource, Part, TfdsSource
 from jaxlm.data.tokenizers import Tokenizer
 from jaxlm.errors import ConfigError, DataError
 
@@ -34,7 +39,8 @@ log = logging.getLogger("jaxlm")
 
 Batch = dict[str, np.ndarray]  # FIELDS: [rows, seq_len] int32 each, and "source": [rows]
 FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
-Source = DocumentSource | TfdsSource  # random access: index → document text (prepared data: token ids)
+# Random access: index → document text (prepared data: token ids), or → an instruction example.
+Source = DocumentSource | TfdsSource | InstructionExamples
 # A corpus: one source, or weighted parts (data.mixture) whose rows are mixed in their proportions.
 Corpus = Source | list[Part]
 
@@ -69,6 +75,58 @@ def _pretraining_row(packed: dict[str, np.ndarray]) -> Batch:
     }
 
 
+def examples(source: Source, config: Config, tokenizer: Tokenizer, name: str = "the data") -> Source:
+    """A source as the pipeline reads it: instruction records become their examples, each record
+    checked (and the ones with nothing to train on reported) here, once."""
+    if isinstance(source, DocumentSource) and source.kind != TEXT:
+        return InstructionExamples(source, config, tokenizer, name)
+    return source
+
+
+def corpus_examples(
+    corpus: Corpus, config: Config, tokenizer: Tokenizer, *, validation: bool = False
+) -> Corpus:
+    """`examples` of each part's training (or validation) source."""
+    if not isinstance(corpus, list):
+        return examples(corpus, config, tokenizer)
+    if validation:
+        return [
+            dataclasses.replace(
+                part,
+                validation=part.validation
+                and examples(part.validation, config, tokenizer, f"{part.name} (validation)"),
+            )
+            for part in corpus
+        ]
+    return [
+        dataclasses.replace(part, train=examples(part.train, config, tokenizer, part.name)) for part in corpus
+    ]
+
+
+def _whole_example_row(packed: dict[str, np.ndarray]) -> Batch:
+    """A row of whole examples, as FirstFitPackIterDataset packed it: padding has segment 0."""
+    return {
+        "tokens": packed["tokens"],
+        "targets": packed["targets"],
+        "positions": packed["tokens_positions"],
+        "segment_ids": packed["tokens_segment_ids"],
+        "loss_mask": packed["loss_mask"],
+    }
+
+
+def pack_whole(examples: grain.IterDataset, seq_len: int, bins: int) -> grain.IterDataset:
+    """Examples (tokens/targets/loss_mask, at most seq_len each) packed first-fit into [seq_len]
+    rows, `bins` rows at a time, never split. The state is the parent's at the last packed group
+    and the rows of it emitted, so a restored iterator repacks that group the same way."""
+    rows = grain.experimental.FirstFitPackIterDataset(
+        examples,
+        length_struct={"tokens": seq_len, "targets": seq_len, "loss_mask": seq_len},
+        num_packing_bins=bins,
+        shuffle_bins=False,
+    )
+    return rows.map(_whole_example_row)
+
+
 def packed_rows(
     source: Source,
     config: Config,
@@ -81,14 +139,19 @@ def packed_rows(
     """An endless stream of packed [seq_len] rows: stream `stream` of `streams`, which takes the
     documents at positions stream, stream + streams, ... of the seeded order of all of them
     (every epoch in a new order; with `shuffle=False`, the source's order)."""
+    source = examples(source, config, tokenizer)
     documents = grain.MapDataset.source(source)
     if shuffle:
         documents = documents.shuffle(seed=config.train.seed)
-    tokens = documents.repeat(None)[stream::streams].map(_Tokenize(tokenizer))
     # Read in the thread that packs: a process packs hundreds of streams, and a batch's read-ahead
     # happens a level up (ThreadPrefetch or Grain's worker processes).
-    rows = tokens.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     seq_len = config.data.seq_len
+    if isinstance(source, InstructionExamples):
+        stream_examples = documents.repeat(None)[stream::streams].to_iter_dataset(read)
+        return pack_whole(stream_examples, seq_len, config.data.packing_bins)
+    tokens = documents.repeat(None)[stream::streams].map(_Tokenize(tokenizer))
+    rows = tokens.to_iter_dataset(read)
     rows = grain.experimental.ConcatThenSplitIterDataset(
         rows, length_struct={"tokens": seq_len, "targets": seq_len}
     )
@@ -175,6 +238,7 @@ class HostBatches:
         first = jax.process_index() * per_process
         self.stream_indices = list(range(first, first + per_process))
         self.worker_count = config.data.worker_count
+        corpus = corpus_examples(corpus, config, tokenizer)
         self.counts = DataCounts(corpus, tokenizer.eos_id)
         dataset = RowsOfStreams(
             [
@@ -245,79 +309,6 @@ class HostBatches:
             self._iterator.close()
 
 
-class DataCounts:
-    """Tokens trained on and documents started, per part of the corpus, counted as batches pass.
-
-    Each process counts its own rows; `seen` sums them over processes. A checkpoint keeps each
-    process's counts, and a resumed run's process 0 takes their sum, so totals carry over onto
-    any number of processes.
-    """
-
-    def __init__(self, corpus: Corpus, eos_id: int):
-        parts = corpus if isinstance(corpus, list) else [Part("the data", 1.0, corpus, None)]
-        self.names = [part.name for part in parts]
-        self.documents = [len(part.train) for part in parts]
-        self.eos_id = eos_id
-        self._counts = np.zeros((len(parts), 2), np.int64)  # [part, (tokens, documents)]
-        self._epochs_warned = [0] * len(parts)
-
-    def add(self, batch: Batch) -> None:
-        for index in range(len(self.names)):
-            rows = batch["source"] == index
-            self._counts[index, 0] += int(batch["loss_mask"][rows].sum())
-            # Each document starts with the end-of-document token, once.
-            self._counts[index, 1] += int(np.count_nonzero(batch["tokens"][rows] == self.eos_id))
-
-    def local(self) -> dict[str, list[int]]:
-        return {
-            name: [int(tokens), int(documents)]
-            for name, (tokens, documents) in zip(self.names, self._counts, strict=True)
-        }
-
-    def restore(self, saved: list[dict[str, list[int]]]) -> None:
-        self._counts[:] = 0
-        if jax.process_index() != 0:
-            return
-        for counts in saved:
-            for index, name in enumerate(self.names):
-                self._counts[index] += counts.get(name, [0, 0])
-        self._epochs_warned = [
-            int(documents // total)
-            for (_, documents), total in zip(self._counts, self.documents, strict=True)
-        ]
-
-    def seen(self) -> dict[str, float]:
-        """Tokens and documents seen over all processes, in total and per part, and each part's
-        epoch (its documents seen / its documents); warns when a part starts repeating. With
-        several processes it is a collective: every process calls it at the same step."""
-        counts = self._counts
-        if jax.process_count() > 1:  # gathered as bytes: int64 counts would become int32
-            gathered = multihost_utils.process_allgather(np.frombuffer(counts.tobytes(), np.uint8))
-            counts = (
-                np.frombuffer(np.asarray(gathered, np.uint8).tobytes(), np.int64)
-                .reshape(-1, *counts.shape)
-                .sum(0)
-            )
-        record = {"tokens_seen": float(counts[:, 0].sum()), "documents_seen": float(counts[:, 1].sum())}
-        for index, (name, (tokens, documents)) in enumerate(zip(self.names, counts, strict=True)):
-            epoch = documents / self.documents[index]
-            if int(epoch) > self._epochs_warned[index]:
-                self._epochs_warned[index] = int(epoch)
-                if jax.process_index() == 0:
-                    log.warning(
-                        "%s starts repeating: %d documents seen of its %d (epoch %d begins)",
-                        name, documents, self.documents[index], int(epoch) + 1,
-                    )  # fmt: skip
-            suffix = f"/{name}" if len(self.names) > 1 else ""
-            if suffix:
-                record[f"tokens_seen{suffix}"], record[f"documents_seen{suffix}"] = (
-                    float(tokens),
-                    float(documents),
-                )
-            record[f"epoch{suffix}"] = epoch
-        return record
-
-
 def _use_default_grain_flags() -> None:
     """Grain's worker processes read absl flags; jaxlm has none of its own, so take the defaults."""
     from absl import flags
@@ -334,6 +325,7 @@ def eval_host_batches(corpus: Corpus, config: Config, tokenizer: Tokenizer) -> l
     splits work on any number of processes.
     """
     rows_per_batch = config.train.global_batch_size
+    corpus = corpus_examples(corpus, config, tokenizer, validation=True)
     streams = RowsOfStreams(
         [
             stream_rows(corpus, config, tokenizer, stream=i, streams=rows_per_batch, validation=True)
@@ -354,3 +346,67 @@ def to_global(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assemble each process's rows into global arrays with the batch sharding (one call for
     all fields)."""
     return jax.make_array_from_process_local_data(sharding, {field: batch[field] for field in FIELDS})
+
+
+def evaluation_rows(source: Source, config: Config, tokenizer: Tokenizer) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of `source` exactly once, in the source's order, packed whole into [seq_len]
+    rows: FIELDS, int32 [seq_len] each.
+
+    A text document is one example (cut into consecutive seq_len pieces where longer, as
+    pretraining cuts it; loss on every target); an instruction record is one example with its
+    loss mask (records with nothing to train on are left out and reported, as in training;
+    longer ones follow data.too_long). Rows are filled in order, a new one started when the next
+    example does not fit, and padded (segment 0, loss_mask 0).
+    """
+    source = examples(source, config, tokenizer)
+    seq_len = config.data.seq_len
+    row = _RowFiller(seq_len)
+    for index in range(len(source)):
+        for piece in _evaluation_pieces(source[index], tokenizer, seq_len):
+            if not row.fits(piece):
+                yield row.take()
+            row.add(piece)
+    if row.examples:
+        yield row.take()
+
+
+def _evaluation_pieces(item: str | np.ndarray | dict, tokenizer: Tokenizer, seq_len: int) -> list[dict]:
+    """An example (instruction records come as one), or a document's seq_len-long pieces."""
+    if isinstance(item, dict):
+        return [item]
+    pairs = _Tokenize(tokenizer).map(item)
+    pairs["loss_mask"] = np.ones_like(pairs["tokens"])
+    return [
+        {field: values[start : start + seq_len] for field, values in pairs.items()}
+        for start in range(0, len(pairs["tokens"]), seq_len)
+    ]
+
+
+class _RowFiller:
+    """One [seq_len] row being filled with whole examples, in order."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+        self._reset()
+
+    def _reset(self) -> None:
+        self.row = {field: np.zeros(self.seq_len, np.int32) for field in FIELDS}
+        self.used, self.examples = 0, 0
+
+    def fits(self, example: dict) -> bool:
+        return self.used + len(example["tokens"]) <= self.seq_len
+
+    def add(self, example: dict) -> None:
+        length = len(example["tokens"])
+        place = slice(self.used, self.used + length)
+        for field in ("tokens", "targets", "loss_mask"):
+            self.row[field][place] = example[field]
+        self.examples += 1
+        self.row["segment_ids"][place] = self.examples
+        self.row["positions"][place] = np.arange(length)
+        self.used += length
+
+    def take(self) -> dict[str, np.ndarray]:
+        row = self.row
+        self._reset()
+        return row

@@ -94,6 +94,7 @@ class PreparedSource:
         directory = storage.path(path)
         files = read_manifest(path)["splits"][split]["files"]
         self._records = grain.sources.ArrayRecordDataSource([str(directory / name) for name in files])
+        self.kind = sources.TEXT
 
     def __len__(self) -> int:
         return len(self._records)
@@ -142,13 +143,18 @@ def prepare(
         raise ConfigError(
             f"--out {out} is not empty; choose a new directory (prepared data is never overwritten)"
         )
+    tokenizer = load_tokenizer(config)
+    listed = dict(zip(SPLITS, sources.document_sources(config), strict=True))
+    if listed["train"].kind != sources.TEXT:
+        raise DataError(
+            f"data.path={config.path} holds {sources.KIND_NAMES[listed['train'].kind]}: jaxlm prepare tokenizes "
+            "text documents only; train on the .jsonl directly (its records are checked and packed at start-up)"
+        )
     # ArrayRecord's writer writes local files only: for a bucket each shard is written in a local
     # directory, then uploaded and removed.
     bucket = storage.is_bucket(out)
     staging = Path(tempfile.mkdtemp(prefix="jaxlm-prepare-")) if bucket else Path(directory)
     staging.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(config)
-    listed = dict(zip(SPLITS, sources.document_sources(config), strict=True))
     workers = workers or os.cpu_count() or 1
     shards = shards or workers
     manifest: dict[str, Any] = {

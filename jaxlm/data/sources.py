@@ -5,6 +5,10 @@ A source is random access (`len`, index → text), which is what Grain shards an
 document is addressed by a `DocumentRef` (file, and byte offset of the line for .jsonl, or row
 for .parquet), so the index is small and documents are read lazily, in any order, from any
 process.
+
+A .jsonl record is one of three kinds, told by its fields: a `messages` list (a chat), a
+`prompt` and a `completion`, or `data.text_field` (a text document, for pretraining). Each
+line is checked when the file is listed; a file holds one kind, and a source one kind.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ from jaxlm.data import parquet
 from jaxlm.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TEXT, PROMPT_COMPLETION, CHAT = "text", "prompt_completion", "chat"  # record kinds
+KIND_NAMES = {
+    TEXT: "text documents",
+    PROMPT_COMPLETION: "prompt/completion records",
+    CHAT: "chat (messages) records",
+}
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class DocumentRef:
     offset: int = -1  # byte offset of the line in a .jsonl file, row of a .parquet; -1 = a whole .txt
     name: str = ""  # stable across machines: relative path (and line), used for the split
     length: int = -1  # bytes of the .jsonl line
+    kind: str = TEXT  # what the record holds: TEXT, PROMPT_COMPLETION or CHAT
 
 
 def stdlib_root() -> Path:
@@ -107,37 +119,104 @@ def file_documents(spec: str, text_field: str) -> list[DocumentRef]:
             rows = parquet.nonempty_rows(path, text_field)
             refs.extend(DocumentRef(path, row, f"{relative}:{row + 1}") for row in rows)
             continue
-        offset = 0
-        with storage.path(path).open("rb") as lines:
-            for line_number, line in enumerate(lines, start=1):
-                if line.strip():
-                    _check_record(line, text_field, f"{path}:{line_number}")
-                    refs.append(DocumentRef(path, offset, f"{relative}:{line_number}", len(line)))
-                offset += len(line)
+        refs.extend(_jsonl_records(path, relative, text_field))
     if not refs:
         raise DataError(f"data.path={spec} has no non-empty documents; the corpus is empty")
+    _check_one_kind(refs, spec)
     return refs
 
 
-def _check_record(line: bytes, text_field: str, where: str) -> None:
+def _jsonl_records(path: str, relative: str, text_field: str) -> list[DocumentRef]:
+    """A reference to each non-blank line of a .jsonl file, each checked, all of one kind."""
+    refs, offset, first = [], 0, None
+    with storage.path(path).open("rb") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if line.strip():
+                where = f"{path}:{line_number}"
+                kind = _check_record(line, text_field, where)
+                first = first or (kind, where)
+                if kind != first[0]:
+                    raise DataError(
+                        f"{where} is one of the {KIND_NAMES[kind]} but {first[1]} is one of the "
+                        f"{KIND_NAMES[first[0]]}; keep one kind of record per file (split the file in two)"
+                    )
+                refs.append(DocumentRef(path, offset, f"{relative}:{line_number}", len(line), kind))
+            offset += len(line)
+    return refs
+
+
+def _check_one_kind(refs: list[DocumentRef], spec: str) -> None:
+    """Text and instruction records are packed apart (see pipeline), so a source holds one kind."""
+    first = {}
+    for ref in refs:
+        first.setdefault(ref.kind, ref)
+    if len(first) > 1:
+        (kind_a, ref_a), (kind_b, ref_b) = list(first.items())[:2]
+        raise DataError(
+            f"data.path={spec} holds {KIND_NAMES[kind_a]} ({ref_a.name}) and {KIND_NAMES[kind_b]} "
+            f"({ref_b.name}); give each kind its own source in data.mixture"
+        )
+
+
+def _check_record(line: bytes, text_field: str, where: str) -> str:
+    """The kind of a .jsonl record; one line naming the problem where it is not a good one."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise DataError(f"{where} is not valid JSON ({error.msg}); fix or remove that line") from None
     except UnicodeDecodeError:
         raise DataError(f"{where} is not UTF-8 text; fix or remove that line") from None
+    if isinstance(record, dict) and "messages" in record:
+        _check_messages(record["messages"], where)
+        if not isinstance(record.get("tools", []), list):
+            raise DataError(f"{where}: 'tools' must be a list of tool schemas; fix that line")
+        return CHAT
+    if isinstance(record, dict) and "prompt" in record and "completion" in record:
+        if not (isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str)):
+            raise DataError(
+                f"{where} needs a string 'prompt' and a string 'completion'; fix that line (a chat goes in 'messages')"
+            )
+        return PROMPT_COMPLETION
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
         raise DataError(
-            f"{where} has no string field {text_field!r}; set data.text_field to the field that holds the text"
+            f"{where} has no string field {text_field!r}; set data.text_field to the field that holds the text, "
+            "or give instruction records 'prompt' + 'completion' or 'messages'"
+        )
+    return TEXT
+
+
+def _check_messages(messages: object, where: str) -> None:
+    if not isinstance(messages, list) or not all(isinstance(message, dict) for message in messages):
+        raise DataError(
+            f'{where}: \'messages\' must be a list of {{"role": ..., "content": ...}} objects; fix that line'
+        )
+    for number, message in enumerate(messages, start=1):
+        if message.get("role") not in ROLES:
+            raise DataError(
+                f"{where}: message {number} has role {message.get('role')!r}; use one of {', '.join(ROLES)}"
+            )
+        calls_tools = message["role"] == "assistant" and isinstance(message.get("tool_calls"), list)
+        if not isinstance(message.get("content"), str) and not (
+            calls_tools and message.get("content") is None
+        ):
+            raise DataError(
+                f"{where}: message {number} has no string 'content' (only an assistant's tool_calls may stand "
+                "without one); fix that line"
+            )
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(
+            f"{where} has no assistant message, so nothing to train on; add one or remove that line"
         )
 
 
-def read_document(ref: DocumentRef, text_field: str) -> str:
+def read_document(ref: DocumentRef, text_field: str) -> str | dict:
+    """A document's text, or an instruction record (a dict) for the other kinds."""
     if ref.offset < 0:
         return storage.read_bytes(ref.path).decode("utf-8", errors="replace")
     if ref.path.endswith(".parquet"):
         return parquet.read_row(ref.path, ref.offset, text_field)
-    return json.loads(storage.read_bytes(ref.path, ref.offset, ref.offset + ref.length))[text_field]
+    record = json.loads(storage.read_bytes(ref.path, ref.offset, ref.offset + ref.length))
+    return record[text_field] if ref.kind == TEXT else record
 
 
 def list_documents(path: str | None, text_field: str) -> list[DocumentRef]:
@@ -171,16 +250,17 @@ def _unit_hash(name: str) -> float:
 
 
 class DocumentSource:
-    """Grain random-access source: index → document text."""
+    """Grain random-access source: index → document text (or instruction record)."""
 
     def __init__(self, refs: list[DocumentRef], text_field: str):
         self.refs = refs
         self.text_field = text_field
+        self.kind = refs[0].kind if refs else TEXT  # one kind per source (file_documents)
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index: int) -> str | dict:
         return read_document(self.refs[index], self.text_field)
 
 
@@ -215,6 +295,7 @@ class TfdsSource:
                 "there first (tfds build --file_format=array_record); jaxlm never downloads data"
             ) from None
         self.text_field = config.text_field
+        self.kind = TEXT
         if len(self._records) == 0:
             raise DataError(f"data.tfds={config.tfds} split {split!r} is empty")
 

@@ -17,8 +17,14 @@ EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
 class Tokenizer(Protocol):
     vocab_size: int
     eos_id: int
+    eos_token: str  # the end-of-document token as text, as chat templates write it
 
     def encode(self, text: str) -> np.ndarray: ...
+
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of a rendered chat (special tokens written as text become their ids, nothing
+        added) and each token's [start, end) characters in `text`: ([tokens], [tokens, 2])."""
+        ...
 
     def encode_prompt(self, text: str) -> np.ndarray:
         """A prompt's ids, starting as the model's training documents start."""
@@ -38,9 +44,27 @@ class ByteTokenizer:
 
     vocab_size = 257
     eos_id = 256
+    eos_token = "<|endoftext|>"  # only chat templates write it; plain text never becomes id 256
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        ids, starts, ends = [], [], []
+        for piece_start, piece in _split_keeping(text, self.eos_token):
+            if piece == self.eos_token:
+                ids.append(np.array([self.eos_id], np.int32))
+                starts.append(np.array([piece_start]))
+                ends.append(np.array([piece_start + len(piece)]))
+                continue
+            code_points = np.frombuffer(piece.encode("utf-32-le"), np.uint32)
+            utf8_lengths = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+            chars = piece_start + np.repeat(np.arange(len(piece)), utf8_lengths)  # [bytes]
+            ids.append(self.encode(piece))
+            starts.append(chars)
+            ends.append(chars + 1)
+        offsets = np.stack([np.concatenate(starts), np.concatenate(ends)], axis=1).astype(np.int64)
+        return np.concatenate(ids).astype(np.int32), offsets
 
     def encode_prompt(self, text: str) -> np.ndarray:
         # jaxlm's training documents begin with the end-of-document token (data/pipeline.py).
@@ -80,9 +104,15 @@ class HuggingFaceTokenizer:
                 "set data.eos_token to the one it uses"
             )
         self.eos_id = found[0]
+        self.eos_token = self._tokenizer.id_to_token(self.eos_id)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        # As transformers' apply_chat_template tokenizes a rendered chat: no special tokens added.
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return np.asarray(encoding.ids, np.int32), np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
 
     def encode_prompt(self, text: str) -> np.ndarray:
         if self.hf_prompts:
@@ -106,6 +136,15 @@ class HuggingFaceTokenizer:
                 self._tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
             )
         return lengths
+
+
+def _split_keeping(text: str, separator: str) -> list[tuple[int, str]]:
+    """`text` cut before and after each `separator`, with each piece's character offset."""
+    pieces, start = [], 0
+    while (found := text.find(separator, start)) >= 0:
+        pieces += [(start, text[start:found]), (found, separator)]
+        start = found + len(separator)
+    return [*pieces, (start, text[start:])]
 
 
 def load_tokenizer(config: DataConfig, *, hf_prompts: bool = False) -> Tokenizer:
