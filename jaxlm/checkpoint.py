@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import SingleDeviceSharding
 
-from jaxlm import storage
+from jaxlm import lora, storage
 from jaxlm.config import Config
 from jaxlm.errors import PreemptionGraceExpired, TrainingDiverged, UserError, cause
 from jaxlm.model import registry
@@ -142,10 +142,16 @@ class Checkpointer:
         self, setup: TrainSetup, data_iterator: Any, init_params: Callable[[], Any] | None = None
     ) -> Any:
         """The newest checkpoint's train state on the setup's shardings (and the data iterator at
-        its position), or a fresh one: at step 0, with `init_params()`'s parameters if given, or
-        random ones."""
+        its position), or a fresh one: at step 0, with `init_params()`'s parameters if given (the
+        base model's, under fresh LoRA adapters or those of optim.lora.init_from), or random ones."""
         latest = self.latest_step()
         if latest is None and init_params is not None:
+            adapters = self.config.optim.lora.init_from
+            if adapters:
+                from jaxlm.hf.peft import read_adapter  # the PEFT format is an edge of jaxlm
+
+                log.info("starting the LoRA adapters from optim.lora.init_from=%s", adapters)
+                return setup.start(init_params(), read_adapter(adapters, setup.model))
             return setup.start(init_params())
         if latest is None:
             return setup.init(jax.random.key(self.config.train.seed))
@@ -301,6 +307,7 @@ class Checkpointer:
                 f"checkpoint {self.directory / str(step)} was saved with a different model "
                 f"(model.{', model.'.join(changed)} differ); use its model config or a new run.dir"
             )
+        _refuse_other_adapters(saved, self.config, self.directory / str(step))
         _report_changes(saved, current, self.config.schedule_steps)
         restored = self._manager.restore(
             step,
@@ -342,6 +349,30 @@ def _with_defaults(model: dict[str, Any]) -> dict[str, Any]:
         if not field.is_required()
     }
     return {**defaults, **model}
+
+
+def _refuse_other_adapters(saved: dict[str, Any], config: Config, step_dir: Any) -> None:
+    """A run resumes with the LoRA adapters it saved: the same rank, targets and alpha."""
+    saved_spec = lora.spec_of((saved.get("optim") or {}).get("lora"), config.model)
+    spec = lora.spec_of(config.optim.lora, config.model)
+    if _shape_of(saved_spec) == _shape_of(spec):  # dropout may change: it is not in the parameters
+        return
+
+    def describe(adapters) -> str:
+        if adapters is None:
+            return "no adapters (optim.lora.rank=0)"
+        return (
+            f"optim.lora.rank={adapters.rank} alpha={adapters.alpha:g} targets={','.join(adapters.targets)}"
+        )
+
+    raise UserError(
+        f"checkpoint {step_dir} was saved with {describe(saved_spec)} and this run asks for {describe(spec)}; "
+        "use the checkpoint's optim.lora or a new run.dir"
+    )
+
+
+def _shape_of(spec: lora.LoRASpec | None) -> tuple | None:
+    return None if spec is None else (spec.rank, spec.alpha, spec.targets)
 
 
 def _report_changes(saved: dict[str, Any], current: dict[str, Any], schedule_steps: int) -> None:

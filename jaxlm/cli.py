@@ -113,6 +113,11 @@ def _export_hf(args: argparse.Namespace) -> int:
     if others:
         raise UserError(f"export-hf takes only distributed.* overrides, not {' '.join(others)}")
     distributed.initialize(load_config(None, args.overrides).distributed)
+    if args.adapter:
+        from jaxlm.hf.peft import export_adapter
+
+        export_adapter(args.source, args.out, step=args.step, dtype=args.dtype)
+        return 0
     from jaxlm.hf.write import export
 
     export(args.source, args.out, step=args.step, dtype=args.dtype)
@@ -200,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("bfloat16", "float32"),
         help="dtype of the tensors written (default: model.param_dtype)",
+    )
+    export_parser.add_argument(
+        "--adapter",
+        action="store_true",
+        help="write only the run's LoRA adapters, in PEFT's format (adapter_config.json, "
+        "adapter_model.safetensors); default: the whole model with the adapters merged in",
     )
     export_parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="distributed.* keys, for several processes"

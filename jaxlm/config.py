@@ -240,6 +240,33 @@ class DataConfig(Section):
         return self
 
 
+class LoRAConfig(Section):
+    """optim.lora: low-rank adapters (LoRA) trained beside frozen weights; docs/models.md#lora-optimlora."""
+
+    rank: int = Field(
+        0,
+        ge=0,
+        description="Rank r of each adapter; 0 = off (every parameter trains). With r > 0 only the adapters train: no gradients or optimizer state for the base weights.",
+    )
+    alpha: float = Field(
+        16.0, gt=0, description="The adapter's output is scaled by alpha / rank, as PEFT's lora_alpha."
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapter's input in training (PEFT's lora_dropout), seeded by train.seed and the step.",
+    )
+    targets: list[str] | None = Field(
+        None,
+        description="The projections adapted, by the family's names (llama: wq, wk, wv, wo, w_gate, w_up, w_down); null = the family's default, the attention projections (wq, wk, wv, wo): the LoRA paper's choice, a quarter of the MLP's adapter size; add the MLP's for QLoRA's all-linear setting.",
+    )
+    init_from: str | None = Field(
+        None,
+        description="Start the adapters from a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) made for model.init_from; its rank, alpha and targets must be these.",
+    )
+
+
 class OptimConfig(Section):
     lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
     schedule: Literal["cosine", "wsd", "constant"] = Field(
@@ -263,6 +290,9 @@ class OptimConfig(Section):
     b2: float = Field(0.95, ge=0, lt=1, description="Adam β2.")
     eps: float = Field(1e-8, gt=0, description="Adam ε.")
     clip_norm: float = Field(1.0, ge=0, description="Clip gradients to this global norm (0 = off).")
+    lora: LoRAConfig = Field(
+        default_factory=LoRAConfig, description="Low-rank adapters: rank, alpha, dropout, targets, init_from."
+    )
 
 
 class TrainConfig(Section):

@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 from jaxlm import parallel
 from jaxlm.errors import UserError
 from jaxlm.model import registry
+from jaxlm.model.lora import LoRASpec
 from jaxlm.text_stream import RowText
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ def program_of(loaded: Loaded, sampling: Sampling) -> _Program:
     setup = loaded.setup
     model_config = setup.model_config
     return _Program(
-        graphdef=_scanned_graphdef(model_config.family, model_config.model_dump_json()),
+        graphdef=_scanned_graphdef(model_config.family, model_config.model_dump_json(), setup.lora),
         mesh=setup.mesh,
         rules=tuple((name, tuple(axes) if axes else None) for name, axes in setup.rules.items()),
         sampling=sampling,
@@ -174,13 +175,15 @@ def program_of(loaded: Loaded, sampling: Sampling) -> _Program:
 
 
 @functools.lru_cache(maxsize=8)
-def _scanned_graphdef(family: str, model_config_json: str) -> nnx.GraphDef:
+def _scanned_graphdef(family: str, model_config_json: str, lora: LoRASpec | None) -> nnx.GraphDef:
     """The module definition with its layers in a scan, whatever model.scan_layers says (the
     parameters are the same): with a cache, unrolled layers copy each layer's weights and cache
     out of the stacks at every step, which made a 20M model's decode step 6× slower on a CPU
-    (99 ms against 15) and its prefill 2-3× slower."""
+    (99 ms against 15) and its prefill 2-3× slower. With `lora` (a model in training, its
+    adapters beside the weights: train.eval_tasks) the adapters are part of the definition."""
     config = registry.get(family).config.model_validate_json(model_config_json)
-    return nnx.split(registry.abstract_model(config.model_copy(update={"scan_layers": True})), nnx.Param)[0]
+    scanned = config.model_copy(update={"scan_layers": True})
+    return nnx.split(registry.abstract_model(scanned, lora), nnx.Param)[0]
 
 
 def context_length(loaded: Loaded) -> int:

@@ -15,13 +15,14 @@ import yaml
 from etils import epath
 from flax import nnx
 
-from jaxlm import storage
+from jaxlm import lora, storage
 from jaxlm.config import Config, apply_override, config_from_dict
 from jaxlm.data.tokenizers import Tokenizer, load_tokenizer
 from jaxlm.errors import ConfigError, UserError, cause
 from jaxlm.hf import files, read
 from jaxlm.model import registry
-from jaxlm.setup import ModelSetup, build_model, with_shardings
+from jaxlm.model.lora import LoRASpec, merge
+from jaxlm.setup import ModelSetup, build_model, model_setup, with_shardings
 
 log = logging.getLogger("jaxlm")
 
@@ -45,12 +46,42 @@ class Source:
     hf: files.HFDirectory | None = None
     checkpoints: epath.Path | None = None  # a jaxlm source's checkpoint directory
     step: int | None = None  # and its step
+    lora: dict[str, Any] | None = None  # a jaxlm source's optim.lora, when it trained adapters
 
     def read_params(self, setup: ModelSetup) -> Any:
-        """The source's parameters on `setup`'s shardings, in its param_dtype."""
+        """The source's parameters on the shardings of `setup`'s base model (without adapters of
+        its own), in its param_dtype. A run that trained LoRA adapters gives its merged model:
+        each adapted weight W + scale·A·B."""
         if self.hf is not None:
             return read.read_params(self.hf, setup)
-        target = with_shardings(setup.abstract_params, setup.param_shardings)
+        adapters = self.adapters(setup)
+        if adapters is None:
+            return self._restore(setup.base_abstract_params, setup.base_param_shardings)
+        params = self._restore(adapters.abstract_params, adapters.param_shardings)
+        return merge(params, setup.family.projections, adapters.lora)
+
+    def adapters(self, setup: ModelSetup) -> ModelSetup | None:
+        """The set-up of the source's model with the adapters it trained, on `setup`'s mesh; None
+        for a source without adapters."""
+        spec: LoRASpec | None = lora.spec_of(self.lora, setup.model_config) if self.lora else None
+        if spec is None:
+            return None
+        return model_setup(setup.model_config, spec, setup.mesh, setup.rules)
+
+    def read_adapters(self, setup: ModelSetup) -> tuple[Any, ModelSetup]:
+        """The parameters with the adapters apart (not merged), and their set-up: for a PEFT
+        export. A UserError for a source that trained none."""
+        adapters = self.adapters(setup)
+        if adapters is None:
+            raise UserError(
+                f"{self.path} has no LoRA adapters (it was trained with optim.lora.rank=0); export its "
+                "whole model without --adapter"
+            )
+        return self._restore(adapters.abstract_params, adapters.param_shardings), adapters
+
+    def _restore(self, abstract_params: Any, shardings: Any) -> Any:
+        """The checkpoint's parameters of these shapes, on these shardings."""
+        target = with_shardings(abstract_params, shardings)
         restore_args = jax.tree.map(
             lambda leaf: ocp.ArrayRestoreArgs(
                 sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype
@@ -150,6 +181,7 @@ def _checkpoint_source(path: str, checkpoints: epath.Path, step: int | None) -> 
         saved.get("data", {}),
         {"family": "llama", **saved.get("model", {})},
     )  # saved before families
+    adapters = saved.get("optim", {}).get("lora") or {}
     return Source(
         path,
         model,
@@ -160,6 +192,7 @@ def _checkpoint_source(path: str, checkpoints: epath.Path, step: int | None) -> 
         None,  # jaxlm's documents start with the end-of-document token, not a BOS
         checkpoints=checkpoints,
         step=step,
+        lora=adapters if adapters.get("rank") else None,
     )
 
 

@@ -39,9 +39,12 @@ def peak_flops_per_device(device: jax.Device, config: Config) -> float:
 
 def model_flops_per_step(config: Config) -> float:
     """Training FLOPs of one step, as the model family counts them (6 per matmul parameter and
-    token, plus attention, for a Llama)."""
+    token, plus attention, for a Llama; 4 with LoRA, whose frozen weights get no gradients)."""
     tokens = config.train.global_batch_size * config.data.seq_len
-    return registry.family_of(config.model).flops_per_token(config.model, config.data.seq_len) * tokens
+    flops_per_token = registry.family_of(config.model).flops_per_token
+    if config.optim.lora.rank:
+        return flops_per_token(config.model, config.data.seq_len, frozen_weights=True) * tokens
+    return flops_per_token(config.model, config.data.seq_len) * tokens
 
 
 def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:

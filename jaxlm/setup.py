@@ -4,6 +4,10 @@ their shardings, the jitted steps, and for training the optimizer and the whole 
 `build_model` is the params-only set-up that generation and evaluation need; `build_train` adds
 the optimizer state. Nothing here allocates a parameter: the states are shapes with shardings
 until `init` (or a checkpoint restore) places them on the devices, already sharded.
+
+With optim.lora the model carries adapters (`jaxlm.model.lora`): they are the trained parameters,
+the only ones with gradients and optimizer state; the base weights ride along in the train state
+unchanged.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm import parallel
+from jaxlm import lora, parallel
 from jaxlm.config import Config, ModelConfig
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError
 from jaxlm.model import registry
 from jaxlm.model.layers import attention_kernel, runs_cudnn_attention
+from jaxlm.model.lora import LoRASpec, combine, split_adapters
 from jaxlm.optim import make_optimizer
 from jaxlm.step import TrainState, make_eval_step, make_train_step
 
@@ -47,15 +52,31 @@ class ModelSetup:
     abstract_params: Any  # nested dict of ShapeDtypeStructs, the module's nnx.Param values
     param_shardings: Any
     batch_sharding: NamedSharding  # of [batch, length] inputs
+    lora: LoRASpec | None = None  # the adapters among the parameters (optim.lora), if any
 
     @property
     def attention(self) -> str:
         """The kernel model.attention resolved to on these devices."""
         return self.model_config.attention
 
+    @property
+    def base_abstract_params(self) -> Any:
+        """The parameters of the model without its adapters: what a model source holds."""
+        return split_adapters(self.abstract_params)[1]
+
+    @property
+    def base_param_shardings(self) -> Any:
+        return split_adapters(self.param_shardings)[1]
+
+    def trainable(self, params: Any) -> tuple[Any, Any]:
+        """(trained, frozen) parameters: with LoRA the adapters and the rest, else all and none."""
+        return split_adapters(params) if self.lora else (params, {})
+
     def params(self, key: jax.Array) -> Any:
-        """Freshly initialised parameters (not jitted: `init_params` places them sharded)."""
-        model = self.family.build(self.model_config, nnx.Rngs(params=key))
+        """Freshly initialised parameters (not jitted: `init_params` places them sharded). The
+        adapters draw from a stream of their own, so the base is the same with or without them."""
+        rngs = nnx.Rngs(params=key, lora=jax.random.fold_in(key, lora.INIT_STREAM))
+        model = registry.build(self.model_config, rngs, self.lora)
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     def init_params(self, key: jax.Array) -> Any:
@@ -71,7 +92,9 @@ class TrainSetup:
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     init: Callable[[jax.Array], TrainState]  # key → TrainState, jitted straight into its shardings
-    start: Callable[[Any], TrainState]  # params → TrainState at step 0 with a fresh optimizer state
+    # base params (and adapters, else fresh ones with LoRA) → TrainState at step 0 with a fresh
+    # optimizer state
+    start: Callable[..., TrainState]
     abstract_state: TrainState
     state_shardings: TrainState
 
@@ -99,7 +122,19 @@ def build_model(config: Config, devices: Sequence[jax.Device] | None = None) -> 
     model_config = config.model.model_copy(
         update={"attention": attention_kernel(config.model.attention, device)}
     )
-    abstract_model = registry.abstract_model(model_config)
+    adapters = lora.spec_of(config.optim.lora, model_config)
+    setup = model_setup(model_config, adapters, mesh, rules)
+    if adapters:
+        lora.check_rank(adapters, model_config, setup.abstract_params)
+    return setup
+
+
+def model_setup(
+    model_config: ModelConfig, adapters: LoRASpec | None, mesh: Mesh, rules: parallel.Rules
+) -> ModelSetup:
+    """The module of `model_config` (with `adapters`, if any) on `mesh`: its abstract parameters
+    and their shardings."""
+    abstract_model = registry.abstract_model(model_config, adapters)
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     logical_axes = jax.tree.map(
         tuple,
@@ -116,21 +151,30 @@ def build_model(config: Config, devices: Sequence[jax.Device] | None = None) -> 
         abstract_params=abstract_params,
         param_shardings=parallel.shardings_from_logical(abstract_params, logical_axes, mesh, rules),
         batch_sharding=parallel.batch_sharding(mesh, rules),
+        lora=adapters,
     )
 
 
 def build_train(config: Config, devices: Sequence[jax.Device] | None = None) -> TrainSetup:
     """`build_model`, the optimizer, and the shardings of the whole train state: the optimizer
-    state of each parameter is sharded like the parameter."""
+    state of each trained parameter is sharded like the parameter."""
     model = build_model(config, devices)
+    if config.optim.lora.init_from and not (model.lora and config.model.init_from):
+        raise ConfigError(
+            f"optim.lora.init_from={config.optim.lora.init_from} needs optim.lora.rank > 0 and model.init_from "
+            "set to the base model the adapter was made for"
+        )
     optimizer, schedule = make_optimizer(config)
 
-    def init(key: jax.Array) -> TrainState:
-        params = model.params(key)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    def at_step_0(params: Any) -> TrainState:
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(model.trainable(params)[0]))
 
-    def start(params: Any) -> TrainState:
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    def init(key: jax.Array) -> TrainState:
+        return at_step_0(model.params(key))
+
+    def start_fresh(base: Any) -> TrainState:  # with LoRA: fresh adapters (the rest of the init is unused)
+        adapters = split_adapters(model.params(jax.random.key(config.train.seed)))[0] if model.lora else {}
+        return at_step_0(combine(adapters, base))
 
     abstract_state = jax.eval_shape(init, jax.random.key(0))
     replicated = NamedSharding(model.mesh, PartitionSpec())
@@ -138,18 +182,30 @@ def build_train(config: Config, devices: Sequence[jax.Device] | None = None) -> 
         optimizer,
         lambda _, sharding: sharding,
         abstract_state.opt_state,
-        model.param_shardings,
+        model.trainable(model.param_shardings)[0],
         transform_non_params=lambda _: replicated,
     )
     state_shardings = TrainState(replicated, model.param_shardings, opt_shardings)
+    base_shardings, adapter_shardings = model.base_param_shardings, split_adapters(model.param_shardings)[0]
+    fresh = jax.jit(
+        start_fresh, in_shardings=(base_shardings,), out_shardings=state_shardings, donate_argnums=0
+    )
+    given = jax.jit(
+        lambda base, adapters: at_step_0(combine(adapters, base)),
+        in_shardings=(base_shardings, adapter_shardings),
+        out_shardings=state_shardings,
+        donate_argnums=(0, 1),
+    )
+
+    def start(base: Any, adapters: Any = None) -> TrainState:
+        return fresh(base) if adapters is None else given(base, adapters)
+
     return TrainSetup(
         model=model,
         optimizer=optimizer,
         schedule=schedule,
         init=jax.jit(init, out_shardings=state_shardings),
-        start=jax.jit(
-            start, in_shardings=(model.param_shardings,), out_shardings=state_shardings, donate_argnums=0
-        ),
+        start=start,
         abstract_state=abstract_state,
         state_shardings=state_shardings,
     )
@@ -166,6 +222,8 @@ def jit_train_step(config: Config, setup: TrainSetup) -> Callable:
         setup.mesh,
         config.mesh.rules,
         config.train.loss_chunk,
+        trainable=setup.model.trainable,
+        dropout_seed=config.train.seed if setup.model.lora and setup.model.lora.dropout else None,
     )
     return jax.jit(
         step,

@@ -18,14 +18,15 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxlm import parallel
+from jaxlm import lora, parallel
+from jaxlm.model.lora import combine
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Any  # nested dict of arrays, the model's nnx.Param values
-    opt_state: Any
+    params: Any  # nested dict of arrays, the model's nnx.Param values (with LoRA, adapters too)
+    opt_state: Any  # of the trained parameters only: with LoRA, the adapters
 
 
 def next_token_loss(
@@ -137,31 +138,50 @@ def _chunked_cross_entropy_bwd(chunk, residuals, cotangent):
 chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy_bwd)
 
 
-def _loss_fn(graphdef: nnx.GraphDef, params, batch, loss_chunk: int = 0):
+def _loss_fn(graphdef: nnx.GraphDef, params, batch, loss_chunk: int = 0, dropout_key=None):
     model = nnx.merge(graphdef, params)
-    hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
+    dropout = {} if dropout_key is None else {"dropout_key": dropout_key}  # LoRA's, in training
+    hidden, _ = model(
+        batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True, **dropout
+    )
     return next_token_loss(
         hidden, model.output_projection(), batch["targets"], batch["loss_mask"], loss_chunk
     )
 
 
+def _all_trained(params):
+    return params, {}
+
+
 def make_train_step(
-    graphdef, optimizer, schedule, micro_batches: int, mesh: Mesh, rules, loss_chunk: int = 0
+    graphdef,
+    optimizer,
+    schedule,
+    micro_batches: int,
+    mesh: Mesh,
+    rules,
+    loss_chunk: int = 0,
+    trainable: Callable = _all_trained,
+    dropout_seed: int | None = None,
 ) -> Callable:
     """(state, batch) → (state, metrics). The loss is the mean over the batch's trained targets
     (`loss_mask`): each micro-batch's summed loss is divided by the whole batch's count of them
     (known from the batch before any forward pass), so gradients summed over `micro_batches` are
-    the mean gradient whatever the accumulation."""
+    the mean gradient whatever the accumulation.
 
-    def mean_loss(params, batch, denominator):
-        loss_sum, _ = _loss_fn(graphdef, params, batch, loss_chunk)
+    trainable: params → (trained, frozen), two nested dicts: only the trained ones are
+    differentiated and updated (with LoRA, the adapters). dropout_seed: train.seed, when the
+    model has dropout (LoRA's); each step and micro-batch draws its own key from it."""
+
+    def mean_loss(trained, frozen, batch, denominator, key):
+        loss_sum, _ = _loss_fn(graphdef, combine(trained, frozen), batch, loss_chunk, key)
         return loss_sum / denominator
 
     grad_fn = jax.value_and_grad(mean_loss)
 
-    def loss_and_grads(params, batch, denominator):
+    def loss_and_grads(params, frozen, batch, denominator, key):
         if micro_batches == 1:
-            return grad_fn(params, batch, denominator)
+            return grad_fn(params, frozen, batch, denominator, key)
 
         def split(x):  # [batch, length] → [micro, batch / micro, length], rows strided so every
             # micro-batch keeps rows on every data-parallel device (no resharding).
@@ -169,22 +189,27 @@ def make_train_step(
             x = parallel.constrain(x, ("batch", None, "length"))
             return jnp.swapaxes(x, 0, 1)
 
-        def accumulate(carry, micro_batch):
+        def accumulate(carry, micro):
             loss, grads = carry
-            micro_loss, micro_grads = grad_fn(params, micro_batch, denominator)
+            index, micro_batch = micro
+            micro_key = None if key is None else jax.random.fold_in(key, index)
+            micro_loss, micro_grads = grad_fn(params, frozen, micro_batch, denominator, micro_key)
             return (loss + micro_loss, jax.tree.map(jnp.add, grads, micro_grads)), None
 
         init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(accumulate, init, jax.tree.map(split, batch))
+        micro = (jnp.arange(micro_batches), jax.tree.map(split, batch))
+        (loss, grads), _ = jax.lax.scan(accumulate, init, micro)
         return loss, grads
 
     def train_step(state: TrainState, batch):
         trained_tokens = jnp.sum(batch["loss_mask"])
         denominator = jnp.maximum(trained_tokens, 1).astype(jnp.float32)
+        trained, frozen = trainable(state.params)
+        key = None if dropout_seed is None else lora.dropout_key(dropout_seed, state.step)
         with parallel.activation_sharding(mesh, rules):
-            loss, grads = loss_and_grads(state.params, batch, denominator)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+            loss, grads = loss_and_grads(trained, frozen, batch, denominator, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+        params = combine(optax.apply_updates(trained, updates), frozen)
         metrics = {
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),

@@ -135,9 +135,9 @@ def _prepare(config: Config, devices: Sequence[jax.Device] | None):
         )
     run_dir = _make_run_dir(config)
     log.info(
-        "model: %s, %s parameters, %s attention; mesh %s over %d devices (%s); %d train / %d validation documents",
+        "model: %s, %s, %s attention; mesh %s over %d devices (%s); %d train / %d validation documents",
         config.model.family,
-        f"{count_params(setup.abstract_state.params):,}",
+        _parameter_count(setup),
         setup.model.attention,
         dict(setup.mesh.shape),
         setup.mesh.size,
@@ -153,6 +153,15 @@ def _prepare(config: Config, devices: Sequence[jax.Device] | None):
             ),
         )
     return setup, tokenizer, corpus, run_dir
+
+
+def _parameter_count(setup: TrainSetup) -> str:
+    """The model's parameters, and with LoRA how many of them train."""
+    total = f"{count_params(setup.abstract_state.params):,} parameters"
+    if not setup.model.lora:
+        return total
+    trained = count_params(setup.model.trainable(setup.abstract_state.params)[0])
+    return f"{total} (LoRA rank {setup.model.lora.rank}: {trained:,} of them train)"
 
 
 def _data(config: Config) -> tuple[Tokenizer, list[sources.Part]]:

@@ -62,8 +62,9 @@ def check_tensors(directory: HFDirectory, tensors: Sequence[HFTensor], num_layer
 
 
 def read_params(directory: HFDirectory, setup) -> Any:
-    """The parameters of `setup` (a `jaxlm.setup.ModelSetup` of the directory's model keys) from
-    its safetensors, each a jax.Array on its sharding in the model's param_dtype."""
+    """The parameters of `setup` (a `jaxlm.setup.ModelSetup` of the directory's model keys; its
+    base, without adapters) from its safetensors, each a jax.Array on its sharding in the model's
+    param_dtype."""
     config = setup.model_config
     tensors = {tensor.param: tensor for tensor in setup.family.hf.tensors(config)}
     check_tensors(directory, list(tensors.values()), config.num_layers)
@@ -82,7 +83,7 @@ def read_params(directory: HFDirectory, setup) -> Any:
             ]
             return _sharded_array(tensor, slices, abstract.shape, dtype, sharding)
 
-        return jax.tree_util.tree_map_with_path(read, setup.abstract_params, setup.param_shardings)
+        return jax.tree_util.tree_map_with_path(read, setup.base_abstract_params, setup.base_param_shardings)
 
 
 def _sharded_array(

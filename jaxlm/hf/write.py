@@ -63,7 +63,7 @@ def export(
     writing = jax.process_index() == 0
     staging = None
     if writing:  # a bucket cannot rename: written locally, then uploaded
-        staging = Path(tempfile.mkdtemp(prefix="jaxlm-export-")) if bucket else _staging_directory(out)
+        staging = Path(tempfile.mkdtemp(prefix="jaxlm-export-")) if bucket else staging_directory(out)
     try:
         write_tensors(params, setup, staging, jnp.dtype(dtype), max_shard_bytes)
         if writing:
@@ -89,7 +89,7 @@ def _upload(staging: Path, out) -> None:
         storage.upload(staging / name, str(out / name), "remove what was uploaded and export again")
 
 
-def _staging_directory(out: Path) -> Path:
+def staging_directory(out: Path) -> Path:
     """A new hidden directory beside `out` to write into, with the permissions of a plain mkdir."""
     parent = out.absolute().parent
     try:
@@ -127,7 +127,7 @@ def write_tensors(
     config = setup.model_config
     tensors = setup.family.hf.tensors(config)
     shards = shard_plan(tensors, config.num_layers, dtype.itemsize, max_bytes)
-    gather = _gatherer(setup)
+    gather = gatherer(setup)
     weight_map, total = {}, 0
     for number, shard in enumerate(shards, start=1):
         file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
@@ -155,7 +155,7 @@ def _param(params: Any, path: str) -> jax.Array:
     return params
 
 
-def _gatherer(setup: ModelSetup):
+def gatherer(setup: ModelSetup):
     """(parameter, layer or None) → that layer of it (or all of it) on process 0's host. Within
     one process the host assembles it from the devices' shards; across processes it is gathered
     onto every device first (one tensor at a time)."""

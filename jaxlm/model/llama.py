@@ -28,7 +28,8 @@ from jaxlm.model.layers import (
     unstack,
     xla_attention,
 )
-from jaxlm.model.registry import ModelFamily
+from jaxlm.model.lora import Adapters, LoRASpec, key_for
+from jaxlm.model.registry import ModelFamily, Projection
 from jaxlm.parallel import constrain
 
 
@@ -121,7 +122,7 @@ class KVCache:
 class Attention(nnx.Module):
     """Grouped-query self-attention with rotary positions."""
 
-    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, lora: LoRASpec | None = None):
         d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
         pdt = dtype_of(config.param_dtype)
         out_std = config.init_std / (2 * config.num_layers) ** 0.5
@@ -134,15 +135,23 @@ class Attention(nnx.Module):
             self.bq = bias((h, hd), ("heads", "head_dim"), pdt)
             self.bk = bias((k, hd), ("kv_heads", "head_dim"), pdt)
             self.bv = bias((k, hd), ("kv_heads", "head_dim"), pdt)
+        weights = {"wq": (self.wq, 1), "wk": (self.wk, 1), "wv": (self.wv, 1), "wo": (self.wo, 2)}
+        self.lora = Adapters(weights, lora, rngs)
 
-    def __call__(self, x: jax.Array, rope, documents, cache=None):
+    def __call__(self, x: jax.Array, rope, documents, cache=None, dropout_key=None):
         """x: [batch, length, embed]; rope: `rotary_angles`; documents: `document_boundaries`, or
         with a cache its `cache_mask`. cache: this layer's keys and values [batch, max_length,
-        kv_heads, head_dim] and the slot where x's go. Returns the output and the layer's cache."""
+        kv_heads, head_dim] and the slot where x's go. dropout_key: the adapters' (training only).
+        Returns the output and the layer's cache."""
         dt = x.dtype
-        q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(dt))  # [batch, length, heads, head_dim]
-        k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))  # [batch, length, kv_heads, head_dim]
-        v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
+
+        def project(name: str, equation: str, inputs: jax.Array) -> jax.Array:  # x·W (+ x·A·B·scale)
+            y = jnp.einsum(equation, inputs, getattr(self, name)[...].astype(dt))
+            return self.lora(name, inputs, y, dropout_key)
+
+        q = project("wq", "bte,ehd->bthd", x)  # [batch, length, heads, head_dim]
+        k = project("wk", "bte,ekd->btkd", x)  # [batch, length, kv_heads, head_dim]
+        v = project("wv", "bte,ekd->btkd", x)
         if self.qkv_bias:
             q, k, v = (t + b[...].astype(dt) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
         q = constrain(rotary(q, *rope), ("batch", "length", "act_heads", None))
@@ -159,42 +168,51 @@ class Attention(nnx.Module):
         else:
             out = xla_attention(q, k, v, documents)  # [batch, length, heads, head_dim]
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(dt)), cache
+        return project("wo", "bthd,hde->bte", out), cache
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, lora: LoRASpec | None = None):
         d, m = config.d_model, config.mlp_dim
         pdt = dtype_of(config.param_dtype)
         out_std = config.init_std / (2 * config.num_layers) ** 0.5
         self.w_gate = param(rngs, (d, m), ("embed", "mlp"), config.init_std, pdt)
         self.w_up = param(rngs, (d, m), ("embed", "mlp"), config.init_std, pdt)
         self.w_down = param(rngs, (m, d), ("mlp", "embed"), out_std, pdt)
+        weights = {"w_gate": (self.w_gate, 1), "w_up": (self.w_up, 1), "w_down": (self.w_down, 1)}
+        self.lora = Adapters(weights, lora, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key=None) -> jax.Array:
         dt = x.dtype
-        gate = jnp.einsum("bte,em->btm", x, self.w_gate[...].astype(dt))
-        up = jnp.einsum("bte,em->btm", x, self.w_up[...].astype(dt))
+
+        def project(name: str, equation: str, inputs: jax.Array) -> jax.Array:  # x·W (+ x·A·B·scale)
+            y = jnp.einsum(equation, inputs, getattr(self, name)[...].astype(dt))
+            return self.lora(name, inputs, y, dropout_key)
+
+        gate = project("w_gate", "bte,em->btm", x)
+        up = project("w_up", "bte,em->btm", x)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))  # [batch, length, mlp]
-        return jnp.einsum("btm,me->bte", hidden, self.w_down[...].astype(dt))
+        return project("w_down", "btm,me->bte", hidden)
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, lora: LoRASpec | None = None):
         pdt = dtype_of(config.param_dtype)
         self.attention_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
-        self.attention = Attention(config, rngs)
+        self.attention = Attention(config, rngs, lora)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
-        self.mlp = MLP(config, rngs)
+        self.mlp = MLP(config, rngs, lora)
 
-    def __call__(self, x: jax.Array, rope, documents, cache=None):
-        attended, cache = self.attention(self.attention_norm(x), rope, documents, cache)
+    def __call__(self, x: jax.Array, rope, documents, cache=None, dropout_key=None):
+        attended, cache = self.attention(
+            self.attention_norm(x), rope, documents, cache, key_for(dropout_key, 0)
+        )
         x = x + attended
-        x = x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp(self.mlp_norm(x), key_for(dropout_key, 1))
         return constrain(x, ("batch", "length", "act_embed")), cache
 
 
@@ -203,7 +221,7 @@ class Llama(nnx.Module):
     so compile time does not grow with depth; with `scan_layers=False` the same stacked
     parameters are applied layer by layer, unrolled (faster steps on CPU, slower compiles)."""
 
-    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, lora: LoRASpec | None = None):
         pdt = dtype_of(config.param_dtype)
         self.dtype = dtype_of(config.dtype)
         self.remat = config.remat
@@ -220,7 +238,7 @@ class Llama(nnx.Module):
         @nnx.split_rngs(splits=config.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def stacked_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(config, rngs)
+            return Block(config, rngs, lora)
 
         self.blocks = stacked_blocks(rngs)
         self.final_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
@@ -237,10 +255,11 @@ class Llama(nnx.Module):
         cache: KVCache | None = None,
         *,
         return_hidden: bool = False,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions, segment_ids: [batch, length] int32 → logits [batch, length, vocab]
         (or the final normed hidden states [batch, length, embed]) and the cache with these
-        tokens appended (None without one)."""
+        tokens appended (None without one). dropout_key: LoRA dropout's, in training."""
         # Gather from a table replicated for the lookup (as FSDP gathers every weight before use);
         # a gather from a vocab- and embed-sharded table cannot be partitioned without copies.
         table = constrain(self.embedding[...], (None, "act_embed"))
@@ -251,7 +270,7 @@ class Llama(nnx.Module):
         if cache is None:
             rope = self._rope(positions, positions.shape[1])
             documents = document_boundaries(self.attention, self.max_documents, segment_ids)
-            x = self._blocks(x, rope, documents)
+            x = self._blocks(x, rope, documents, dropout_key)
         else:
             x, cache = self._blocks_with_cache(x, positions, segment_ids, cache)
         hidden = self.final_norm(x)
@@ -263,19 +282,23 @@ class Llama(nnx.Module):
     def _rope(self, positions: jax.Array, table_length: int):
         return rotary_angles(positions, self.head_dim, self.rope_theta, table_length, self.rope_scaling)
 
-    def _blocks(self, x: jax.Array, rope, documents) -> jax.Array:
+    def _blocks(self, x: jax.Array, rope, documents, dropout_key=None) -> jax.Array:
         block_def, block_params = nnx.split(self.blocks)
+        # One dropout key per layer, scanned with its parameters.
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
 
-        def apply_block(x, layer_params):
-            return nnx.merge(block_def, layer_params)(x, rope, documents)[0], None
+        def apply_block(x, layer):
+            layer_params, key = layer
+            return nnx.merge(block_def, layer_params)(x, rope, documents, dropout_key=key)[0], None
 
         if self.remat != "none":
             apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         if self.scan_layers:
-            x, _ = jax.lax.scan(apply_block, x, block_params)
+            x, _ = jax.lax.scan(apply_block, x, (block_params, keys))
         else:
-            for layer_params in unstack(block_params):
-                x, _ = apply_block(x, layer_params)
+            layer_keys = [None] * self.num_layers if keys is None else list(keys)
+            for layer_params, key in zip(unstack(block_params), layer_keys, strict=True):
+                x, _ = apply_block(x, (layer_params, key))
         return x
 
     def _blocks_with_cache(self, x, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -335,13 +358,14 @@ def matmul_params(config: LlamaConfig) -> int:
     return config.num_layers * (attention + mlp) + d * config.vocab_size
 
 
-def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+def flops_per_token(config: LlamaConfig, seq_len: int, frozen_weights: bool = False) -> float:
     """Training FLOPs per token: 6 per matmul parameter (forward + backward), plus attention scores
     and values over the whole row (12·layers·heads·head_dim·seq_len, causal masking not discounted,
     as XLA computes it). Heads are head_dim wide whatever d_model is; the q/k/v biases (an add per
-    output) and the norms are left out, as in the usual 6N count."""
+    output) and the norms are left out, as in the usual 6N count. With `frozen_weights` (LoRA)
+    no weight gets a gradient: 4 per matmul parameter (the adapters' own few are left out)."""
     attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
-    return 6 * matmul_params(config) + attention
+    return (4 if frozen_weights else 6) * matmul_params(config) + attention
 
 
 def decays(path: str, decay_embeddings: bool) -> bool:
@@ -360,4 +384,14 @@ FAMILY = ModelFamily(
     flops_per_token=flops_per_token,
     decays=decays,
     hf=llama_hf.HUGGING_FACE,
+    projections=(
+        Projection("blocks.attention.wq", inputs=1),  # [embed | heads, head_dim]
+        Projection("blocks.attention.wk", inputs=1),  # [embed | kv_heads, head_dim]
+        Projection("blocks.attention.wv", inputs=1),
+        Projection("blocks.attention.wo", inputs=2),  # [heads, head_dim | embed]
+        Projection("blocks.mlp.w_gate", inputs=1),  # [embed | mlp]
+        Projection("blocks.mlp.w_up", inputs=1),
+        Projection("blocks.mlp.w_down", inputs=1),  # [mlp | embed]
+    ),
+    lora_targets=("wq", "wk", "wv", "wo"),
 )

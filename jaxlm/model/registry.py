@@ -4,13 +4,15 @@ asks about its models. Nothing outside `jaxlm/model/` knows a parameter name or 
 A family's module is a Flax NNX module built by `build(config, rngs)` whose parameters carry
 logical axis names (`nnx.Param(..., out_sharding=("embed", "mlp"))`) and which provides:
 
-    model(tokens, positions, segment_ids, cache=None, *, return_hidden=False) -> (out, cache)
+    model(tokens, positions, segment_ids, cache=None, *, return_hidden=False, dropout_key=None)
+        -> (out, cache)
         tokens, positions, segment_ids: [batch, length] int32. `out` is the logits
         [batch, length, vocab], or with return_hidden the final normed hidden states
         [batch, length, embed] that `output_projection()` turns into logits. Without a cache the
         tokens are whole packed rows (attention is causal within each segment) and the returned
         cache is None; with one, they continue the cache's sequences and the cache comes back
-        with them appended (prefill, then one token at a time for generation).
+        with them appended (prefill, then one token at a time for generation). dropout_key: the
+        LoRA adapters' dropout, given only in training to a model built with adapters.
     model.output_projection() -> [embed, vocab] in the compute dtype
     model.init_cache(batch, max_length) -> an empty cache for `max_length` tokens per row: a
         pytree whose `logical_axes()` is the same tree with each array's logical axes, so that
@@ -61,18 +63,40 @@ class HuggingFace:
 
 
 @dataclass(frozen=True)
+class Projection:
+    """A weight that LoRA can adapt: y = x·W contracts W's first `inputs` axes (after its leading
+    `layers` axis, if stacked) with x; the rest are y's. Its name (the last part of `param`) is
+    what optim.lora.targets lists."""
+
+    param: str  # path of the weight in the module: "blocks.attention.wq"
+    inputs: int
+    stacked: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.param.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     name: str
     config: type[ModelConfig]  # the family's model.* keys
-    build: Callable[[ModelConfig, nnx.Rngs], nnx.Module]
+    # (config, rngs) → the module; with a third argument, a `jaxlm.model.lora.LoRASpec`, the module
+    # with adapters on the targeted projections (families with `projections` only).
+    build: Callable[..., nnx.Module]
     # Training FLOPs per token of a row of `seq_len` tokens (forward and backward), as MFU and
-    # `jaxlm plan` count them.
-    flops_per_token: Callable[[ModelConfig, int], float]
+    # `jaxlm plan` count them; a family with `projections` also takes `frozen_weights=True`:
+    # the count when no weight gets a gradient (LoRA).
+    flops_per_token: Callable[..., float]
     # Whether AdamW decays the parameter at this path ("blocks.mlp.w_up"), given
     # optim.decay_embeddings.
     decays: Callable[[str, bool], bool]
     # Importing and exporting Hugging Face checkpoints; None: the family has no HF counterpart.
     hf: HuggingFace | None = None
+    # The weights LoRA can adapt (optim.lora.targets names them), and those optim.lora adapts
+    # when it names none. Empty: the family has no adapters.
+    projections: tuple[Projection, ...] = ()
+    lora_targets: tuple[str, ...] = ()
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -104,6 +128,13 @@ def family_of(config: ModelConfig) -> ModelFamily:
     return get(config.family)
 
 
-def abstract_model(config: ModelConfig) -> nnx.Module:
-    """The model as shapes only: nothing is allocated."""
-    return nnx.eval_shape(lambda: family_of(config).build(config, nnx.Rngs(0)))
+def abstract_model(config: ModelConfig, lora=None) -> nnx.Module:
+    """The model as shapes only (with the adapters of `lora`, a LoRASpec, if given): nothing is
+    allocated."""
+    return nnx.eval_shape(lambda: build(config, nnx.Rngs(0), lora))
+
+
+def build(config: ModelConfig, rngs: nnx.Rngs, lora=None) -> nnx.Module:
+    """The family's module, with the adapters of `lora` (a LoRASpec) if given."""
+    family = family_of(config)
+    return family.build(config, rngs, lora) if lora else family.build(config, rngs)
