@@ -154,6 +154,42 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Score a model on a dataset (loss, perplexity, bits per byte) and/or lm-eval tasks; print a
+    table, and write the whole report as JSON with --output."""
+    import json
+
+    from jaxlm import evaluate
+    from jaxlm.config import load_config
+
+    tasks = [task for task in (args.tasks or "").split(",") if task]
+    if args.data is None and not tasks:
+        raise UserError("eval needs --data FILE_OR_DIR, --tasks TASK[,TASK...] or both")
+    evaluate.check_overrides(args.overrides)
+    if tasks:  # before any weight is read: lm-eval installed, every task found
+        evaluate.lm_eval_adapter().check_tasks(tasks, args.include_path)
+    _use_cpu_devices_for_mesh(load_config(None, [o for o in args.overrides if o.startswith("mesh.")]))
+    from jaxlm.loading import load
+
+    report = evaluate.run_eval(
+        load(args.path, overrides=args.overrides, step=args.step),
+        data=args.data, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+        include_path=args.include_path, batch_size=args.batch_size, max_length=args.max_length,
+        bootstrap_iters=args.bootstrap_iters,
+    )  # fmt: skip
+    print(report.pop("table"))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as file:
+            json.dump({"model": args.path, "step": args.step, **report}, file, indent=2, default=str)
+    return 0
+
+
+def _limit(value: str) -> int | float:
+    """--limit: a count of examples, or a fraction of them below 1 (as lm-eval takes it)."""
+    number = float(value)
+    return number if number < 1 else int(number)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description="Train language models on JAX device meshes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +289,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=8, help="prompts decoded together (default 8)"
     )
     generate_parser.set_defaults(run=_generate, overrides=[])
+    eval_parser = commands.add_parser(
+        "eval", help="score a model: loss, perplexity and bits per byte on data; lm-eval-harness tasks"
+    )
+    eval_parser.add_argument(
+        "path",
+        help="a Hugging Face model directory, a jaxlm run directory (its newest checkpoint) or a step of one",
+    )
+    eval_parser.add_argument("--step", type=int, help="the checkpoint step of a run (default: the newest)")
+    eval_parser.add_argument(
+        "--data", metavar="FILE_OR_DIR", help=".txt/.jsonl/.parquet examples, each scored once"
+    )
+    eval_parser.add_argument("--tasks", metavar="TASK[,TASK...]", help="lm-eval tasks (needs the eval extra)")
+    eval_parser.add_argument(
+        "--num-fewshot", type=int, help="examples in each task prompt (default: the task's)"
+    )
+    eval_parser.add_argument(
+        "--limit", type=_limit, help="at most this many examples per task (< 1: a fraction)"
+    )
+    eval_parser.add_argument("--include-path", metavar="DIR", help="a directory of lm-eval task YAML files")
+    eval_parser.add_argument("--batch-size", type=int, default=8, help="rows scored together (default 8)")
+    eval_parser.add_argument(
+        "--max-length", type=int, help="tokens per task request (default: the model's context length)"
+    )
+    eval_parser.add_argument(
+        "--bootstrap-iters",
+        type=int,
+        default=100000,
+        help="lm-eval's resamples for standard errors (0: none)",
+    )
+    eval_parser.add_argument("--output", metavar="FILE", help="write the scores, config and versions as JSON")
+    eval_parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="mesh.*, data.* (e.g. data.seq_len=2048), model.dtype",
+    )
+    eval_parser.set_defaults(run=_eval)
     return parser
 
 

@@ -311,6 +311,19 @@ class TrainConfig(Section):
         description="Evaluate on the validation split every this many steps and at the end (0 = never).",
     )
     eval_batches: int = Field(4, gt=0, description="Batches per evaluation.")
+    eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval tasks run at every evaluation on the current parameters, logged as eval/<task>/<metric> (needs the eval extra; docs/evaluate.md).",
+    )
+    eval_tasks_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples in each eval_tasks prompt; null = each task's default."
+    )
+    eval_tasks_limit: int | None = Field(
+        None, gt=0, description="Score at most this many examples of each eval_tasks task; null = all."
+    )
+    eval_tasks_include_path: str | None = Field(
+        None, description="A directory of lm-eval task YAML files that eval_tasks may name (local tasks)."
+    )
     loss_chunk: int = Field(
         0,
         ge=0,
@@ -326,6 +339,14 @@ class TrainConfig(Section):
         steps = self.profile_steps
         if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
             raise ValueError(f"train.profile_steps={steps} must be [first, last] with 1 <= first <= last")
+        return self
+
+    @model_validator(mode="after")
+    def _tasks_need_evaluations(self) -> TrainConfig:
+        if self.eval_tasks and not self.eval_every:
+            raise ValueError(
+                f"train.eval_tasks={self.eval_tasks} runs at evaluations, and train.eval_every=0 has none; set train.eval_every"
+            )
         return self
 
     @model_validator(mode="after")

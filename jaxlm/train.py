@@ -22,7 +22,7 @@ from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import Tokenizer, load_tokenizer
 from jaxlm.distributed import PreemptionWatch
 from jaxlm.errors import ConfigError, DataError, cause
-from jaxlm.evaluate import Evaluator
+from jaxlm.evaluate import Evaluator, check_eval_tasks
 from jaxlm.metrics import StepLogger, StepProfiler
 from jaxlm.setup import (
     TrainSetup,
@@ -49,6 +49,7 @@ class TrainResult:
 def train(config: Config, devices: Sequence[jax.Device] | None = None) -> TrainResult:
     """Run (or resume) the experiment in `config`."""
     config = loading.apply_init_from(config)
+    check_eval_tasks(config)
     setup, tokenizer, corpus, run_dir = _prepare(config, devices)
     data = pipeline.HostBatches(corpus, config, tokenizer)
     checkpointer = Checkpointer(config)  # even with checkpoint.every=0: resume, and preemption saves

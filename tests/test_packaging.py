@@ -52,7 +52,7 @@ def declared(requirements: list[str]) -> set[str]:
     return {canonicalize_name(Requirement(line).name) for line in requirements}
 
 
-OPTIONAL = {"tensorflow_datasets": "tfds", "pyarrow": "parquet"}  # module → the extra that brings it
+OPTIONAL = {"tensorflow_datasets": "tfds", "pyarrow": "parquet", "lm_eval": "eval"}  # module → its extra
 
 
 def test_every_package_jaxlm_imports_is_declared_and_tfds_and_pyarrow_only_by_their_extras():
