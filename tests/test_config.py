@@ -7,7 +7,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from jaxlm.config import Config, load_config
+from jaxlm.config import Config, config_from_dict, load_config
 from jaxlm.errors import ConfigError
 
 
@@ -25,6 +25,12 @@ def test_yaml_and_overrides_resolve_into_typed_sections():
 def test_booleans_stay_booleans_where_a_key_takes_one():
     config = load_config(None, ["model.tie_embeddings=true", "checkpoint.async_save=false"])
     assert config.model.tie_embeddings is True and config.checkpoint.async_save is False
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_config_loads_and_its_resolved_form_reloads_the_same(path: Path):
+    config = load_config(path)
+    assert config_from_dict(yaml.safe_load(config.to_yaml())) == config
 
 
 def test_override_values_are_parsed_as_yaml():
