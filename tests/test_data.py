@@ -332,7 +332,7 @@ def mixture_config(tmp_path, *overrides):
     return tiny_config(tmp_path, f"data.mixture={mixture}", *overrides)
 
 
-def test_a_mixture_gives_each_source_its_weight_of_the_rows(tmp_path):
+def test_a_mixture_gives_each_source_its_weight_of_the_rows_of_every_batch(tmp_path):
     config = mixture_config(tmp_path, "data.prefetch=0")
     corpus = sources.corpus(config.data)
     assert [(part.name, part.weight) for part in corpus] == [
@@ -340,12 +340,13 @@ def test_a_mixture_gives_each_source_its_weight_of_the_rows(tmp_path):
         (str(tmp_path / "b"), 0.3),
     ]
     batches = pipeline.HostBatches(corpus, config, ByteTokenizer())
-    rows = np.concatenate([batch["tokens"] for batch in take(batches, 400)])  # 3,200 rows
+    tokens = np.stack([batch["tokens"] for batch in take(batches, 400)])  # [400 batches, 8 rows, 32]
     batches.close()
-    from_a = np.mean([ord("a") in row for row in rows])
-    from_b = np.mean([ord("b") in row for row in rows])
-    assert from_a + from_b == pytest.approx(1.0)  # a source's rows hold its own documents only
-    assert from_a == pytest.approx(0.7, abs=0.01)
+    from_a, from_b = ((tokens == ord(letter)).any(axis=2) for letter in "ab")  # [batches, rows]
+    assert np.all(from_a ^ from_b)  # a source's rows hold its own documents only
+    assert from_a.mean() == pytest.approx(0.7, abs=0.01)
+    # Each batch of 8 rows holds 8 × 0.7 = 5.6 rows of a: 5 or 6, never a batch of one source.
+    assert set(from_a.sum(axis=1)) == {5, 6}
 
 
 def test_a_mixture_resumes_at_the_exact_position(tmp_path):

@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxlm.config import Config
+from jaxlm.data import mixing
 from jaxlm.data.counts import DataCounts
 from jaxlm.data.instructions import InstructionExamples
 from jaxlm.data.sources import TEXT, DocumentSource, Part, TfdsSource
@@ -168,8 +169,8 @@ def stream_rows(
     validation: bool = False,
 ) -> grain.IterDataset:
     """Stream `stream` of `streams` of a corpus: with several parts, each part's stream packed on
-    its own and their rows mixed by weight (Grain's deterministic mixing, so every stream holds
-    the proportions row by row)."""
+    its own and their rows mixed by weight (`mixing.MixedRows`: every stream holds the
+    proportions row by row, and, each reading the schedule from its own row, every batch too)."""
     if not isinstance(corpus, list):
         return packed_rows(corpus, config, tokenizer, stream=stream, streams=streams).map(_FromSource(0))
     parts = [(part, part.validation if validation else part.train) for part in corpus]
@@ -182,7 +183,8 @@ def stream_rows(
     }
     if len(rows) == 1:
         return next(iter(rows.values()))
-    return grain.IterDataset.mix(rows, {part.name: part.weight for part, _ in parts if part.name in rows})
+    weights = [part.weight for part, _ in parts if part.name in rows]
+    return mixing.MixedRows(list(rows.values()), weights, offset=stream)
 
 
 class _FromSource(grain.transforms.Map):
