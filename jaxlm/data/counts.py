@@ -35,7 +35,7 @@ class DataCounts:
         self.whole_examples = [isinstance(part.train, InstructionExamples) for part in parts]
         self.eos_id = eos_id
         self._counts = np.zeros((len(parts), self.COLUMNS), np.int64)  # [part, column]
-        self._epochs_warned = [0] * len(parts)
+        self._repeating_warned = [False] * len(parts)
         self._batches, self._untrained_batches = 0, 0  # this process's, since it started
         self._padding_logged = False
 
@@ -78,8 +78,8 @@ class DataCounts:
             for index, name in enumerate(self.names):
                 values = counts.get(name, [])  # checkpoints before padding was counted hold two
                 self._counts[index, : len(values)] += np.asarray(values, np.int64)
-        self._epochs_warned = [
-            int(documents // total)
+        self._repeating_warned = [
+            bool(documents >= total)
             for documents, total in zip(self._counts[:, 1], self.documents, strict=True)
         ]
 
@@ -103,8 +103,8 @@ class DataCounts:
         for index, (name, (tokens, documents, *_)) in enumerate(zip(self.names, counts, strict=True)):
             epoch = documents / self.documents[index]
             # Once: fine-tuning runs many epochs on purpose; the metrics' `epoch` follows them all.
-            if epoch >= 1 and not self._epochs_warned[index]:
-                self._epochs_warned[index] = int(epoch)
+            if epoch >= 1 and not self._repeating_warned[index]:
+                self._repeating_warned[index] = True
                 if jax.process_index() == 0:
                     log.warning(
                         "%s starts repeating: %d documents seen of its %d (epoch %d begins); "
