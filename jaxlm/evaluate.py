@@ -166,14 +166,14 @@ def evaluate_data(
             f"--data={path} holds no examples; give a file or directory of .txt, .jsonl or .parquet"
         )
     setup = loaded.setup
-    rows_per_batch = _round_up(batch_size, parallel.data_parallel_size(setup.mesh, setup.rules))
+    rows_per_batch = parallel.rows_split_evenly(batch_size, setup.mesh, setup.rules)
     step = jit_eval_step(config, setup, loaded.tokenizer.token_bytes())
     rows = pipeline.evaluation_rows(source, config, loaded.tokenizer)
     totals, pending, row_count = np.zeros(3, np.float64), None, 0
     with progress_bar(show_progress) as progress:
         task = progress.add_task("eval rows", total=None)
         for batch, real_rows in _batches(rows, rows_per_batch, config.data.seq_len):
-            sums = step(loaded.params, _global(batch, setup.batch_sharding))
+            sums = step(loaded.params, pipeline.whole_to_global(batch, setup.batch_sharding))
             if pending is not None:  # fetched one batch behind, so the device never waits on the host
                 totals += np.asarray(jax.device_get(pending), np.float64)
             pending, row_count = sums, row_count + real_rows
@@ -217,18 +217,6 @@ def _stack(chunk: list[pipeline.Batch], rows_per_batch: int, seq_len: int) -> pi
         for field in pipeline.FIELDS:
             batch[field][index] = row[field]
     return batch
-
-
-def _global(batch: pipeline.Batch, sharding) -> dict[str, jax.Array]:
-    """The batch on the mesh: every process holds all of it (each reads the whole dataset)."""
-    return {
-        field: jax.make_array_from_callback(batch[field].shape, sharding, batch[field].__getitem__)
-        for field in pipeline.FIELDS
-    }
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 # Keys `jaxlm eval` takes as key=value: how the model runs and how data is read, never what it is.

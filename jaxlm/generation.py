@@ -258,8 +258,8 @@ def _stream(on_text: Callable[[int, str], None], first: int, row: int, text: str
 
 def _decode_batch(program, params, batch_sharding, prompt_ids, rows, max_new_tokens, key, stream) -> None:
     """Prefill and decode one batch of prompts, feeding each row's tokens to its `RowText`."""
-    data_parallel = parallel.data_parallel_size(program.mesh, dict(program.rules))
-    tokens, positions, segment_ids = left_pad(prompt_ids, _round_up(len(prompt_ids), data_parallel))
+    padded_rows = parallel.rows_split_evenly(len(prompt_ids), program.mesh, dict(program.rules))
+    tokens, positions, segment_ids = left_pad(prompt_ids, padded_rows)
     cache_length = _round_up(tokens.shape[1] + max_new_tokens, LENGTH_QUANTUM)
     placed = [jax.device_put(x, batch_sharding) for x in (tokens, positions, segment_ids)]
     state, pending = _prefill(params, *placed, key, program=program, cache_length=cache_length)

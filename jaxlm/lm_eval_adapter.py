@@ -33,7 +33,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.tasks import TaskManager
 
-from jaxlm import generation, parallel
+from jaxlm import generation, parallel, step
+from jaxlm.data import pipeline
 from jaxlm.errors import UserError
 from jaxlm.evaluate import progress_bar
 from jaxlm.loading import Loaded
@@ -60,12 +61,12 @@ class JaxlmLM(TemplateLM):
             raise UserError(f"--max-length={max_length} must be at least 2 tokens (a context and a target)")
         self.loaded = loaded
         self.max_length = max_length or generation.context_length(loaded)
-        data_parallel = parallel.data_parallel_size(loaded.setup.mesh, loaded.setup.rules)
-        self.batch_size = -(-batch_size // data_parallel) * data_parallel  # rows split evenly
+        self.batch_size = parallel.rows_split_evenly(batch_size, loaded.setup.mesh, loaded.setup.rules)
         self.show_progress = show_progress
         self._score = _scorer(loaded)
         self.batch_shapes: set[tuple[int, int]] = set()  # each one compiled the forward once
-        self._prefix_text = _special_token_text(loaded, self.prefix_token_id)
+        # A text that starts with the prefix token's text gets no second one (HFLM's rule).
+        self._prefix_text = loaded.tokenizer.special_token_text(self.prefix_token_id)
 
     @property
     def eot_token_id(self) -> int:
@@ -243,12 +244,9 @@ def _scorer(loaded: Loaded) -> Callable[[Any, dict[str, np.ndarray]], tuple[np.n
         model = nnx.merge(setup.graphdef, params)
         with parallel.activation_sharding(setup.mesh, setup.rules):
             hidden, _ = model(tokens, positions, segment_ids, return_hidden=True)
-            logits = jnp.einsum("bte,ev->btv", hidden, model.output_projection())
-            logits = parallel.constrain(logits, ("batch", "length", "act_vocab")).astype(jnp.float32)
-            log_normaliser = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
-            target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+            logits = step.project_logits(hidden, model.output_projection())  # [batch, length, vocab]
             greedy = jnp.argmax(logits, axis=-1) == targets
-        return target_logits - log_normaliser, greedy
+        return -step.token_losses(logits, targets), greedy  # the loss's own log-probabilities
 
     jitted = jax.jit(
         score,
@@ -257,32 +255,11 @@ def _scorer(loaded: Loaded) -> Callable[[Any, dict[str, np.ndarray]], tuple[np.n
     )
 
     def run(params, batch: dict[str, np.ndarray]):
-        arrays = [
-            jax.make_array_from_callback(
-                batch[name].shape, setup.batch_sharding, functools.partial(_block, batch[name])
-            )
-            for name in ("tokens", "targets", "positions", "segment_ids")
-        ]
-        return jitted(params, *arrays)
+        fields = ("tokens", "targets", "positions", "segment_ids")
+        arrays = pipeline.whole_to_global(batch, setup.batch_sharding, fields)
+        return jitted(params, *(arrays[field] for field in fields))
 
     return run
-
-
-def _block(array: np.ndarray, index) -> np.ndarray:
-    return array[index]
-
-
-def _special_token_text(loaded: Loaded, token_id: int) -> str | None:
-    """A special token's text (e.g. "<|begin_of_text|>") where the tokenizer is a tokenizer.json:
-    a text that starts with it gets no second one (HFLM's rule). None for jaxlm's byte tokenizer."""
-    path = loaded.config.data.tokenizer
-    if path == "byte":
-        return None
-    from tokenizers import Tokenizer
-
-    from jaxlm import storage
-
-    return Tokenizer.from_str(storage.read_bytes(path).decode("utf-8")).id_to_token(token_id) or None
 
 
 @functools.lru_cache(maxsize=8)

@@ -172,6 +172,12 @@ def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
     return math.prod(mesh.shape[axis] for axis in axes)
 
 
+def rows_split_evenly(rows: int, mesh: Mesh, rules: Rules) -> int:
+    """The fewest rows, at least `rows`, that the batch's devices split evenly (a padded batch)."""
+    data_parallel = data_parallel_size(mesh, rules)
+    return -(-rows // data_parallel) * data_parallel
+
+
 def check_batch(config: Config, mesh: Mesh) -> None:
     """The global batch must split evenly over data-parallel devices, micro-batches and processes."""
     dp = data_parallel_size(mesh, config.mesh.rules)

@@ -48,12 +48,12 @@ def next_token_loss(
     mask = loss_mask.astype(jnp.float32)  # [batch, length]
     length = hidden.shape[1]
     if not chunk or chunk >= length:
-        logits = _logits(hidden, output_projection)
-        return jnp.sum(_token_losses(logits, targets) * mask), jnp.sum(mask)
+        logits = project_logits(hidden, output_projection)
+        return jnp.sum(token_losses(logits, targets) * mask), jnp.sum(mask)
     return chunked_cross_entropy(hidden, output_projection, targets, mask, chunk), jnp.sum(mask)
 
 
-def _logits(hidden: jax.Array, weight: jax.Array) -> jax.Array:
+def project_logits(hidden: jax.Array, weight: jax.Array) -> jax.Array:
     logits = jnp.einsum("bte,ev->btv", hidden, weight)  # [batch, positions, vocab]
     return parallel.constrain(logits, ("batch", "length", "act_vocab"))
 
@@ -65,8 +65,8 @@ def _log_normaliser_and_target_logits(logits: jax.Array, targets: jax.Array) -> 
     return log_normaliser, target_logits
 
 
-def _token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """[batch, positions] float32 cross-entropies."""
+def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """[batch, positions] float32 cross-entropies: the negated log-probabilities of the targets."""
     log_normaliser, target_logits = _log_normaliser_and_target_logits(logits, targets)
     return (log_normaliser - target_logits)[..., 0]
 
@@ -96,7 +96,7 @@ def chunked_cross_entropy(hidden, weight, targets, mask, chunk: int) -> jax.Arra
 
     def add_chunk(total, inputs):
         h, t, m = inputs
-        return total + jnp.sum(_token_losses(_logits(h, weight), t) * m), None
+        return total + jnp.sum(token_losses(project_logits(h, weight), t) * m), None
 
     total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), _chunks(hidden, targets, mask, chunk))
     return total
@@ -108,7 +108,7 @@ def _chunked_cross_entropy_fwd(hidden, weight, targets, mask, chunk):
     def add_chunk(carry, inputs):
         total, d_weight = carry
         h, t, m = inputs
-        logits = _logits(h, weight)
+        logits = project_logits(h, weight)
         log_normaliser, target_logits = _log_normaliser_and_target_logits(logits, t)
         total = total + jnp.sum((log_normaliser - target_logits)[..., 0] * m)
         # d loss / d logits = softmax − one-hot(target), on real targets only.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grain
 import jax
@@ -348,6 +348,17 @@ def to_global(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assemble each process's rows into global arrays with the batch sharding (one call for
     all fields)."""
     return jax.make_array_from_process_local_data(sharding, {field: batch[field] for field in FIELDS})
+
+
+def whole_to_global(
+    batch: Batch, sharding: NamedSharding, fields: Sequence[str] = FIELDS
+) -> dict[str, jax.Array]:
+    """A batch that every process holds whole (evaluation reads all of its data everywhere) as
+    global arrays with the batch sharding: each process places the rows of its own devices."""
+    return {
+        field: jax.make_array_from_callback(batch[field].shape, sharding, batch[field].__getitem__)
+        for field in fields
+    }
 
 
 def evaluation_rows(source: Source, config: Config, tokenizer: Tokenizer) -> Iterator[dict[str, np.ndarray]]:

@@ -34,6 +34,11 @@ class Tokenizer(Protocol):
         """Text of the ids, special tokens left out; U+FFFD where a character is incomplete."""
         ...
 
+    def special_token_text(self, token_id: int) -> str | None:
+        """The text that encodes to the special token `token_id` ("<|begin_of_text|>"), or None
+        where no text does."""
+        ...
+
     def token_bytes(self) -> np.ndarray:
         """[vocab_size] UTF-8 bytes each token stands for (0 for special tokens): for bits per byte."""
         ...
@@ -72,6 +77,9 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def special_token_text(self, token_id: int) -> None:
+        return None  # `encode` makes bytes of any text, never the end-of-document id
 
     def token_bytes(self) -> np.ndarray:
         return np.array([1] * 256 + [0], np.int32)
@@ -121,6 +129,9 @@ class HuggingFaceTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def special_token_text(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id) or None
 
     def token_bytes(self) -> np.ndarray:
         # A byte-level BPE token may hold part of a multi-byte character; decoding it alone gives
