@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxlm.step import _by_chunk, _logits, _token_losses, next_token_loss
+from jaxlm.step import _by_chunk, next_token_loss, project_logits, token_losses
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def chunked_remat(hidden, weight):
         def chunk_loss(h, t):
-            return jnp.sum(_token_losses(_logits(h, weight), t))
+            return jnp.sum(token_losses(project_logits(h, weight), t))
 
         def add(total, inputs):
             return total + jax.checkpoint(chunk_loss)(*inputs), None
