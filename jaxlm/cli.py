@@ -360,6 +360,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # one process; in a run of several, Ctrl-C is a preemption (distributed.py)
         print("jaxlm: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if _process_count() == 1:
+            raise
+        # In a run of several processes the traceback alone does not say which host it came from,
+        # and a collective that fails because another process stopped first reads like a bug here
+        # (gloo: "Received data size doesn't match expected size"; NCCL: "unhandled system error").
+        log.exception("stopped by an error")
+        print(f"jaxlm[p{_process_index()}]: error: {_last_line(error)}", file=sys.stderr)
+        if _is_runtime_error(error):
+            print(
+                f"jaxlm[p{_process_index()}]: if another process of the run stopped or died first, its "
+                "log says why; the run resumes from its last checkpoint with the same command",
+                file=sys.stderr,
+            )
+        return 1
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+def _is_runtime_error(error: BaseException) -> bool:
+    import jax
+
+    return isinstance(error, jax.errors.JaxRuntimeError)
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count() if jax.distributed.is_initialized() else 1
 
 
 def _process_index() -> int:
