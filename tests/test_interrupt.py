@@ -116,6 +116,10 @@ def test_a_second_ctrl_c_kills_that_process_at_once_and_the_others_stop_within_t
     assert codes[0] not in (None, 0, 75), logs[0].read_text()[-2000:]
     # The coordination service's word, or, when a collective failed first as process 1 went away,
     # jaxlm's line naming this host and the likely cause.
-    stopped_by = ("another task died", "stopped sending heartbeats", "if another process of the run stopped or died")
+    stopped_by = (
+        "another task died",
+        "stopped sending heartbeats",
+        "if another process of the run stopped or died",
+    )
     assert any(reason in logs[0].read_text() for reason in stopped_by), logs[0].read_text()[-2000:]
     assert others_seconds < HEARTBEAT_S + 10
