@@ -28,15 +28,16 @@ from pydantic_core import PydanticCustomError
 
 from jaxlm.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # Logical axis -> mesh axes. Parameters use the plain names; activations the `act_` ones, so that
 # the batch can take `fsdp` on activations while `embed` takes it on parameters.
 DEFAULT_RULES: dict[str, list[str] | None] = {
     "batch": ["data", "fsdp"],
-    "length": None,
+    "length": ["context"],
     "vocab": ["tensor"],
-    "embed": ["fsdp"],
+    # Parameters are sharded over `context` too: its devices would otherwise each hold a copy.
+    "embed": ["fsdp", "context"],
     "mlp": ["tensor"],
     "heads": ["tensor"],
     "kv_heads": ["tensor"],
@@ -94,9 +95,25 @@ class ModelConfig(Section):
         True,
         description="Run the blocks with a scan (compile time flat in depth); false unrolls them: faster steps on CPU and GPU, compile time grows with depth.",
     )
-    attention: Literal["auto", "xla", "cudnn"] = Field(
+    attention: Literal["auto", "xla", "cudnn", "splash"] = Field(
         "auto",
-        description="Attention kernel: xla (jaxlm's einsums, any device), cudnn (cuDNN's flash attention on its packed layout; NVIDIA Hopper GPU or newer), auto (cudnn where it runs, else xla).",
+        description="Attention kernel: xla (jaxlm's einsums, any device), cudnn (cuDNN's flash attention on its packed layout; NVIDIA Hopper GPU or newer), splash (JAX's Pallas flash-attention kernel; TPU, or any device with splash_interpret), auto (splash on TPU, cudnn where it runs, else xla).",
+    )
+    splash_block_q: int | None = Field(
+        None,
+        gt=0,
+        multiple_of=128,
+        description="attention=splash: the largest query block (tokens, a multiple of 128) of its kernel, forward and backward; null = 512 (MaxText's default) or the largest multiple of 128 dividing a context shard's tokens below it.",
+    )
+    splash_block_kv: int | None = Field(
+        None,
+        gt=0,
+        multiple_of=128,
+        description="attention=splash: the largest key/value block (tokens, a multiple of 128), forward and backward; null = 512 or the largest multiple of 128 dividing the row below it.",
+    )
+    splash_interpret: bool = Field(
+        False,
+        description="attention=splash: run the kernel in Pallas interpret mode, on any backend; far slower, for tests.",
     )
     max_documents: int = Field(
         8,
@@ -116,6 +133,10 @@ class MeshConfig(Section):
         -1,
         description="Fully sharded data parallelism within a slice: shards parameters and optimizer state (-1 = the remaining devices).",
     )
+    context: int = Field(
+        1,
+        description="Context parallelism within a slice: splits every row's sequence (load-balanced for the causal mask); attention gathers keys and values over it. Parameters are sharded over it as over fsdp (-1 = the remaining devices).",
+    )
     tensor: int = Field(
         1, description="Tensor parallelism over heads and MLP within a slice (-1 = the remaining devices)."
     )
@@ -126,6 +147,9 @@ class MeshConfig(Section):
     )
     dcn_fsdp: int = Field(
         1, gt=0, description="FSDP across slices; multiplies mesh.fsdp. Rarely worth the DCN traffic."
+    )
+    dcn_context: int = Field(
+        1, gt=0, description="Context parallelism across slices; multiplies mesh.context. Rarely wise."
     )
     dcn_tensor: int = Field(
         1, gt=0, description="Tensor parallelism across slices; multiplies mesh.tensor. Almost never wise."
@@ -142,7 +166,7 @@ class MeshConfig(Section):
             if size == 0 or size < -1:
                 raise ValueError(f"mesh.{axis}={size} must be a positive device count or -1")
         if list(sizes.values()).count(-1) > 1:
-            raise ValueError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+            raise ValueError("only one of mesh.data, mesh.fsdp, mesh.context, mesh.tensor may be -1")
         for logical, mesh_axes in self.rules.items():
             if logical not in DEFAULT_RULES:
                 raise ValueError(

@@ -79,9 +79,10 @@ class Evaluator:
         if not self.every:
             return
         self._tasks = _TrainingTasks(config, setup, tokenizer) if config.train.eval_tasks else None
+        shape = (config.train.global_batch_size, config.data.seq_len)
         self._batches = [
-            pipeline.to_global(batch, setup.batch_sharding)
-            for batch in pipeline.eval_host_batches(corpus, config, tokenizer)
+            pipeline.to_global(batch, setup.batch_sharding, shape)
+            for batch in pipeline.eval_host_batches(corpus, config, tokenizer, setup.process_rows(shape))
         ]
         # Compiled now, so an eval step that cannot compile fails before the first train step.
         self._step = compile_ahead(

@@ -30,6 +30,9 @@ log = logging.getLogger("jaxlm")
 RUN_MODEL_KEYS = frozenset(
     {"dtype", "param_dtype", "remat", "scan_layers", "attention", "max_documents", "init_std", "init_from"}
 )
+# Architecture keys a run may change from model.init_from's by setting them (in its config or on
+# the command line): how positions are encoded, which is what extending a model's context changes.
+CONTEXT_EXTENSION_KEYS = frozenset({"rope_theta", "rope_scaling", "context_length"})
 
 
 @dataclass
@@ -272,6 +275,18 @@ def apply_init_from(config: Config, given: Collection[str] = ()) -> Config:
         if key not in RUN_MODEL_KEYS
     }
     current = config.model.model_dump(mode="json")
+    extended = {
+        key: current[key]
+        for key in CONTEXT_EXTENSION_KEYS & config.model.model_fields_set
+        if key in architecture and current[key] != architecture[key]
+    }
+    if extended and own is None:
+        log.info(
+            "extending model.init_from=%s's context: %s",
+            config.model.init_from,
+            ", ".join(f"{key} {architecture[key]!r} -> {value!r}" for key, value in sorted(extended.items())),
+        )
+    architecture.update(extended)
     changed = [key for key, value in architecture.items() if current.get(key) != value]
     for key in changed:
         if f"model.{key}" in given:

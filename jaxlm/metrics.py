@@ -49,7 +49,9 @@ def model_flops_per_step(config: Config) -> float:
 
 def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
     """FLOPs of every matmul in a jaxpr (2 per multiply-add), each scan body counted as many times
-    as it runs, so rematerialised forward passes and micro-batches are included."""
+    as it runs, so rematerialised forward passes and micro-batches are included; a shard_map body
+    once per device it runs on, and a Pallas kernel's body once per cell of its grid: for splash
+    attention an upper bound, since it skips the blocks above the causal diagonal at run time."""
     total = 0.0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -58,6 +60,10 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
             contracted = math.prod(lhs_shape[dim] for dim in contracting)
             total += 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
         repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        if eqn.primitive.name == "pallas_call":
+            repeats = math.prod(eqn.params["grid_mapping"].grid)
+        if eqn.primitive.name == "shard_map":
+            repeats = math.prod(eqn.params["mesh"].shape[axis] for axis in eqn.params["newly_manual_axes"])
         for inner in jax.extend.core.jaxprs_in_params(eqn.params):
             total += repeats * matmul_flops(inner)
     return total

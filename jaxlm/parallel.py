@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -47,7 +48,7 @@ def mesh_shape(mesh_config: MeshConfig, device_count: int) -> dict[str, int]:
 
 
 def make_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+    """The (data, fsdp, context, tensor) mesh over `devices` (default: all devices of all processes).
 
     With `mesh.dcn_*` > 1 the devices form slices joined by the data-center network: each mesh
     axis is the DCN size (major) times the within-slice (ICI) size, so collectives over the
@@ -59,7 +60,7 @@ def make_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Me
     if len(devices) % slice_count:
         raise ConfigError(
             f"mesh.dcn_* ask for {slice_count} slices but {len(devices)} devices do not split into "
-            f"{slice_count} equal slices; make dcn_data × dcn_fsdp × dcn_tensor divide {len(devices)}"
+            f"{slice_count} equal slices; make the product of the mesh.dcn_* sizes divide {len(devices)}"
         )
     ici = mesh_shape(config.mesh, len(devices) // slice_count)
     shape = tuple(ici[axis] * dcn[axis] for axis in MESH_AXES)
@@ -103,7 +104,7 @@ def _slice_granule(devices: Sequence[jax.Device], slice_count: int) -> str | Non
         if len(groups) > 1:
             raise ConfigError(
                 f"mesh.dcn_* ask for {slice_count} slices but the devices come in {len(groups)} "
-                f"({key.replace('_index', '')}s); make dcn_data × dcn_fsdp × dcn_tensor equal {len(groups)}"
+                f"({key.replace('_index', '')}s); make the product of the mesh.dcn_* sizes equal {len(groups)}"
             )
     return None
 
@@ -195,6 +196,36 @@ def check_batch(config: Config, mesh: Mesh) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ProcessRows:
+    """The rows of each global batch that this process reads: the block its devices hold."""
+
+    first: int
+    count: int
+    counted: bool  # whether this process counts them in the data seen (one process per block)
+
+
+def process_rows(sharding: NamedSharding, shape: tuple[int, int]) -> ProcessRows:
+    """This process's rows of a [rows, length] batch on `sharding`.
+
+    Processes whose devices split the same rows' sequences (context or tensor parallelism across
+    hosts) read the same rows; the first of them counts them."""
+    blocks: dict[int, set[int]] = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        blocks.setdefault(device.process_index, set()).update(range(*index[0].indices(shape[0])))
+    mine = sorted(blocks[jax.process_index()])
+    for process, rows in blocks.items():
+        others = [block for block in blocks.values() if block != rows]
+        if rows != set(range(min(rows), min(rows) + len(rows))) or any(rows & block for block in others):
+            raise ConfigError(
+                f"the mesh gives process {process} rows {sorted(rows)[:4]}... of each batch, not one "
+                "block that other processes share whole or not at all; order the mesh so that "
+                "processes split whole rows (mesh.data/fsdp across hosts, context/tensor within)"
+            )
+    sharers = [process for process, rows in blocks.items() if rows == set(mine)]
+    return ProcessRows(mine[0], len(mine), counted=min(sharers) == jax.process_index())
+
+
 # Activation sharding: the train step installs (mesh, rules) while it traces the model, and the
 # model calls `constrain` with logical names. Outside that context `constrain` does nothing, so
 # the model runs unchanged on a single device or in a test.
@@ -210,6 +241,12 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVATION_CONTEXT.reset(token)
+
+
+def activation_context() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) installed by `activation_sharding`, or None outside one: for code that
+    places activations by hand (the splash-attention kernel's shard_map)."""
+    return _ACTIVATION_CONTEXT.get()
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -228,6 +265,54 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         )
     )
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def context_size(mesh: Mesh, rules: Rules) -> int:
+    """How many ways context parallelism splits the sequence: the size of the `length` rule's axes."""
+    return _axis_size(mesh, rules.get("length") or ())
+
+
+def check_context(config: Config, mesh: Mesh) -> None:
+    """What context parallelism asks of the row length, one line each before compiling."""
+    shards = context_size(mesh, config.mesh.rules)
+    if shards == 1:
+        return
+    seq_len, chunk = config.data.seq_len, config.train.loss_chunk
+    if seq_len % (2 * shards):
+        raise ConfigError(
+            f"data.seq_len={seq_len} does not split into the {2 * shards} equal chunks that "
+            f"mesh.context={shards} balances the causal mask with (two per shard); use a multiple of {2 * shards}"
+        )
+    if chunk and chunk < seq_len and (seq_len // shards) % chunk:
+        raise ConfigError(
+            f"train.loss_chunk={chunk} does not divide the {seq_len // shards} positions each of the "
+            f"mesh.context={shards} shards holds; use a divisor of {seq_len // shards}"
+        )
+
+
+def context_shards() -> int:
+    """How many ways the sequence (`length`) of activations is split in the sharding context
+    installed by `activation_sharding` (context parallelism); 1 outside one."""
+    context = _ACTIVATION_CONTEXT.get()
+    if context is None:
+        return 1
+    return context_size(*context)
+
+
+def load_balanced_order(length: int, shards: int) -> np.ndarray:
+    """[length] int: the original position of each position of a row laid out for `shards`-way
+    context parallelism under a causal mask.
+
+    Split in order, the last shard's queries would attend to the whole row and the first's to
+    almost nothing. Cut into 2 × shards chunks instead, shard i holds chunk i and chunk
+    2 × shards − 1 − i: every shard then holds the same number of (query, key) pairs below the
+    diagonal. One shard is the identity."""
+    chunks = 2 * shards
+    if length % chunks:
+        raise ValueError(f"length {length} does not split into {chunks} chunks")
+    chunk = length // chunks
+    starts = [start for i in range(shards) for start in (i * chunk, (chunks - 1 - i) * chunk)]
+    return np.concatenate([np.arange(start, start + chunk) for start in starts])
 
 
 def _axis_size(mesh: Mesh, axes: str | Sequence[str]) -> int:

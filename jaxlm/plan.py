@@ -71,7 +71,7 @@ def compile_step(config: Config, devices: list[jax.Device]):
     if dcn_slices > 1:
         raise ConfigError(
             f"mesh.dcn_* ask for {dcn_slices} slices but jaxlm plan plans one slice; "
-            "set mesh.dcn_data=1 mesh.dcn_fsdp=1 mesh.dcn_tensor=1 and plan the slice"
+            "set every mesh.dcn_* to 1 and plan the slice"
         )
     setup = build_train(config, _in_mesh_order(config, devices))
     step = jit_train_step(config, setup)
@@ -105,10 +105,13 @@ def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: 
     A model of what GSPMD inserts, not a reading of the compiled program: FSDP gathers every
     weight for the forward and backward passes (and the recomputed forward with full remat) and
     reduce-scatters the gradients; data parallelism all-reduces the gradients; tensor
-    parallelism all-reduces the activations of every block twice forward and twice backward.
+    parallelism all-reduces the activations of every block twice forward and twice backward;
+    context parallelism gathers every layer's keys and values forward and reduce-scatters their
+    gradients backward, and shards the weights as FSDP does.
     """
     model, train = config.model, config.train
-    data, fsdp, tensor = (mesh_sizes[axis] for axis in MESH_AXES)
+    data, fsdp, context, tensor = (mesh_sizes[axis] for axis in MESH_AXES)
+    fsdp *= context  # `embed` takes both axes
     compute_bytes = jnp.dtype(model.dtype).itemsize
     param_bytes = jnp.dtype(model.param_dtype).itemsize
     full_remat = model.remat == "full"
@@ -120,9 +123,12 @@ def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: 
     gathers = 3 if full_remat else 2
     volume = share(fsdp) * weights * (gathers * compute_bytes + param_bytes)
     volume += 2 * share(data) * weights / fsdp * param_bytes
-    rows_per_chip = train.global_batch_size / train.micro_batches / (data * fsdp)
-    activation = rows_per_chip * config.data.seq_len * model.d_model * compute_bytes
+    rows_per_chip = train.global_batch_size / train.micro_batches / (data * fsdp / context)
+    activation = rows_per_chip * config.data.seq_len / context * model.d_model * compute_bytes
     volume += (6 if full_remat else 4) * model.num_layers * 2 * share(tensor) * activation
+    kv_width = 2 * getattr(model, "num_kv_heads", 0) * getattr(model, "head_dim", 0) / tensor
+    keys_values = rows_per_chip * config.data.seq_len * kv_width * compute_bytes
+    volume += (3 if full_remat else 2) * model.num_layers * share(context) * keys_values
     return train.micro_batches * volume / (2 * chip.ici_link_bandwidth)
 
 
@@ -264,31 +270,39 @@ class Trial:
     skipped: str | None = None
 
 
-def mesh_splits(chips: int) -> list[tuple[int, int, int]]:
-    """(data, fsdp, tensor) sizes whose product is `chips`, tensor at most MAX_TENSOR."""
+LONG_SEQUENCE = 16384  # from here on the sweep splits sequences too (context parallelism)
+MAX_CONTEXT = 32
+
+
+def mesh_splits(chips: int, seq_len: int = 0) -> list[tuple[int, int, int, int]]:
+    """(data, fsdp, context, tensor) sizes whose product is `chips`: tensor at most MAX_TENSOR,
+    and context 1 unless rows are LONG_SEQUENCE tokens or more (then up to MAX_CONTEXT, each
+    splitting a row into two chunks per shard)."""
     divisors = [d for d in range(1, chips + 1) if chips % d == 0]
+    contexts = [
+        c
+        for c in divisors
+        if c == 1 or (seq_len >= LONG_SEQUENCE and c <= MAX_CONTEXT and seq_len % (2 * c) == 0)
+    ]
     return [
-        (data, chips // tensor // data, tensor)
+        (data, chips // (context * tensor) // data, context, tensor)
+        for context in contexts
         for tensor in divisors
-        if tensor <= MAX_TENSOR
+        if tensor <= MAX_TENSOR and (chips // context) % tensor == 0
         for data in divisors
-        if (chips // tensor) % data == 0
+        if (chips // (context * tensor)) % data == 0
     ]
 
 
 def sweep(config: Config, topology: str, devices: list[jax.Device] | None = None) -> list[Trial]:
     """Per split, plan the remat policies in order until one fits; one trial per split, best first."""
     devices = devices if devices is not None else topology_devices(topology)
-    splits = mesh_splits(len(devices))
+    splits = mesh_splits(len(devices), config.data.seq_len)
     trials = []
-    for number, (data, fsdp, tensor) in enumerate(splits, start=1):
+    for number, (data, fsdp, context, tensor) in enumerate(splits, start=1):
+        mesh = [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.context={context}", f"mesh.tensor={tensor}"]
         for remat in REMAT_POLICIES:
-            trial = _try(
-                config,
-                topology,
-                devices,
-                [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", f"model.remat={remat}"],
-            )
+            trial = _try(config, topology, devices, [*mesh, f"model.remat={remat}"])
             outcome = trial.skipped or ("fits" if trial.plan.fits else "does not fit")
             log.info("sweep %d/%d: %s: %s", number, len(splits), " ".join(trial.overrides), outcome)
             if trial.skipped or trial.plan.fits:
@@ -396,13 +410,14 @@ def verdict(plan: Plan) -> str:
 def format_sweep(topology: str, trials: list[Trial]) -> str:
     """The sweep's table, best first, then what was skipped and the overrides of the winner."""
     lines = [
-        f"sweep of {topology}: splits over data × fsdp × tensor; per split, remat policies until one fits",
-        f"{'rank':>4}  {'data':>4}  {'fsdp':>4}  {'tensor':>6}  {'remat':<13}  {'GiB/chip':>8}  "
+        f"sweep of {topology}: splits over data × fsdp × context × tensor; per split, remat policies until one fits",
+        f"{'rank':>4}  {'data':>4}  {'fsdp':>4}  {'context':>7}  {'tensor':>6}  {'remat':<13}  {'GiB/chip':>8}  "
         f"{'step s':>8}  {'tokens/s':>12}  {'MFU':>6}  bound",
     ]
     planned = [trial.plan for trial in trials if trial.plan is not None]
     for rank, plan in enumerate(planned, start=1):
-        sizes = f"{plan.mesh['data']:>4}  {plan.mesh['fsdp']:>4}  {plan.mesh['tensor']:>6}  {plan.remat:<13}"
+        mesh = plan.mesh
+        sizes = f"{mesh['data']:>4}  {mesh['fsdp']:>4}  {mesh['context']:>7}  {mesh['tensor']:>6}  {plan.remat:<13}"
         memory = f"{plan.peak_bytes / GiB:8.2f}"
         if plan.fits and plan.speed is not None:
             speed = plan.speed
@@ -411,7 +426,7 @@ def format_sweep(topology: str, trials: list[Trial]) -> str:
         else:
             lines.append(f"{'-':>4}  {sizes}  {memory}  does not fit")
     lines += [
-        f"skipped {' '.join(trial.overrides[:3])}: {trial.skipped}" for trial in trials if trial.skipped
+        f"skipped {' '.join(trial.overrides[:4])}: {trial.skipped}" for trial in trials if trial.skipped
     ]
     best = next((trial for trial in trials if trial.plan and trial.plan.fits), None)
     if best is None:

@@ -31,7 +31,7 @@ from jaxlm import lora, parallel
 from jaxlm.config import Config, ModelConfig
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError
-from jaxlm.model import registry
+from jaxlm.model import registry, splash
 from jaxlm.model.layers import attention_kernel, runs_cudnn_attention
 from jaxlm.model.lora import LoRASpec, combine, split_adapters
 from jaxlm.optim import make_optimizer
@@ -58,6 +58,10 @@ class ModelSetup:
     def attention(self) -> str:
         """The kernel model.attention resolved to on these devices."""
         return self.model_config.attention
+
+    def process_rows(self, shape: tuple[int, int]) -> parallel.ProcessRows:
+        """The rows of a [rows, length] batch this process reads (`parallel.process_rows`)."""
+        return parallel.process_rows(self.batch_sharding, shape)
 
     @property
     def base_abstract_params(self) -> Any:
@@ -113,20 +117,40 @@ def build_model(config: Config, devices: Sequence[jax.Device] | None = None) -> 
     mesh = parallel.make_mesh(config, devices)
     rules = config.mesh.rules
     parallel.check_batch(config, mesh)
-    device = mesh.devices.flat[0]
-    if config.model.attention == "cudnn" and not runs_cudnn_attention(device):
-        raise ConfigError(
-            f"model.attention=cudnn needs an NVIDIA GPU of compute capability 9.0 or newer, and these "
-            f"devices are {device.device_kind}; use model.attention=auto (or xla)"
-        )
-    model_config = config.model.model_copy(
-        update={"attention": attention_kernel(config.model.attention, device)}
-    )
+    parallel.check_context(config, mesh)
+    attention = resolve_attention(config, mesh)
+    model_config = config.model.model_copy(update={"attention": attention})
     adapters = lora.spec_of(config.optim.lora, model_config)
     setup = model_setup(model_config, adapters, mesh, rules)
     if adapters:
         lora.check_rank(adapters, model_config, setup.abstract_params)
     return setup
+
+
+def resolve_attention(config: Config, mesh: Mesh) -> str:
+    """The kernel model.attention names on this mesh's devices (`attention_kernel`), or one line
+    for a kernel they cannot run. Under context parallelism auto takes XLA's attention over
+    cuDNN's (whole rows only), and splash only for rows its blocks cut (else XLA's too)."""
+    setting, device = config.model.attention, mesh.devices.flat[0]
+    context = parallel.context_size(mesh, config.mesh.rules)
+    if setting == "cudnn" and not runs_cudnn_attention(device):
+        raise ConfigError(
+            f"model.attention=cudnn needs an NVIDIA GPU of compute capability 9.0 or newer, and these "
+            f"devices are {device.device_kind}; use model.attention=auto (or xla)"
+        )
+    if setting == "cudnn" and context > 1:
+        raise ConfigError(
+            f"model.attention=cudnn takes whole rows, and mesh.context={context} splits them; use "
+            "model.attention=auto (XLA's attention under context parallelism on GPUs)"
+        )
+    attention = attention_kernel(setting, device)
+    if (attention == "cudnn" and context > 1) or (
+        attention == "splash" and setting == "auto" and not splash.rows_fit(config.data.seq_len, context)
+    ):
+        attention = "xla"
+    if attention == "splash":
+        splash.check_config(config.model, config.data.seq_len, device, context)
+    return attention
 
 
 def model_setup(

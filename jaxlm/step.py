@@ -72,8 +72,13 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def _by_chunk(x: jax.Array, chunk: int) -> jax.Array:
-    """[batch, length, ...] → [length / chunk, batch, chunk, ...]"""
-    return jnp.swapaxes(x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]), 0, 1)
+    """[batch, length, ...] → [length / (shards × chunk), batch, shards × chunk, ...]: each
+    scanned chunk takes `chunk` positions from each of the context shards' parts of the row, so
+    the scan never walks along the split sequence (the loss is a sum: any order will do)."""
+    shards = parallel.context_shards()
+    batch, length, rest = x.shape[0], x.shape[1], x.shape[2:]
+    x = x.reshape(batch, shards, length // (shards * chunk), chunk, *rest)
+    return jnp.moveaxis(x, 2, 0).reshape(length // (shards * chunk), batch, shards * chunk, *rest)
 
 
 def _chunks(hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int) -> tuple[jax.Array, ...]:
@@ -83,8 +88,10 @@ def _chunks(hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int) 
 
 def _from_chunks(x: jax.Array) -> jax.Array:
     """The inverse of `_by_chunk`."""
-    x = jnp.swapaxes(x, 0, 1)
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+    shards = parallel.context_shards()
+    count, batch, width, rest = x.shape[0], x.shape[1], x.shape[2], x.shape[3:]
+    x = jnp.moveaxis(x.reshape(count, batch, shards, width // shards, *rest), 0, 2)
+    return x.reshape(batch, count * width, *rest)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -138,11 +145,28 @@ def _chunked_cross_entropy_bwd(chunk, residuals, cotangent):
 chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy_bwd)
 
 
+def context_layout(batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], np.ndarray | None]:
+    """The batch's [batch, length] rows laid out for the context parallelism of the sharding
+    context (`parallel.load_balanced_order`), and that order (None without context parallelism:
+    rows as they are). Only integer rows move; the loss, a sum over positions, needs no undoing."""
+    shards = parallel.context_shards()
+    if shards == 1:
+        return batch, None
+    order = parallel.load_balanced_order(batch["tokens"].shape[1], shards)
+    indices = jnp.asarray(order, jnp.int32)
+    laid_out = {
+        name: parallel.constrain(jnp.take(rows, indices, axis=1), ("batch", "length"))
+        for name, rows in batch.items()
+    }
+    return laid_out, order
+
+
 def _loss_fn(graphdef: nnx.GraphDef, params, batch, loss_chunk: int = 0, dropout_key=None):
     model = nnx.merge(graphdef, params)
     dropout = {} if dropout_key is None else {"dropout_key": dropout_key}  # LoRA's, in training
+    batch, order = context_layout(batch)
     hidden, _ = model(
-        batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True, **dropout
+        batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True, order=order, **dropout
     )
     return next_token_loss(
         hidden, model.output_projection(), batch["targets"], batch["loss_mask"], loss_chunk

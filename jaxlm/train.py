@@ -51,7 +51,8 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> TrainR
     config = loading.apply_init_from(config)
     check_eval_tasks(config)
     setup, tokenizer, corpus, run_dir = _prepare(config, devices)
-    data = pipeline.HostBatches(corpus, config, tokenizer)
+    shape = (config.train.global_batch_size, config.data.seq_len)
+    data = pipeline.HostBatches(corpus, config, tokenizer, setup.model.process_rows(shape))
     checkpointer = Checkpointer(config)  # even with checkpoint.every=0: resume, and preemption saves
     # From here a SIGTERM (during restore or compilation too) stops the run after its next step.
     preemption = PreemptionWatch(config.distributed.preemption_grace_s)
@@ -217,6 +218,7 @@ class _GlobalBatches:
 
     def __init__(self, data: pipeline.HostBatches, setup: TrainSetup, config: Config):
         self.data, self.sharding = data, setup.batch_sharding
+        self.shape = (config.train.global_batch_size, config.data.seq_len)
         self.max_documents = config.model.max_documents
         self.check_documents = setup.model.attention == "cudnn"
 
@@ -224,7 +226,7 @@ class _GlobalBatches:
         host_batch = next(self.data)
         if self.check_documents:
             self.check_documents = _documents_fit(host_batch, self.max_documents)
-        return pipeline.to_global(host_batch, self.sharding)
+        return pipeline.to_global(host_batch, self.sharding, self.shape)
 
 
 def _documents_fit(host_batch: pipeline.Batch, max_documents: int) -> bool:

@@ -41,7 +41,7 @@ def test_override_values_are_parsed_as_yaml():
     assert config.optim.lr == pytest.approx(1e-3)
     assert config.data.path is None
     assert config.mesh.rules["vocab"] is None
-    assert config.mesh.rules["embed"] == ["fsdp"]  # other rules keep their defaults
+    assert config.mesh.rules["embed"] == ["fsdp", "context"]  # other rules keep their defaults
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,10 @@ def test_override_values_are_parsed_as_yaml():
             ["model.num_heads=4", "model.num_kv_heads=3"],
             r"model\.num_heads=4 is not a multiple of model\.num_kv_heads=3",
         ),
-        (["mesh.fsdp=-1", "mesh.data=-1"], r"only one of mesh\.data, mesh\.fsdp, mesh\.tensor may be -1"),
+        (
+            ["mesh.fsdp=-1", "mesh.data=-1"],
+            r"only one of mesh\.data, mesh\.fsdp, mesh\.context, mesh\.tensor may be -1",
+        ),
         (["mesh.rules.embedd=[fsdp]"], r"mesh\.rules\.embedd is not a logical axis; did you mean embed\?"),
         (["mesh.rules.embed=[fsdq]"], r"'fsdq' is not a mesh axis"),
         (["train.global_batch_size=6", "train.micro_batches=4"], r"not divisible by train\.micro_batches=4"),

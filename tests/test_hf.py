@@ -353,6 +353,25 @@ def test_init_from_takes_the_architecture_and_keeps_how_the_model_runs(tmp_path,
         apply_init_from(config, given={"model.d_model"})
 
 
+def test_a_run_extending_the_context_sets_the_sources_rope_settings_its_own_way(tmp_path, caplog):
+    scaling = "{type: llama3, factor: 4, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 128}"
+    config = tiny_config(
+        tmp_path, f"model.init_from={FIXTURES / 'llama3'}", "data.tokenizer=byte", "data.seq_len=512",
+        "model.rope_theta=2000000", f"model.rope_scaling={scaling}", "model.context_length=512",
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="jaxlm"):
+        model = apply_init_from(config, given={"model.rope_theta", "model.rope_scaling"}).model
+    assert model.rope_theta == 2e6 and model.rope_scaling.factor == 4 and model.context_length == 512
+    assert model.d_model == 64  # the rest still comes from the source
+    lines = [record.message for record in caplog.records if "extending" in record.message]
+    assert len(lines) == 1 and "rope_theta 500000.0 -> 2000000.0" in lines[0]
+    # Not set: the source's own.
+    assert (
+        apply_init_from(tiny_config(tmp_path, f"model.init_from={FIXTURES / 'llama3'}")).model.rope_theta
+        == 5e5
+    )
+
+
 def broken_copy(tmp_path, name="llama2"):
     target = tmp_path / name
     shutil.copytree(FIXTURES / name, target)

@@ -44,7 +44,7 @@ def test_every_mesh_split_gives_the_single_device_losses(tmp_path, single_device
 def test_simulated_slices_over_dcn_give_the_same_losses(tmp_path, single_device_losses):
     config = tiny_config(tmp_path, *STEPS, "mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=4")
     mesh = parallel.make_mesh(config)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
     # Each slice (here: a block of 4 devices standing in for one) is one index of the DCN axis.
     assert {d.id for d in mesh.devices[0].flat} == {0, 1, 2, 3}
     train(config)
@@ -64,7 +64,7 @@ needs_libtpu = pytest.mark.skipif(
 
 
 @needs_libtpu
-@pytest.mark.parametrize("axis", ["data", "fsdp", "tensor"])
+@pytest.mark.parametrize("axis", ["data", "fsdp", "context", "tensor"])
 def test_each_tpu_slice_is_one_half_of_the_dcn_axis(axis):
     config = tiny_config(".", f"mesh.dcn_{axis}=2", "mesh.data=1", "mesh.fsdp=4")
     mesh = parallel.make_mesh(config, two_tpu_slices())
@@ -104,11 +104,11 @@ def test_parameters_and_optimizer_state_are_initialised_sharded(tmp_path):
     setup = build_train(config)
     state = setup.init(jax.random.key(0))
     wq = state.params["blocks"]["attention"]["wq"]  # [layers, embed, heads, head_dim]
-    assert wq.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    assert wq.sharding.spec == PartitionSpec(None, ("fsdp", "context"), "tensor", None)
     shard = wq.addressable_shards[0].data
     assert shard.shape == (2, 64 // 4, 4 // 2, 16)  # each device holds 1/8 of it
     embedding = state.params["embedding"]
-    assert embedding.sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert embedding.sharding.spec == PartitionSpec("tensor", ("fsdp", "context"))
     # Adam's moments follow their parameters' sharding.
     moments = jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
     mu = next(leaf for leaf in moments if hasattr(leaf, "mu")).mu
@@ -135,7 +135,7 @@ def test_init_is_sharded_inside_jit_not_gathered_on_one_device(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["mesh.fsdp=3"], r"mesh data=1 fsdp=3 tensor=1 uses 3 devices but there are 8"),
+        (["mesh.fsdp=3"], r"mesh data=1 fsdp=3 context=1 tensor=1 uses 3 devices but there are 8"),
         (
             ["mesh.fsdp=-1", "mesh.tensor=3"],
             r"needs a multiple of 3 devices for mesh.fsdp=-1, but there are 8",
@@ -169,5 +169,6 @@ def test_logical_rules_map_to_partition_specs():
     assert parallel.mesh_shape(tiny_config(".", "mesh.tensor=2").mesh, 8) == {
         "data": 1,
         "fsdp": 4,
+        "context": 1,
         "tensor": 2,
     }

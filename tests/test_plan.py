@@ -44,7 +44,7 @@ def test_a_tiny_model_compiles_for_a_v5e_2x2_and_fits(tmp_path):
     result = plan.plan(config, "v5e:2x2")
     assert result.fits and result.refusal is None
     assert result.chips == 4 and result.chip.name == "TPU v5e"
-    assert result.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert result.mesh == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
     assert result.argument_bytes > 0 and result.peak_bytes < result.hbm_bytes
     assert result.param_bytes * result.chips == result.param_count * 4  # float32, sharded 4 ways
     speed = result.speed

@@ -20,7 +20,7 @@ def test_the_params_only_setup_builds_trainings_parameters_on_the_same_shardings
         assert ours.sharding == theirs.sharding
         np.testing.assert_array_equal(ours, theirs)
     wq = params["blocks"]["attention"]["wq"]  # [layers, embed, heads, head_dim]
-    assert wq.sharding.spec[1:3] == ("fsdp", "tensor")
+    assert wq.sharding.spec[1:3] == (("fsdp", "context"), "tensor")
 
     rows, length = config.train.global_batch_size, config.data.seq_len
     tokens = np.random.default_rng(0).integers(0, 256, (rows, length), np.int32)

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from jaxlm import parallel
 from jaxlm.config import Config
 from jaxlm.data import mixing
 from jaxlm.data.counts import DataCounts
@@ -229,16 +230,15 @@ class HostBatches:
     as a whole: it restores only into the same process layout and worker count.
     """
 
-    def __init__(self, corpus: Corpus, config: Config, tokenizer: Tokenizer):
+    def __init__(
+        self, corpus: Corpus, config: Config, tokenizer: Tokenizer, rows: parallel.ProcessRows | None = None
+    ):
+        """rows: the block of each batch this process reads (`parallel.process_rows`); None = an
+        equal share by process index."""
         self.stream_count = config.train.global_batch_size
-        if self.stream_count % jax.process_count():
-            raise ConfigError(
-                f"train.global_batch_size={self.stream_count} is not divisible by the "
-                f"{jax.process_count()} processes"
-            )
-        per_process = self.stream_count // jax.process_count()
-        first = jax.process_index() * per_process
-        self.stream_indices = list(range(first, first + per_process))
+        rows = rows or _equal_share(self.stream_count)
+        self.stream_indices = list(range(rows.first, rows.first + rows.count))
+        self.counted = rows.counted
         self.worker_count = config.data.worker_count
         corpus = corpus_examples(corpus, config, tokenizer)
         self.counts = DataCounts(corpus, tokenizer.eos_id)
@@ -262,7 +262,8 @@ class HostBatches:
 
     def __next__(self) -> Batch:
         batch = next(self._iterator)
-        self.counts.add(batch)
+        if self.counted:  # not again by processes that read the same rows
+            self.counts.add(batch)
         return batch
 
     def position(self) -> dict:
@@ -319,7 +320,19 @@ def _use_default_grain_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def eval_host_batches(corpus: Corpus, config: Config, tokenizer: Tokenizer) -> list[Batch]:
+def _equal_share(rows: int) -> parallel.ProcessRows:
+    """Each process an equal block of the rows, by process index."""
+    if rows % jax.process_count():
+        raise ConfigError(
+            f"train.global_batch_size={rows} is not divisible by the {jax.process_count()} processes"
+        )
+    per_process = rows // jax.process_count()
+    return parallel.ProcessRows(jax.process_index() * per_process, per_process, counted=True)
+
+
+def eval_host_batches(
+    corpus: Corpus, config: Config, tokenizer: Tokenizer, rows: parallel.ProcessRows | None = None
+) -> list[Batch]:
     """The fixed validation batches (this process's rows), read once and reused by every eval:
     drawn from streams like the training batches, so an eval spans many documents.
 
@@ -334,20 +347,22 @@ def eval_host_batches(corpus: Corpus, config: Config, tokenizer: Tokenizer) -> l
             for i in range(rows_per_batch)
         ]
     )
-    per_process = rows_per_batch // jax.process_count()
-    start = jax.process_index() * per_process
+    rows = rows or _equal_share(rows_per_batch)
     iterator = iter(streams)
     batches = []
     for _ in range(config.train.eval_batches):
         batch = next(iterator)
-        batches.append({field: batch[field][start : start + per_process] for field in FIELDS})
+        batches.append({field: batch[field][rows.first : rows.first + rows.count] for field in FIELDS})
     return batches
 
 
-def to_global(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assemble each process's rows into global arrays with the batch sharding (one call for
-    all fields)."""
-    return jax.make_array_from_process_local_data(sharding, {field: batch[field] for field in FIELDS})
+def to_global(
+    batch: Batch, sharding: NamedSharding, shape: tuple[int, int] | None = None
+) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays of `shape` ([rows, length]; None = this
+    process's rows × the processes) with the batch sharding (one call for all fields)."""
+    fields = {field: batch[field] for field in FIELDS}
+    return jax.make_array_from_process_local_data(sharding, fields, shape)
 
 
 def whole_to_global(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 REMAT_POLICIES = {
@@ -104,10 +105,17 @@ def rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """[batch, 1, length, length] bool: causal, and never across documents of a packed row."""
+def attention_mask(segment_ids: jax.Array, order: np.ndarray | None = None) -> jax.Array:
+    """[batch, 1, length, length] bool: causal, and never across documents of a packed row.
+
+    order: None for a row in its own order, else each position's original position in a row laid
+    out for context parallelism (`parallel.load_balanced_order`): causal in those."""
     length = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+    if order is None:
+        causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+    else:
+        original = jnp.asarray(order, jnp.int32)  # [length], not a [length, length] constant
+        causal = original[None, :] <= original[:, None]
     same_document = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (causal[None] & same_document)[:, None]
 
@@ -182,20 +190,30 @@ def runs_cudnn_attention(device: jax.Device) -> bool:
 
 
 def attention_kernel(setting: str, device: jax.Device) -> str:
-    """The kernel model.attention picks for a mesh of `device`s: auto is cudnn where
-    `runs_cudnn_attention`, jaxlm's XLA einsums anywhere else (CPU, TPU, older GPUs).
-    `jaxlm.setup.build_model` resolves it; a model built with auto itself runs the XLA einsums."""
+    """The kernel model.attention picks for a mesh of `device`s: auto is splash on TPU, cudnn
+    where `runs_cudnn_attention`, jaxlm's XLA einsums anywhere else (CPU, older GPUs).
+    `jaxlm.setup.build_model` resolves it (XLA for rows splash's blocks do not cut); a model
+    built with auto itself runs the XLA einsums."""
     if setting != "auto":
         return setting
+    if device.platform == "tpu":
+        return "splash"
     return "cudnn" if runs_cudnn_attention(device) else "xla"
 
 
-def document_boundaries(attention: str, max_documents: int, segment_ids: jax.Array):
+def document_boundaries(
+    attention: str, max_documents: int, segment_ids: jax.Array, order: np.ndarray | None = None
+):
     """What `Attention` needs to keep packed documents apart, built once per step for all
-    layers: `document_spans` for model.attention=cudnn, else `attention_mask`."""
+    layers: `document_spans` for model.attention=cudnn, the segment ids and `order` for splash
+    (its kernel takes them as they are), else `attention_mask`. order: as `attention_mask`'s."""
     if attention == "cudnn":
+        if order is not None:
+            raise ValueError("cuDNN's packed attention takes rows in their own order only")
         return document_spans(segment_ids, max_documents)
-    return attention_mask(segment_ids)
+    if attention == "splash":
+        return segment_ids, order
+    return attention_mask(segment_ids, order)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

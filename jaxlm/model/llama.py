@@ -9,6 +9,7 @@ from typing import Literal
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from pydantic import Field, model_validator
 
@@ -30,6 +31,7 @@ from jaxlm.model.layers import (
 )
 from jaxlm.model.lora import Adapters, LoRASpec, key_for
 from jaxlm.model.registry import ModelFamily, Projection
+from jaxlm.model.splash import splash_attention
 from jaxlm.parallel import constrain
 
 
@@ -127,6 +129,7 @@ class Attention(nnx.Module):
         pdt = dtype_of(config.param_dtype)
         out_std = config.init_std / (2 * config.num_layers) ** 0.5
         self.implementation, self.qkv_bias = config.attention, config.qkv_bias
+        self.splash = (config.splash_block_q, config.splash_block_kv, config.splash_interpret)
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), config.init_std, pdt)
         self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
         self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
@@ -165,7 +168,13 @@ class Attention(nnx.Module):
             out, cache = xla_attention(q, k, v, documents), (k, v)
         elif self.implementation == "cudnn":
             out = cudnn_attention(q, k, v, documents)
+        elif self.implementation == "splash":
+            out = splash_attention(q, k, v, *documents, *self.splash)  # documents: segment ids, order
         else:
+            # Context parallelism: each shard's queries meet the keys and values of the whole
+            # row, gathered here (and their gradients reduce-scattered back in the backward).
+            k = constrain(k, ("batch", None, "act_kv_heads", None))
+            v = constrain(v, ("batch", None, "act_kv_heads", None))
             out = xla_attention(q, k, v, documents)  # [batch, length, heads, head_dim]
         out = constrain(out, ("batch", "length", "act_heads", None))
         return project("wo", "bthd,hde->bte", out), cache
@@ -256,10 +265,13 @@ class Llama(nnx.Module):
         *,
         return_hidden: bool = False,
         dropout_key: jax.Array | None = None,
+        order: np.ndarray | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions, segment_ids: [batch, length] int32 → logits [batch, length, vocab]
         (or the final normed hidden states [batch, length, embed]) and the cache with these
-        tokens appended (None without one). dropout_key: LoRA dropout's, in training."""
+        tokens appended (None without one). dropout_key: LoRA dropout's, in training. order: None
+        for rows in their own order, else the original position of each of their positions
+        (rows laid out for context parallelism, `parallel.load_balanced_order`; no cache)."""
         # Gather from a table replicated for the lookup (as FSDP gathers every weight before use);
         # a gather from a vocab- and embed-sharded table cannot be partitioned without copies.
         table = constrain(self.embedding[...], (None, "act_embed"))
@@ -269,7 +281,9 @@ class Llama(nnx.Module):
         # What every layer shares is computed once, outside the layers.
         if cache is None:
             rope = self._rope(positions, positions.shape[1])
-            documents = document_boundaries(self.attention, self.max_documents, segment_ids)
+            documents = document_boundaries(self.attention, self.max_documents, segment_ids, order)
+            if self.attention not in ("cudnn", "splash"):  # each context shard builds its queries' rows
+                documents = constrain(documents, ("batch", None, "length", None))
             x = self._blocks(x, rope, documents, dropout_key)
         else:
             x, cache = self._blocks_with_cache(x, positions, segment_ids, cache)
