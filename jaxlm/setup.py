@@ -118,6 +118,12 @@ def build_model(config: Config, devices: Sequence[jax.Device] | None = None) -> 
     rules = config.mesh.rules
     parallel.check_batch(config, mesh)
     parallel.check_context(config, mesh)
+    context = parallel.context_size(mesh, rules)
+    if context > 1 and not registry.family_of(config.model).context_parallel:
+        raise ConfigError(
+            f"model.family={config.model.family} does not lay its rows out for context parallelism, "
+            f"and mesh.context={context} splits them; use mesh.context=1"
+        )
     attention = resolve_attention(config, mesh)
     model_config = config.model.model_copy(update={"attention": attention})
     adapters = lora.spec_of(config.optim.lora, model_config)

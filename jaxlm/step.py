@@ -165,8 +165,9 @@ def _loss_fn(graphdef: nnx.GraphDef, params, batch, loss_chunk: int = 0, dropout
     model = nnx.merge(graphdef, params)
     dropout = {} if dropout_key is None else {"dropout_key": dropout_key}  # LoRA's, in training
     batch, order = context_layout(batch)
+    layout = {} if order is None else {"order": order}  # context parallelism's
     hidden, _ = model(
-        batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True, order=order, **dropout
+        batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True, **layout, **dropout
     )
     return next_token_loss(
         hidden, model.output_projection(), batch["targets"], batch["loss_mask"], loss_chunk

@@ -5,8 +5,8 @@ import os
 # Must be set before JAX starts its CPU backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite runs in two pytest-xdist workers (pyproject.toml), and the plan tests of both load
-# libtpu to compile for TPU topologies: without this the second one is refused its lock file.
+# The suite runs in several pytest-xdist workers (pyproject.toml), and the plan tests of each load
+# libtpu to compile for TPU topologies: without this the others are refused its lock file.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # gcsfs would ask Google's storage-control API (gRPC, not served by the GCS emulator) for the
 # type of every bucket; this keeps it on the JSON API. Read when gcsfs is imported.

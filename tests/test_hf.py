@@ -84,7 +84,10 @@ def test_llama3_rope_scaling_is_what_makes_llama3_1_agree():
 def test_imported_models_give_transformers_logits_on_a_tensor_and_fsdp_mesh(name):
     loaded = jaxlm.load(FIXTURES / name, overrides=["mesh.tensor=2", "mesh.fsdp=4"])
     wq = loaded.params["blocks"]["attention"]["wq"]
-    assert tuple(wq.sharding.spec) == (None, "fsdp", "tensor", None) and len(wq.sharding.device_set) == 8
+    assert (
+        tuple(wq.sharding.spec) == (None, ("fsdp", "context"), "tensor", None)
+        and len(wq.sharding.device_set) == 8
+    )
     assert_logits_equal_transformers(loaded, name)
 
 

@@ -12,11 +12,13 @@ from flax import nnx
 from pydantic import Field
 
 from jaxlm.config import ModelConfig, load_config
+from jaxlm.errors import ConfigError
 from jaxlm.metrics import model_flops_per_step
 from jaxlm.model import registry
 from jaxlm.model.layers import attention_mask, dtype_of, param, xla_attention
 from jaxlm.optim import weight_decay_mask
 from jaxlm.parallel import constrain
+from jaxlm.setup import build_model
 from jaxlm.train import train
 
 
@@ -146,6 +148,13 @@ def test_a_registered_family_trains_on_a_two_device_mesh(tmp_path, toy_family):
     assert records[1]["mfu"] > 0
     # Resuming the saved run restores the family's parameters (the config keys are saved with them).
     assert train(toy_config(tmp_path, "train.steps=3"), devices=jax.devices()[:2]).step == 3
+
+
+def test_a_family_without_context_parallelism_refuses_a_context_axis_in_one_line(tmp_path, toy_family):
+    with pytest.raises(
+        ConfigError, match=r"^model.family=toy_gpt does not lay its rows out for context parallelism"
+    ):
+        build_model(toy_config(tmp_path, "mesh.context=2", "mesh.fsdp=4"))
 
 
 def test_the_family_decides_which_parameters_decay(toy_family):

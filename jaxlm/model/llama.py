@@ -408,4 +408,5 @@ FAMILY = ModelFamily(
         Projection("blocks.mlp.w_down", inputs=1),  # [mlp | embed]
     ),
     lora_targets=("wq", "wk", "wv", "wo"),
+    context_parallel=True,
 )

@@ -13,6 +13,9 @@ logical axis names (`nnx.Param(..., out_sharding=("embed", "mlp"))`) and which p
         cache is None; with one, they continue the cache's sequences and the cache comes back
         with them appended (prefill, then one token at a time for generation). dropout_key: the
         LoRA adapters' dropout, given only in training to a model built with adapters.
+        order: given only under context parallelism (to families with `context_parallel`), rows
+        laid out by `parallel.load_balanced_order`: each position's original position, in which
+        attention is causal.
     model.output_projection() -> [embed, vocab] in the compute dtype
     model.init_cache(batch, max_length) -> an empty cache for `max_length` tokens per row: a
         pytree whose `logical_axes()` is the same tree with each array's logical axes, so that
@@ -97,6 +100,8 @@ class ModelFamily:
     # when it names none. Empty: the family has no adapters.
     projections: tuple[Projection, ...] = ()
     lora_targets: tuple[str, ...] = ()
+    # Whether the module takes `order` (see above): mesh.context > 1 is refused for one that does not.
+    context_parallel: bool = False
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
