@@ -30,9 +30,6 @@ log = logging.getLogger("jaxlm")
 RUN_MODEL_KEYS = frozenset(
     {"dtype", "param_dtype", "remat", "scan_layers", "attention", "max_documents", "init_std", "init_from"}
 )
-# Architecture keys a run may change from model.init_from's by setting them (in its config or on
-# the command line): how positions are encoded, which is what extending a model's context changes.
-CONTEXT_EXTENSION_KEYS = frozenset({"rope_theta", "rope_scaling", "context_length"})
 
 
 @dataclass
@@ -277,7 +274,7 @@ def apply_init_from(config: Config, given: Collection[str] = ()) -> Config:
     current = config.model.model_dump(mode="json")
     extended = {
         key: current[key]
-        for key in CONTEXT_EXTENSION_KEYS & config.model.model_fields_set
+        for key in set(family.context_keys) & config.model.model_fields_set
         if key in architecture and current[key] != architecture[key]
     }
     if extended and own is None:

@@ -293,10 +293,8 @@ def check_context(config: Config, mesh: Mesh) -> None:
 def context_shards() -> int:
     """How many ways the sequence (`length`) of activations is split in the sharding context
     installed by `activation_sharding` (context parallelism); 1 outside one."""
-    context = _ACTIVATION_CONTEXT.get()
-    if context is None:
-        return 1
-    return context_size(*context)
+    context = activation_context()
+    return 1 if context is None else context_size(*context)
 
 
 def load_balanced_order(length: int, shards: int) -> np.ndarray:

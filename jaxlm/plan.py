@@ -25,6 +25,7 @@ from jaxlm.config import MESH_AXES, Config, apply_override, config_from_dict
 from jaxlm.devices import CHIPS, Chip, GiB, table_entry
 from jaxlm.errors import ConfigError, UserError
 from jaxlm.metrics import matmul_flops, model_flops_per_step, peak_flops_per_device
+from jaxlm.model import registry
 from jaxlm.setup import abstract_inputs, build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
@@ -126,7 +127,8 @@ def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: 
     rows_per_chip = train.global_batch_size / train.micro_batches / (data * fsdp / context)
     activation = rows_per_chip * config.data.seq_len / context * model.d_model * compute_bytes
     volume += (6 if full_remat else 4) * model.num_layers * 2 * share(tensor) * activation
-    kv_width = 2 * getattr(model, "num_kv_heads", 0) * getattr(model, "head_dim", 0) / tensor
+    kv_per_token = registry.family_of(model).kv_per_token if context > 1 else None
+    kv_width = kv_per_token(model) / tensor if kv_per_token else 0  # none gathered without context
     keys_values = rows_per_chip * config.data.seq_len * kv_width * compute_bytes
     volume += (3 if full_remat else 2) * model.num_layers * share(context) * keys_values
     return train.micro_batches * volume / (2 * chip.ici_link_bandwidth)

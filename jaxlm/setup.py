@@ -119,7 +119,7 @@ def build_model(config: Config, devices: Sequence[jax.Device] | None = None) -> 
     parallel.check_batch(config, mesh)
     parallel.check_context(config, mesh)
     context = parallel.context_size(mesh, rules)
-    if context > 1 and not registry.family_of(config.model).context_parallel:
+    if context > 1 and registry.family_of(config.model).kv_per_token is None:
         raise ConfigError(
             f"model.family={config.model.family} does not lay its rows out for context parallelism, "
             f"and mesh.context={context} splits them; use mesh.context=1"

@@ -382,6 +382,11 @@ def flops_per_token(config: LlamaConfig, seq_len: int, frozen_weights: bool = Fa
     return (4 if frozen_weights else 6) * matmul_params(config) + attention
 
 
+def kv_per_token(config: LlamaConfig) -> int:
+    """Keys and values of one token in one layer: what context parallelism gathers."""
+    return 2 * config.num_kv_heads * config.head_dim
+
+
 def decays(path: str, decay_embeddings: bool) -> bool:
     """Weight matrices decay; norm scales and biases never; the embedding only with
     optim.decay_embeddings."""
@@ -408,5 +413,6 @@ FAMILY = ModelFamily(
         Projection("blocks.mlp.w_down", inputs=1),  # [mlp | embed]
     ),
     lora_targets=("wq", "wk", "wv", "wo"),
-    context_parallel=True,
+    context_keys=("rope_theta", "rope_scaling", "context_length"),
+    kv_per_token=kv_per_token,
 )

@@ -13,7 +13,7 @@ logical axis names (`nnx.Param(..., out_sharding=("embed", "mlp"))`) and which p
         cache is None; with one, they continue the cache's sequences and the cache comes back
         with them appended (prefill, then one token at a time for generation). dropout_key: the
         LoRA adapters' dropout, given only in training to a model built with adapters.
-        order: given only under context parallelism (to families with `context_parallel`), rows
+        order: given only under context parallelism (to families with `kv_per_token`), rows
         laid out by `parallel.load_balanced_order`: each position's original position, in which
         attention is causal.
     model.output_projection() -> [embed, vocab] in the compute dtype
@@ -100,8 +100,13 @@ class ModelFamily:
     # when it names none. Empty: the family has no adapters.
     projections: tuple[Projection, ...] = ()
     lora_targets: tuple[str, ...] = ()
-    # Whether the module takes `order` (see above): mesh.context > 1 is refused for one that does not.
-    context_parallel: bool = False
+    # Model keys a run may set differently from model.init_from's (in its config or on the command
+    # line): how positions are encoded, which is what extending a model's context changes.
+    context_keys: tuple[str, ...] = ()
+    # Key and value elements per token and layer that attention gathers under context parallelism
+    # (`jaxlm plan` counts them in its ICI time). A family with it takes `order` (see above); one
+    # without it (None) refuses mesh.context > 1.
+    kv_per_token: Callable[[ModelConfig], int] | None = None
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
