@@ -35,7 +35,16 @@ log = logging.getLogger("jaxlm")
 # Model keys that change how the step runs, not the parameters: a run may resume with new values
 # (and a run started from model.init_from resumes from its own checkpoints, wherever that points).
 HOW_TO_RUN_MODEL_KEYS = frozenset(
-    {"dtype", "remat", "scan_layers", "attention", "max_documents", "init_from"}
+    {
+        "dtype",
+        "remat",
+        "remat_save",
+        "remat_offload",
+        "scan_layers",
+        "attention",
+        "max_documents",
+        "init_from",
+    }
 )
 
 

@@ -87,9 +87,17 @@ class ModelConfig(Section):
     param_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Storage dtype of parameters and optimizer state."
     )
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = Field(
+    remat: str = Field(
         "none",
-        description="Activation checkpointing of each block: none, full (recompute all), dots (save matmul outputs), dots_no_batch.",
+        description="What each block keeps for the backward pass (docs/memory.md): none (everything), save_all_dots, save_dot_except_mlpwi, save_dot_except_mlp, save_qkv_proj, save_out_proj, offload_dot_except_mlpwi, minimal or full (the layer's input only), JAX's dots and dots_no_batch, or custom.",
+    )
+    remat_save: list[str] = Field(
+        default_factory=list,
+        description="model.remat=custom: the family's named activations kept in device memory (docs/memory.md lists them).",
+    )
+    remat_offload: list[str] = Field(
+        default_factory=list,
+        description="model.remat=custom: named activations moved to pinned host memory between the forward and backward pass (TPU, GPU, CPU).",
     )
     scan_layers: bool = Field(
         True,
@@ -125,6 +133,16 @@ class ModelConfig(Section):
         None,
         description="Start from this model's parameters: a Hugging Face directory, a jaxlm run directory (its newest checkpoint) or a checkpoint step directory. Its architecture keys replace the config's; a fresh optimizer and data position; a restart resumes from the run's own checkpoints.",
     )
+
+    @model_validator(mode="after")
+    def _remat(self) -> ModelConfig:
+        from jaxlm.model import registry, remat  # the model package imports this module
+
+        activations = registry.get(self.family).activations
+        problem = remat.check(self.remat, self.remat_save, self.remat_offload, activations, self.family)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class MeshConfig(Section):

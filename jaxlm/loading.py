@@ -28,7 +28,18 @@ log = logging.getLogger("jaxlm")
 
 # Model keys that say how a model runs, not what it is: model.init_from leaves them as configured.
 RUN_MODEL_KEYS = frozenset(
-    {"dtype", "param_dtype", "remat", "scan_layers", "attention", "max_documents", "init_std", "init_from"}
+    {
+        "dtype",
+        "param_dtype",
+        "remat",
+        "remat_save",
+        "remat_offload",
+        "scan_layers",
+        "attention",
+        "max_documents",
+        "init_std",
+        "init_from",
+    }
 )
 
 

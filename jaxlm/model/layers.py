@@ -15,12 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
 
 def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)

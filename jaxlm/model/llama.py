@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from pydantic import Field, model_validator
 
 from jaxlm.config import ModelConfig, Section
-from jaxlm.model import llama_hf
+from jaxlm.model import llama_hf, remat
 from jaxlm.model.layers import (
-    REMAT_POLICIES,
     Llama3RopeScaling,
     RMSNorm,
     cache_mask,
@@ -157,6 +157,7 @@ class Attention(nnx.Module):
         v = project("wv", "bte,ekd->btkd", x)
         if self.qkv_bias:
             q, k, v = (t + b[...].astype(dt) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
+        q, k, v = (checkpoint_name(t, n) for t, n in zip((q, k, v), remat.QKV, strict=True))
         q = constrain(rotary(q, *rope), ("batch", "length", "act_heads", None))
         k = constrain(rotary(k, *rope), ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
@@ -176,8 +177,8 @@ class Attention(nnx.Module):
             k = constrain(k, ("batch", None, "act_kv_heads", None))
             v = constrain(v, ("batch", None, "act_kv_heads", None))
             out = xla_attention(q, k, v, documents)  # [batch, length, heads, head_dim]
-        out = constrain(out, ("batch", "length", "act_heads", None))
-        return project("wo", "bthd,hde->bte", out), cache
+        out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), "attention_out")
+        return checkpoint_name(project("wo", "bthd,hde->bte", out), "out_proj"), cache
 
 
 class MLP(nnx.Module):
@@ -200,10 +201,10 @@ class MLP(nnx.Module):
             y = jnp.einsum(equation, inputs, getattr(self, name)[...].astype(dt))
             return self.lora(name, inputs, y, dropout_key)
 
-        gate = project("w_gate", "bte,em->btm", x)
-        up = project("w_up", "bte,em->btm", x)
+        gate = checkpoint_name(project("w_gate", "bte,em->btm", x), "mlp_gate")
+        up = checkpoint_name(project("w_up", "bte,em->btm", x), "mlp_up")
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))  # [batch, length, mlp]
-        return project("w_down", "btm,me->bte", hidden)
+        return checkpoint_name(project("w_down", "btm,me->bte", hidden), "mlp_down")
 
 
 class Block(nnx.Module):
@@ -217,11 +218,10 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs, lora)
 
     def __call__(self, x: jax.Array, rope, documents, cache=None, dropout_key=None):
-        attended, cache = self.attention(
-            self.attention_norm(x), rope, documents, cache, key_for(dropout_key, 0)
-        )
+        normed = checkpoint_name(self.attention_norm(x), "attention_norm")
+        attended, cache = self.attention(normed, rope, documents, cache, key_for(dropout_key, 0))
         x = x + attended
-        x = x + self.mlp(self.mlp_norm(x), key_for(dropout_key, 1))
+        x = x + self.mlp(checkpoint_name(self.mlp_norm(x), "mlp_norm"), key_for(dropout_key, 1))
         return constrain(x, ("batch", "length", "act_embed")), cache
 
 
@@ -233,7 +233,7 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, lora: LoRASpec | None = None):
         pdt = dtype_of(config.param_dtype)
         self.dtype = dtype_of(config.dtype)
-        self.remat = config.remat
+        self.remat = (config.remat, config.remat_save, config.remat_offload)
         self.attention, self.max_documents = config.attention, config.max_documents
         self.scan_layers = config.scan_layers
         self.num_layers, self.num_kv_heads = config.num_layers, config.num_kv_heads
@@ -305,8 +305,7 @@ class Llama(nnx.Module):
             layer_params, key = layer
             return nnx.merge(block_def, layer_params)(x, rope, documents, dropout_key=key)[0], None
 
-        if self.remat != "none":
-            apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        apply_block = remat.checkpointed(apply_block, *self.remat)
         if self.scan_layers:
             x, _ = jax.lax.scan(apply_block, x, (block_params, keys))
         else:
@@ -415,4 +414,5 @@ FAMILY = ModelFamily(
     lora_targets=("wq", "wk", "wv", "wo"),
     context_keys=("rope_theta", "rope_scaling", "context_length"),
     kv_per_token=kv_per_token,
+    activations=(*remat.NORMS, *remat.ATTENTION, *remat.MLP),
 )

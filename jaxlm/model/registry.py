@@ -107,6 +107,10 @@ class ModelFamily:
     # (`jaxlm plan` counts them in its ICI time). A family with it takes `order` (see above); one
     # without it (None) refuses mesh.context > 1.
     kv_per_token: Callable[[ModelConfig], int] | None = None
+    # The intermediate tensors its forward names with jax.ad_checkpoint.checkpoint_name, which
+    # remat policies save or offload by name (`jaxlm.model.remat` says which names the presets use:
+    # a family names those it has, and may add its own for model.remat=custom).
+    activations: tuple[str, ...] = ()
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

@@ -126,7 +126,14 @@ def _kernel(heads: int, length: int, q_shards: int, order: bytes | None, blocks,
     # tracers, which this cache would leak into the next trace.
     with jax.ensure_compile_time_eval():
         return splash_kernel.make_splash_mha(
-            mask, block_sizes=blocks, head_shards=1, q_seq_shards=q_shards, interpret=interpret
+            mask,
+            block_sizes=blocks,
+            head_shards=1,
+            q_seq_shards=q_shards,
+            interpret=interpret,
+            # The output and its log-sum-exp, which the backward kernel needs: a remat policy
+            # that saves "attention_out" keeps them instead of running the forward kernel again.
+            residual_checkpoint_name="attention_out",
         )
 
 
