@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from jaxlm import storage
 from jaxlm.config import Config
 from jaxlm.devices import table_entry
-from jaxlm.model import registry
+from jaxlm.model import registry, splash
 
 log = logging.getLogger("jaxlm")
 
@@ -47,11 +47,12 @@ def model_flops_per_step(config: Config) -> float:
     return flops_per_token(config.model, config.data.seq_len) * tokens
 
 
-def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
+def matmul_flops(jaxpr: jax.extend.core.Jaxpr, blocks_run: float = 1.0) -> float:
     """FLOPs of every matmul in a jaxpr (2 per multiply-add), each scan body counted as many times
     as it runs, so rematerialised forward passes and micro-batches are included; a shard_map body
-    once per device it runs on, and a Pallas kernel's body once per cell of its grid: for splash
-    attention an upper bound, since it skips the blocks above the causal diagonal at run time."""
+    once per device it runs on, and a Pallas kernel's body once per cell of its grid that does
+    work: a kernel that skips blocks (splash attention, above the causal diagonal) says under a
+    name scope how many it runs (`splash.blocks_run_scope`), which `blocks_run` carries down."""
     total = 0.0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -59,13 +60,15 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
             lhs_shape = eqn.invars[0].aval.shape
             contracted = math.prod(lhs_shape[dim] for dim in contracting)
             total += 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
+        scope = splash.BLOCKS_RUN.search(str(eqn.source_info.name_stack))
+        runs = int(scope[1]) / int(scope[2]) if scope else blocks_run
         repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
         if eqn.primitive.name == "pallas_call":
-            repeats = math.prod(eqn.params["grid_mapping"].grid)
+            repeats = math.prod(eqn.params["grid_mapping"].grid) * runs
         if eqn.primitive.name == "shard_map":
             repeats = math.prod(eqn.params["mesh"].shape[axis] for axis in eqn.params["newly_manual_axes"])
         for inner in jax.extend.core.jaxprs_in_params(eqn.params):
-            total += repeats * matmul_flops(inner)
+            total += repeats * matmul_flops(inner, runs)
     return total
 
 
