@@ -332,6 +332,11 @@ class OptimConfig(Section):
     b2: float = Field(0.95, ge=0, lt=1, description="Adam β2.")
     eps: float = Field(1e-8, gt=0, description="Adam ε.")
     clip_norm: float = Field(1.0, ge=0, description="Clip gradients to this global norm (0 = off).")
+    offload_state: bool = Field(
+        False,
+        description="Keep the optimizer state in pinned host memory between steps: each step brings it to "
+        "the devices for the update only (see docs/memory.md). Needs devices with pinned_host memory.",
+    )
     lora: LoRAConfig = Field(
         default_factory=LoRAConfig, description="Low-rank adapters: rank, alpha, dropout, targets, init_from."
     )

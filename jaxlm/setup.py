@@ -215,6 +215,9 @@ def build_train(config: Config, devices: Sequence[jax.Device] | None = None) -> 
         model.trainable(model.param_shardings)[0],
         transform_non_params=lambda _: replicated,
     )
+    if config.optim.offload_state:
+        check_host_memory(model.mesh)
+        opt_shardings = jax.tree.map(lambda sharding: sharding.with_memory_kind(HOST), opt_shardings)
     state_shardings = TrainState(replicated, model.param_shardings, opt_shardings)
     base_shardings, adapter_shardings = model.base_param_shardings, split_adapters(model.param_shardings)[0]
     fresh = jax.jit(
@@ -241,6 +244,32 @@ def build_train(config: Config, devices: Sequence[jax.Device] | None = None) -> 
     )
 
 
+HOST = "pinned_host"  # the host memory kind a device can compute with, where offloaded state lives
+
+
+def check_host_memory(mesh: Mesh) -> None:
+    """One line for devices without pinned host memory to keep the optimizer state in."""
+    device = mesh.devices.flat[0]
+    if HOST not in {memory.kind for memory in device.addressable_memories()}:
+        raise ConfigError(
+            f"optim.offload_state=true needs devices with {HOST} memory, and {device.device_kind} "
+            "devices have none; use optim.offload_state=false"
+        )
+
+
+def opt_state_moves(host_shardings: Any) -> tuple[Callable, Callable]:
+    """For an optimizer state kept on `host_shardings`: the moves into the devices' own memory
+    (for the update) and back, inside the jitted step."""
+    device_shardings = jax.tree.map(
+        lambda sharding: sharding.with_memory_kind(sharding.mesh.devices.flat[0].default_memory().kind),
+        host_shardings,
+    )
+    return (
+        lambda opt_state: jax.device_put(opt_state, device_shardings),
+        lambda opt_state: jax.device_put(opt_state, host_shardings),
+    )
+
+
 def jit_train_step(config: Config, setup: TrainSetup) -> Callable:
     """The train step jitted onto the setup's shardings, state donated: what the loop runs and
     what `jaxlm plan` compiles for a topology."""
@@ -254,6 +283,9 @@ def jit_train_step(config: Config, setup: TrainSetup) -> Callable:
         config.train.loss_chunk,
         trainable=setup.model.trainable,
         dropout_seed=config.train.seed if setup.model.lora and setup.model.lora.dropout else None,
+        offloaded_opt_state=opt_state_moves(setup.state_shardings.opt_state)
+        if config.optim.offload_state
+        else None,
     )
     return jax.jit(
         step,
@@ -303,7 +335,11 @@ def check_state_fits(setup: TrainSetup) -> None:
     """Refuse a train state larger than the memory of the devices that hold it, before it is
     allocated: a GPU or TPU would fail to allocate it; a CPU host would swap or hang."""
     shards = jax.tree.leaves(with_shardings(setup.abstract_state, setup.state_shardings))
-    per_device = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in shards)
+    sizes = [
+        (math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize, a.sharding.memory_kind)
+        for a in shards
+    ]
+    per_device = sum(size for size, kind in sizes if kind != HOST)  # not optim.offload_state's
     local = [d for d in setup.mesh.devices.flat if d.process_index == jax.process_index()]
     device = local[0]  # memory_stats answers for this process's own devices only
     stats = device.memory_stats() or {}
@@ -315,7 +351,7 @@ def check_state_fits(setup: TrainSetup) -> None:
         )
     if device.platform == "cpu":
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        on_host = per_device * len(local)
+        on_host = sum(size for size, _ in sizes) * len(local)
         if on_host > host:
             raise ConfigError(
                 f"the parameters and optimizer state need {on_host / 1e9:.1f} GB on this host's CPU "

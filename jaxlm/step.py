@@ -188,6 +188,7 @@ def make_train_step(
     loss_chunk: int = 0,
     trainable: Callable = _all_trained,
     dropout_seed: int | None = None,
+    offloaded_opt_state: tuple[Callable, Callable] | None = None,
 ) -> Callable:
     """(state, batch) → (state, metrics). The loss is the mean over the batch's trained targets
     (`loss_mask`): each micro-batch's summed loss is divided by the whole batch's count of them
@@ -196,7 +197,9 @@ def make_train_step(
 
     trainable: params → (trained, frozen), two nested dicts: only the trained ones are
     differentiated and updated (with LoRA, the adapters). dropout_seed: train.seed, when the
-    model has dropout (LoRA's); each step and micro-batch draws its own key from it."""
+    model has dropout (LoRA's); each step and micro-batch draws its own key from it.
+    offloaded_opt_state: for an optimizer state kept in host memory (optim.offload_state), the
+    functions that move it into device memory for the update and back out."""
 
     def mean_loss(trained, frozen, batch, denominator, key):
         loss_sum, _ = _loss_fn(graphdef, combine(trained, frozen), batch, loss_chunk, key)
@@ -233,17 +236,46 @@ def make_train_step(
         key = None if dropout_seed is None else lora.dropout_key(dropout_seed, state.step)
         with parallel.activation_sharding(mesh, rules):
             loss, grads = loss_and_grads(trained, frozen, batch, denominator, key)
-        updates, opt_state = optimizer.update(grads, state.opt_state, trained)
-        params = combine(optax.apply_updates(trained, updates), frozen)
+        grad_norm = optax.tree.norm(grads)
+        if offloaded_opt_state is None:
+            trained, opt_state = _optimizer_step(optimizer, grads, state.opt_state, trained)
+        else:
+            trained, opt_state = _offloaded_optimizer_step(
+                optimizer, offloaded_opt_state, grads, state.opt_state, trained, grad_norm
+            )
+        params = combine(trained, frozen)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "trained_tokens": trained_tokens,
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
+
+
+def _optimizer_step(optimizer, grads, opt_state, trained) -> tuple[Any, Any]:
+    """The optimizer's update applied: (updated trained parameters, new optimizer state)."""
+    updates, opt_state = optimizer.update(grads, opt_state, trained)
+    return optax.apply_updates(trained, updates), opt_state
+
+
+def _offloaded_optimizer_step(optimizer, moves, grads, opt_state, trained, grad_norm) -> tuple[Any, Any]:
+    """`_optimizer_step` on a state kept in host memory: `moves` (to device, to host) bring it
+    into device memory for the update and put the new state back."""
+    to_device, to_host = moves
+
+    def in_device_memory(grads, opt_state, trained):
+        trained, opt_state = _optimizer_step(optimizer, grads, to_device(opt_state), trained)
+        return trained, to_host(opt_state)
+
+    # Both branches are the same update: the condition on the gradients only holds the copy of
+    # the state into device memory back until the backward pass is done (XLA would start it with
+    # the step, and an optimization barrier on host arrays does not hold it).
+    return jax.lax.cond(
+        jnp.isfinite(grad_norm), in_device_memory, in_device_memory, grads, opt_state, trained
+    )
 
 
 def make_eval_step(graphdef, token_bytes: np.ndarray, mesh: Mesh, rules, loss_chunk: int = 0) -> Callable:
