@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.extend.core
 from etils import epath
+from jax._src.interpreters import partial_eval  # dce_jaxpr: no public API
 from jax.sharding import Mesh
 
 from jaxlm import storage
@@ -47,12 +48,21 @@ def model_flops_per_step(config: Config) -> float:
     return flops_per_token(config.model, config.data.seq_len) * tokens
 
 
-def matmul_flops(jaxpr: jax.extend.core.Jaxpr, blocks_run: float = 1.0) -> float:
-    """FLOPs of every matmul in a jaxpr (2 per multiply-add), each scan body counted as many times
-    as it runs, so rematerialised forward passes and micro-batches are included; a shard_map body
-    once per device it runs on, and a Pallas kernel's body once per cell of its grid that does
-    work: a kernel that skips blocks (splash attention, above the causal diagonal) says under a
-    name scope how many it runs (`splash.blocks_run_scope`), which `blocks_run` carries down."""
+def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
+    """FLOPs of every matmul in a jaxpr (2 per multiply-add) whose result is used, each scan body
+    counted as many times as it runs, so rematerialised forward passes and micro-batches are
+    included; a shard_map body once per device it runs on, and a Pallas kernel's body once per
+    cell of its grid that does work: a kernel that skips blocks (splash attention, above the
+    causal diagonal) says under a name scope how many it runs (`splash.blocks_run_scope`).
+
+    Unused results are dropped first, as the compiler drops them: a remat policy that keeps a
+    custom-VJP kernel's residuals (splash's, by name) still leaves its forward call in the
+    traced backward pass, with no use."""
+    used, _ = partial_eval.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    return _matmul_flops(used, 1.0)
+
+
+def _matmul_flops(jaxpr: jax.extend.core.Jaxpr, blocks_run: float) -> float:
     total = 0.0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -68,7 +78,7 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr, blocks_run: float = 1.0) -> float
         if eqn.primitive.name == "shard_map":
             repeats = math.prod(eqn.params["mesh"].shape[axis] for axis in eqn.params["newly_manual_axes"])
         for inner in jax.extend.core.jaxprs_in_params(eqn.params):
-            total += repeats * matmul_flops(inner, runs)
+            total += repeats * _matmul_flops(inner, runs)
     return total
 
 
