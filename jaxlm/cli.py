@@ -96,9 +96,11 @@ def _plan(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     if args.sweep:
-        trials = plan.sweep(config, args.topology)
-        print(plan.format_sweep(args.topology, trials))
-        return 0 if any(trial.plan and trial.plan.fits for trial in trials) else 1
+        from jaxlm import plan_sweep
+
+        trials = plan_sweep.sweep(config, args.topology)
+        print(plan_sweep.format_sweep(args.topology, trials))
+        return 0 if any(trial.fits for trial in trials) else 1
     log.info("compiling the train step of %s for %s", args.config, args.topology)
     result = plan.plan(config, args.topology)
     print(plan.format_plan(result))
@@ -222,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan_parser.add_argument(
         "--sweep",
         action="store_true",
-        help="try the splits of the topology over data/fsdp/tensor and the remat policies; rank them",
+        help="try the splits of the topology over data/fsdp/context/tensor, remat policies and micro-batches; "
+        "rank what fits by step time",
     )
     plan_parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.remat=full"

@@ -19,18 +19,23 @@ class Chip:
     hbm_bytes: float | None = None
     hbm_bandwidth: float | None = None
     ici_link_bandwidth: float | None = None
+    # One direction of the chip's PCIe link to its host (bytes/s), which offloaded activations and
+    # host-resident optimizer state cross. An assumption: no data sheet states it; 15 GB/s is the
+    # round per-chip figure of "How to Scale Your Model" (Austin et al., 2025, part 2).
+    host_link_bandwidth: float | None = None
 
 
-_V5E = Chip("TPU v5e", 197e12, 15.75 * GiB, 819e9, 50e9)
-_V6E = Chip("TPU v6e", 918e12, 31.25 * GiB, 1638e9, 100e9)
+_PCIE = 15e9
+_V5E = Chip("TPU v5e", 197e12, 15.75 * GiB, 819e9, 50e9, _PCIE)
+_V6E = Chip("TPU v6e", 918e12, 31.25 * GiB, 1638e9, 100e9, _PCIE)
 
 # Keyed by `device_kind` as JAX reports it ("TPU v5 lite" is a v5e, "TPU v5" a v5p), and by the
 # names people write.
 CHIPS = {
-    "TPU v4": Chip("TPU v4", 275e12, 30.75 * GiB, 1200e9, 50e9),
+    "TPU v4": Chip("TPU v4", 275e12, 30.75 * GiB, 1200e9, 50e9, _PCIE),
     "TPU v5 lite": _V5E,
     "TPU v5e": _V5E,
-    "TPU v5": Chip("TPU v5p", 459e12, 95.74 * GiB, 2765e9, 100e9),
+    "TPU v5": Chip("TPU v5p", 459e12, 95.74 * GiB, 2765e9, 100e9, _PCIE),
     "TPU v6 lite": _V6E,
     "TPU v6e": _V6E,
     "TPU7x": Chip("TPU7x", 2307e12),

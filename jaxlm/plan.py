@@ -21,11 +21,11 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 
 from jaxlm import parallel
-from jaxlm.config import MESH_AXES, Config, apply_override, config_from_dict
+from jaxlm.config import MESH_AXES, Config, ModelConfig
 from jaxlm.devices import CHIPS, Chip, GiB, table_entry
 from jaxlm.errors import ConfigError, UserError
 from jaxlm.metrics import matmul_flops, model_flops_per_step, peak_flops_per_device
-from jaxlm.model import registry
+from jaxlm.model import registry, remat
 from jaxlm.setup import abstract_inputs, build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
@@ -100,37 +100,57 @@ def _in_mesh_order(config: Config, devices: list[jax.Device]) -> list[jax.Device
     return list(mesh.devices.flat)
 
 
+# The outputs of matmuls with weights, where a family names them: a policy that recomputes any of
+# them in the backward pass needs that weight there again. Not mlp_down: the block's last matmul
+# only joins the residual stream, which no gradient needs (Llama-2-70B's save_dot_except_mlp and
+# save_dot_except_mlpwi compile to the same program), so it is never recomputed.
+WEIGHT_MATMULS = (*remat.QKV, "out_proj", "mlp_gate", "mlp_up")
+
+
+def recomputes_weight_matmuls(model: ModelConfig) -> bool:
+    """Whether model.remat recomputes a matmul with a weight in the backward pass, so that FSDP
+    gathers the weight again (and tensor and context parallelism repeat their forward collectives).
+
+    `none`, `dots`, `dots_no_batch` and `save_all_dots` keep every such output; the named presets
+    and `custom` recompute those of the family's that they neither save nor offload."""
+    if model.remat in ("none", "dots", "dots_no_batch"):
+        return False
+    chosen = remat.preset(model.remat, model.remat_save, model.remat_offload)
+    kept = {*chosen.save, *chosen.offload}
+    named = registry.family_of(model).activations
+    return any(name in named and name not in kept for name in WEIGHT_MATMULS)
+
+
 def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: int, chip: Chip) -> float:
     """ICI time of one step's collectives, each on a bidirectional ring over its mesh axis.
 
     A model of what GSPMD inserts, not a reading of the compiled program: FSDP gathers every
-    weight for the forward and backward passes (and the recomputed forward with full remat) and
-    reduce-scatters the gradients; data parallelism all-reduces the gradients; tensor
-    parallelism all-reduces the activations of every block twice forward and twice backward;
-    context parallelism gathers every layer's keys and values forward and reduce-scatters their
-    gradients backward, and shards the weights as FSDP does.
+    weight for the forward and backward passes (and the recomputed forward, when the remat policy
+    recomputes weight matmuls) and reduce-scatters the gradients; data parallelism all-reduces the
+    gradients; tensor parallelism all-reduces the activations of every block twice forward and
+    twice backward; context parallelism gathers every layer's keys and values forward and
+    reduce-scatters their gradients backward, and shards the weights as FSDP does.
     """
     model, train = config.model, config.train
     data, fsdp, context, tensor = (mesh_sizes[axis] for axis in MESH_AXES)
     fsdp *= context  # `embed` takes both axes
     compute_bytes = jnp.dtype(model.dtype).itemsize
     param_bytes = jnp.dtype(model.param_dtype).itemsize
-    full_remat = model.remat == "full"
+    forwards = 2 if recomputes_weight_matmuls(model) else 1
 
     def share(size: int) -> float:  # of an array collected over an axis, the part that travels
         return (size - 1) / size
 
     weights = param_count / tensor  # this chip's tensor slice of the model
-    gathers = 3 if full_remat else 2
-    volume = share(fsdp) * weights * (gathers * compute_bytes + param_bytes)
+    volume = share(fsdp) * weights * ((forwards + 1) * compute_bytes + param_bytes)
     volume += 2 * share(data) * weights / fsdp * param_bytes
     rows_per_chip = train.global_batch_size / train.micro_batches / (data * fsdp / context)
     activation = rows_per_chip * config.data.seq_len / context * model.d_model * compute_bytes
-    volume += (6 if full_remat else 4) * model.num_layers * 2 * share(tensor) * activation
+    volume += (2 * forwards + 2) * model.num_layers * 2 * share(tensor) * activation
     kv_per_token = registry.family_of(model).kv_per_token if context > 1 else None
     kv_width = kv_per_token(model) / tensor if kv_per_token else 0  # none gathered without context
     keys_values = rows_per_chip * config.data.seq_len * kv_width * compute_bytes
-    volume += (3 if full_remat else 2) * model.num_layers * share(context) * keys_values
+    volume += (forwards + 1) * model.num_layers * share(context) * keys_values
     return train.micro_batches * volume / (2 * chip.ici_link_bandwidth)
 
 
@@ -148,15 +168,27 @@ class Speed:
     compute_s: float
     memory_s: float
     collective_s: float
+    host_bytes: float = 0.0  # to pinned host memory and back over the chip's host link
+    host_s: float = 0.0
 
     @property
     def step_s(self) -> float:
-        return max(self.compute_s, self.memory_s, self.collective_s)
+        return max(self.compute_s, self.memory_s, self.collective_s, self.host_s)
 
     @property
     def bound(self) -> str:
-        times = {"compute": self.compute_s, "HBM": self.memory_s, "ICI": self.collective_s}
+        times = {
+            "compute": self.compute_s,
+            "HBM": self.memory_s,
+            "ICI": self.collective_s,
+            "host": self.host_s,
+        }
         return max(times, key=times.__getitem__)
+
+    @property
+    def flops_ratio(self) -> float:
+        """All matmul FLOPs ÷ the model FLOPs: the price of the remat policy (1.00 recomputes nothing)."""
+        return self.flops * self.chips / self.model_flops
 
     @property
     def tokens_per_s(self) -> float:
@@ -181,15 +213,27 @@ class Plan:
     optimizer_bytes: int
     peak_bytes: int  # the most live at once, which the compiler holds to the HBM (refused: its need)
     hbm_bytes: float
+    micro_batches: int = 1
+    remat_save: tuple[str, ...] = ()  # model.remat=custom's names
+    remat_offload: tuple[str, ...] = ()
+    flops_ratio: float | None = None  # the traced step's matmul FLOPs ÷ the model FLOPs
     argument_bytes: int = 0
     temp_bytes: int = 0
     output_bytes: int = 0  # outputs not written in place of the donated state
+    host_argument_bytes: int = 0  # state the compiled program keeps in pinned host memory
+    host_temp_bytes: int = 0  # activations offloaded between the forward and backward pass
+    host_output_bytes: int = 0
     speed: Speed | None = None  # None when the compiler refused the program
     refusal: str | None = None  # the compiler's words when it refused
 
     @property
     def fits(self) -> bool:
         return self.refusal is None and self.peak_bytes <= self.hbm_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        """Pinned host memory per chip: host-resident state and offloaded activations."""
+        return self.host_argument_bytes + self.host_temp_bytes + self.host_output_bytes
 
 
 def plan(config: Config, topology: str, devices: list[jax.Device] | None = None) -> Plan:
@@ -198,17 +242,22 @@ def plan(config: Config, topology: str, devices: list[jax.Device] | None = None)
     chip = chip_of(devices[0])
     setup, traced, compiled, refusal = compile_step(config, devices)
     state, shardings = setup.abstract_state, setup.state_shardings
+    model = config.model
     figures = Plan(
         topology=topology,
         chip=chip,
         chips=len(devices),
         mesh=dict(setup.mesh.shape),
-        remat=config.model.remat,
+        remat=model.remat,
         param_count=count_params(state.params),
         param_bytes=parallel.bytes_per_device(state.params, shardings.params),
         optimizer_bytes=parallel.bytes_per_device(state.opt_state, shardings.opt_state),
         peak_bytes=0,
         hbm_bytes=chip.hbm_bytes,
+        micro_batches=config.train.micro_batches,
+        remat_save=tuple(model.remat_save),
+        remat_offload=tuple(model.remat_offload),
+        flops_ratio=matmul_flops(traced.jaxpr.jaxpr) / model_flops_per_step(config),
     )
     if compiled is None:
         figures.refusal = refusal
@@ -219,21 +268,44 @@ def plan(config: Config, topology: str, devices: list[jax.Device] | None = None)
     figures.argument_bytes = memory.argument_size_in_bytes
     figures.temp_bytes = memory.temp_size_in_bytes
     figures.output_bytes = memory.output_size_in_bytes - memory.alias_size_in_bytes
+    figures.host_argument_bytes = memory.host_argument_size_in_bytes
+    figures.host_temp_bytes = memory.host_temp_size_in_bytes
+    figures.host_output_bytes = memory.host_output_size_in_bytes - memory.host_alias_size_in_bytes
     # Not all temporaries are live at once: the compiler's peak is what must fit, and what it checks.
     figures.peak_bytes = memory.peak_memory_in_bytes
+    if figures.host_bytes:
+        # Then its peak counts the host buffers too: it compiled Llama-2-70B offloading 106.64 GiB
+        # per chip with a "peak" of 109.65 GiB, 14 GiB over the HBM. What the HBM holds at once is
+        # at most the arguments, temporaries and new outputs; and host arguments (optimizer state
+        # kept there) are live all through the program, so all of them are in the compiler's peak.
+        figures.peak_bytes = min(
+            memory.peak_memory_in_bytes - memory.host_argument_size_in_bytes,
+            figures.argument_bytes + figures.temp_bytes + figures.output_bytes,
+        )
     peak_flops = peak_flops_per_device(devices[0], config)
-    figures.speed = _speed(config, figures, traced, compiled.cost_analysis() or {}, peak_flops)
+    figures.speed = _speed(config, figures, compiled.cost_analysis() or {}, peak_flops)
     return figures
 
 
-def _speed(config: Config, figures: Plan, traced, cost: dict, peak_flops: float) -> Speed:
+def host_transfer_bytes(figures: Plan) -> float:
+    """Bytes one step moves over the host link, both ways: host-resident state in and out once, and
+    offloaded activations out in each micro-batch's forward pass and back in its backward pass."""
+    state = figures.host_argument_bytes + figures.host_output_bytes
+    if figures.host_argument_bytes and not figures.host_output_bytes:
+        state *= 2  # the updated state written back in place of the donated one
+    return state + 2 * figures.micro_batches * figures.host_temp_bytes
+
+
+def _speed(config: Config, figures: Plan, cost: dict, peak_flops: float) -> Speed:
     chip = figures.chip
-    flops = matmul_flops(traced.jaxpr.jaxpr) / figures.chips
+    model_flops = model_flops_per_step(config)
+    flops = figures.flops_ratio * model_flops / figures.chips
     xla_bytes = float(cost.get("bytes accessed", 0.0))
     xla_seconds = cost.get("optimal_seconds")  # XLA's TPU cost model can return a negative time
+    host_bytes = host_transfer_bytes(figures)
     return Speed(
         flops=flops,
-        model_flops=model_flops_per_step(config),
+        model_flops=model_flops,
         peak_flops=peak_flops,
         chips=figures.chips,
         tokens_per_step=config.train.global_batch_size * config.data.seq_len,
@@ -242,7 +314,24 @@ def _speed(config: Config, figures: Plan, traced, cost: dict, peak_flops: float)
         compute_s=flops / peak_flops,
         memory_s=xla_bytes / chip.hbm_bandwidth,
         collective_s=collective_seconds(config, figures.mesh, figures.param_count, chip),
+        host_bytes=host_bytes,
+        # The forward pass's writes and the backward pass's reads do not overlap each other.
+        host_s=host_bytes / chip.host_link_bandwidth if host_bytes else 0.0,
     )
+
+
+def host_shortfall(refusal: str | None) -> tuple[int, int] | None:
+    """Pinned host memory needed and allowed per chip, when the compiler refused the program for
+    want of it ("Ran out of memory in memory space host. Used 140.00G of 128.00G host.")."""
+    found = re.search(r"memory space host\. Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) host", refusal or "")
+    if found is None:
+        return None
+    used, used_unit, capacity, capacity_unit = found.groups()
+    return _bytes(used, used_unit), _bytes(capacity, capacity_unit)
+
+
+def _bytes(number: str, unit: str) -> int:
+    return int(float(number) * 1024 ** "KMGT".index(unit) * 1024)
 
 
 def _needed_and_available(refusal: str) -> tuple[int | None, int | None]:
@@ -251,91 +340,8 @@ def _needed_and_available(refusal: str) -> tuple[int | None, int | None]:
     sizes = re.findall(r"\(([\d.]+)([KMGT])\)", refusal)
     if len(sizes) != 2:
         return None, None
-    needed, available = (int(float(number) * 1024 ** "KMGT".index(unit) * 1024) for number, unit in sizes)
+    needed, available = (_bytes(number, unit) for number, unit in sizes)
     return needed, available
-
-
-# ---------------------------------------------------------------------------------------------
-# Sweep: the splits of the topology over the mesh axes, and the remat policies.
-
-# Least recomputation first: for one split, the first policy that fits is the fastest that fits.
-REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")
-MAX_TENSOR = 8  # tensor parallelism beyond a host's chips is rarely worth its all-reduces
-
-
-@dataclass
-class Trial:
-    """One candidate of a sweep: the plan, or why the config could not be built."""
-
-    overrides: list[str]
-    plan: Plan | None = None
-    skipped: str | None = None
-
-
-LONG_SEQUENCE = 16384  # from here on the sweep splits sequences too (context parallelism)
-MAX_CONTEXT = 32
-
-
-def mesh_splits(chips: int, seq_len: int = 0) -> list[tuple[int, int, int, int]]:
-    """(data, fsdp, context, tensor) sizes whose product is `chips`: tensor at most MAX_TENSOR,
-    and context 1 unless rows are LONG_SEQUENCE tokens or more (then up to MAX_CONTEXT, each
-    splitting a row into two chunks per shard)."""
-    divisors = [d for d in range(1, chips + 1) if chips % d == 0]
-    contexts = [
-        c
-        for c in divisors
-        if c == 1 or (seq_len >= LONG_SEQUENCE and c <= MAX_CONTEXT and seq_len % (2 * c) == 0)
-    ]
-    return [
-        (data, chips // (context * tensor) // data, context, tensor)
-        for context in contexts
-        for tensor in divisors
-        if tensor <= MAX_TENSOR and (chips // context) % tensor == 0
-        for data in divisors
-        if (chips // (context * tensor)) % data == 0
-    ]
-
-
-def sweep(config: Config, topology: str, devices: list[jax.Device] | None = None) -> list[Trial]:
-    """Per split, plan the remat policies in order until one fits; one trial per split, best first."""
-    devices = devices if devices is not None else topology_devices(topology)
-    splits = mesh_splits(len(devices), config.data.seq_len)
-    trials = []
-    for number, (data, fsdp, context, tensor) in enumerate(splits, start=1):
-        mesh = [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.context={context}", f"mesh.tensor={tensor}"]
-        for remat in REMAT_POLICIES:
-            trial = _try(config, topology, devices, [*mesh, f"model.remat={remat}"])
-            outcome = trial.skipped or ("fits" if trial.plan.fits else "does not fit")
-            log.info("sweep %d/%d: %s: %s", number, len(splits), " ".join(trial.overrides), outcome)
-            if trial.skipped or trial.plan.fits:
-                break
-        trials.append(trial)  # the policy that fits, else the most frugal one, or why the split failed
-    return sorted(trials, key=_rank)
-
-
-def _try(config: Config, topology: str, devices: list[jax.Device], overrides: list[str]) -> Trial:
-    raw = config.to_dict()
-    for override in overrides:
-        apply_override(raw, override)
-    try:
-        return Trial(overrides, plan=plan(config_from_dict(raw), topology, devices))
-    except ConfigError as error:
-        return Trial(overrides, skipped=str(error))
-
-
-def step_rank_key(step_s: float) -> float:
-    """Step times equal to 3 significant figures tie (a roofline is no finer than that)."""
-    return float(f"{step_s:.3g}")
-
-
-def _rank(trial: Trial) -> tuple:
-    """Fastest first; ties (compute-bound splits) go to less ICI traffic, then to less memory."""
-    if trial.plan is None:
-        return (2,)
-    if not trial.plan.fits:
-        return (1, trial.plan.peak_bytes)
-    speed = trial.plan.speed
-    return (0, step_rank_key(speed.step_s), speed.collective_s, trial.plan.peak_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,10 +356,21 @@ def _mesh(mesh: dict[str, int]) -> str:
     return " ".join(f"{axis}={size}" for axis, size in mesh.items())
 
 
+def remat_label(plan: Plan) -> str:
+    """model.remat as the report names it: custom with its names."""
+    if plan.remat != "custom":
+        return plan.remat
+    kept = (("save", plan.remat_save), ("offload", plan.remat_offload))
+    parts = [f"{key} {','.join(names)}" for key, names in kept if names]
+    return f"custom ({'; '.join(parts) or 'saves nothing'})"
+
+
 def format_plan(plan: Plan) -> str:
     """The report of `jaxlm plan`: memory, time and throughput per chip, then the verdict."""
+    micro = f"{plan.micro_batches} micro-batch{'es' if plan.micro_batches > 1 else ''}"
     lines = [
-        f"plan: {plan.topology}, {plan.chips} × {plan.chip.name}; mesh {_mesh(plan.mesh)}; remat {plan.remat}",
+        f"plan: {plan.topology}, {plan.chips} × {plan.chip.name}; mesh {_mesh(plan.mesh)}; "
+        f"remat {remat_label(plan)}; {micro}",
         f"model: {plan.param_count:,} parameters",
         "",
         "memory per chip (the compiler's buffer assignment)",
@@ -365,27 +382,54 @@ def format_plan(plan: Plan) -> str:
             f"  arguments         {_gib(plan.argument_bytes):>12}   state and batch, padded to TPU tiles",
             f"  temporaries       {_gib(plan.temp_bytes):>12}   activations, gradients, workspace; not all live at once",
             f"  new outputs       {_gib(plan.output_bytes):>12}   outputs not written in place of the state",
+            *_host_lines(plan),
         ]
     else:
         lines.append(f"  the compiler refused the program: {plan.refusal}")
     share = plan.peak_bytes / plan.hbm_bytes
-    lines.append(
-        f"  peak              {_gib(plan.peak_bytes):>12}   live at once, of {_gib(plan.hbm_bytes)} HBM ({share:.0%})"
-    )
+    recomputed = f"; {plan.flops_ratio:.2f}× the model FLOPs" if plan.flops_ratio else ""
+    if plan.peak_bytes:
+        live = "at most arguments + temporaries" if plan.host_bytes else "live at once"
+        lines.append(
+            f"  peak              {_gib(plan.peak_bytes):>12}   {live}, of {_gib(plan.hbm_bytes)} HBM "
+            f"({share:.0%}){recomputed}"
+        )
+    else:
+        lines.append(f"  peak              {'not known':>12}   the compiler stopped before{recomputed}")
     if plan.speed is not None:
-        lines += ["", *_speed_lines(plan.speed)]
+        lines += ["", *_speed_lines(plan.speed, plan.chip)]
     return "\n".join([*lines, "", verdict(plan)])
 
 
-def _speed_lines(speed: Speed) -> list[str]:
+def _host_lines(plan: Plan) -> list[str]:
+    """Pinned host memory, where the compiled program puts anything there."""
+    lines = []
+    if plan.host_argument_bytes or plan.host_output_bytes:
+        state = max(plan.host_argument_bytes, plan.host_output_bytes)
+        lines.append(f"  host: state       {_gib(state):>12}   kept in pinned host memory between steps")
+    if plan.host_temp_bytes:
+        lines.append(
+            f"  host: temporaries {_gib(plan.host_temp_bytes):>12}   during the step: offloaded activations, "
+            "state on its way"
+        )
+    return lines
+
+
+def _speed_lines(speed: Speed, chip: Chip) -> list[str]:
     xla = f"{speed.xla_seconds:.4g} s, each loop once" if speed.xla_seconds else "no usable figure"
-    recomputation = speed.flops * speed.chips / speed.model_flops
+    host = []
+    if speed.host_bytes:
+        host = [
+            f"  host transfers    {speed.host_s:10.4g} s   {_gib(speed.host_bytes)} to host and back, "
+            f"at an assumed {chip.host_link_bandwidth / 1e9:.0f} GB/s"
+        ]
     return [
-        "time per step (a lower bound: the slowest of compute, HBM and ICI; see docs/planning.md)",
-        f"  FLOPs per chip    {speed.flops:12.3e}   every matmul, {recomputation:.2f}× the model FLOPs",
+        "time per step (a lower bound: the slowest of compute, HBM, ICI and host; see docs/planning.md)",
+        f"  FLOPs per chip    {speed.flops:12.3e}   every matmul, {speed.flops_ratio:.2f}× the model FLOPs",
         f"  compute           {speed.compute_s:10.4g} s   at the peak {speed.peak_flops / 1e12:.0f} TFLOP/s",
         f"  HBM traffic       {speed.memory_s:10.4g} s   XLA's bytes accessed, each scanned loop once",
         f"  ICI collectives   {speed.collective_s:10.4g} s   modelled from the mesh and the model's shapes",
+        *host,
         f"  step              {speed.step_s:10.4g} s   {speed.bound}-bound (XLA's cost model: {xla})",
         f"at best: {speed.tokens_per_s:,.0f} tokens/s ({speed.tokens_per_s / speed.chips:,.0f} per chip), "
         f"MFU {speed.mfu:.1%}",
@@ -396,8 +440,15 @@ def verdict(plan: Plan) -> str:
     hbm = plan.hbm_bytes
     if plan.fits:
         return f"fits: {_gib(plan.peak_bytes)} of the {_gib(hbm)} of HBM per chip ({_gib(hbm - plan.peak_bytes)} spare)"
-    fixes = ["model.remat=full"] if plan.remat != "full" else []
+    fixes = ["model.remat=full"] if plan.remat not in ("full", "minimal") else []
     fixes = ", ".join([*fixes, "more train.micro_batches", "a larger topology", "jaxlm plan --sweep"])
+    host = host_shortfall(plan.refusal)
+    if host is not None:
+        needed, allowed = host
+        return (
+            f"does not fit: needs {_gib(needed)} of pinned host memory per chip, {_gib(needed - allowed)} more "
+            f"than the {_gib(allowed)} the TPU compiler allows; offload less (model.remat_offload), or try {fixes}"
+        )
     if plan.peak_bytes <= hbm:  # refused, with a message that does not say how much it needs
         return (
             f"does not fit: the compiler ran out of the {_gib(hbm)} of HBM of a {plan.chip.name}; try {fixes}"
@@ -407,32 +458,3 @@ def verdict(plan: Plan) -> str:
         f"does not fit: needs {_gib(plan.peak_bytes)} per chip, {_gib(excess)} ({excess / hbm:.0%}) more "
         f"than the {_gib(hbm)} of a {plan.chip.name}; try {fixes}"
     )
-
-
-def format_sweep(topology: str, trials: list[Trial]) -> str:
-    """The sweep's table, best first, then what was skipped and the overrides of the winner."""
-    lines = [
-        f"sweep of {topology}: splits over data × fsdp × context × tensor; per split, remat policies until one fits",
-        f"{'rank':>4}  {'data':>4}  {'fsdp':>4}  {'context':>7}  {'tensor':>6}  {'remat':<13}  {'GiB/chip':>8}  "
-        f"{'step s':>8}  {'tokens/s':>12}  {'MFU':>6}  bound",
-    ]
-    planned = [trial.plan for trial in trials if trial.plan is not None]
-    for rank, plan in enumerate(planned, start=1):
-        mesh = plan.mesh
-        sizes = f"{mesh['data']:>4}  {mesh['fsdp']:>4}  {mesh['context']:>7}  {mesh['tensor']:>6}  {plan.remat:<13}"
-        memory = f"{plan.peak_bytes / GiB:8.2f}"
-        if plan.fits and plan.speed is not None:
-            speed = plan.speed
-            figures = f"{speed.step_s:8.3g}  {speed.tokens_per_s:12,.0f}  {speed.mfu:6.1%}  {speed.bound}"
-            lines.append(f"{rank:>4}  {sizes}  {memory}  {figures}")
-        else:
-            lines.append(f"{'-':>4}  {sizes}  {memory}  does not fit")
-    lines += [
-        f"skipped {' '.join(trial.overrides[:4])}: {trial.skipped}" for trial in trials if trial.skipped
-    ]
-    best = next((trial for trial in trials if trial.plan and trial.plan.fits), None)
-    if best is None:
-        lines.append(f"nothing fits on {topology}; try more train.micro_batches or a larger topology")
-    else:
-        lines.append(f"best: {' '.join(best.overrides)}")
-    return "\n".join(lines)
