@@ -21,14 +21,15 @@ from jaxlm.plan import Plan, plan, remat_label, topology_devices
 
 log = logging.getLogger("jaxlm")
 
-# Least recomputation first (FLOPs ratios of Llama-2-70B in docs/planning.md): each keeps less in
-# HBM than the one before it, but `dots`, which with XLA's attention keeps the scores too.
+# Least recomputation first with splash attention, which TPUs run (docs/memory.md): save_all_dots
+# keeps the kernel's residuals and recomputes nothing; dots and dots_no_batch run its forward
+# again (with XLA's attention, dots keeps the scores instead and save_all_dots recomputes them).
 # `minimal` is `full` under another name; the offload preset keeps what the one before it keeps,
 # in host memory, for the host link's time.
 SWEEP_POLICIES = (
     "none",
-    "dots",
     "save_all_dots",
+    "dots",
     "dots_no_batch",
     "save_dot_except_mlpwi",
     "offload_dot_except_mlpwi",
