@@ -25,27 +25,12 @@ from etils import epath
 from jax.sharding import SingleDeviceSharding
 
 from jaxlm import lora, storage
-from jaxlm.config import Config
+from jaxlm.config import RUN_MODEL_KEYS, Config
 from jaxlm.errors import PreemptionGraceExpired, TrainingDiverged, UserError, cause
 from jaxlm.model import registry
 from jaxlm.setup import TrainSetup, with_shardings
 
 log = logging.getLogger("jaxlm")
-
-# Model keys that change how the step runs, not the parameters: a run may resume with new values
-# (and a run started from model.init_from resumes from its own checkpoints, wherever that points).
-HOW_TO_RUN_MODEL_KEYS = frozenset(
-    {
-        "dtype",
-        "remat",
-        "remat_save",
-        "remat_offload",
-        "scan_layers",
-        "attention",
-        "max_documents",
-        "init_from",
-    }
-)
 
 
 class DataPositionHandler(ocp.CheckpointHandler):
@@ -309,7 +294,7 @@ class Checkpointer:
         changed = sorted(
             key
             for key in saved_model.keys() | model.keys()
-            if key not in HOW_TO_RUN_MODEL_KEYS and saved_model.get(key) != model.get(key)
+            if key not in RUN_MODEL_KEYS and saved_model.get(key) != model.get(key)
         )
         if changed:
             raise UserError(

@@ -68,6 +68,26 @@ class Section(BaseModel):
         return value
 
 
+# Model keys that say how a model runs, not what it is: a run may resume from its checkpoints with
+# other values (model.init_from included: a restarted run resumes from its own checkpoints), and
+# model.init_from leaves them as configured.
+RUN_MODEL_KEYS = frozenset(
+    {
+        "dtype",
+        "remat",
+        "remat_save",
+        "remat_offload",
+        "scan_layers",
+        "attention",
+        "splash_block_q",
+        "splash_block_kv",
+        "splash_interpret",
+        "max_documents",
+        "init_from",
+    }
+)
+
+
 class ModelConfig(Section):
     """What every model family shares and the rest of jaxlm reads. A family subclasses it with
     its own keys (`jaxlm.model.llama.LlamaConfig`); `model.family` picks the subclass."""

@@ -16,7 +16,7 @@ from etils import epath
 from flax import nnx
 
 from jaxlm import lora, storage
-from jaxlm.config import Config, apply_override, config_from_dict
+from jaxlm.config import RUN_MODEL_KEYS, Config, apply_override, config_from_dict
 from jaxlm.data.tokenizers import Tokenizer, load_tokenizer
 from jaxlm.errors import ConfigError, UserError, cause
 from jaxlm.hf import files, read
@@ -26,21 +26,9 @@ from jaxlm.setup import ModelSetup, build_model, model_setup, with_shardings
 
 log = logging.getLogger("jaxlm")
 
-# Model keys that say how a model runs, not what it is: model.init_from leaves them as configured.
-RUN_MODEL_KEYS = frozenset(
-    {
-        "dtype",
-        "param_dtype",
-        "remat",
-        "remat_save",
-        "remat_offload",
-        "scan_layers",
-        "attention",
-        "max_documents",
-        "init_std",
-        "init_from",
-    }
-)
+# Model keys model.init_from leaves as configured: how a model runs, and how it is stored and
+# initialised (a resumed run keeps its checkpoint's dtypes; a loaded model takes the run's).
+CONFIGURED_MODEL_KEYS = RUN_MODEL_KEYS | {"param_dtype", "init_std"}
 
 
 @dataclass
@@ -265,7 +253,7 @@ def load(
 
 
 def apply_init_from(config: Config, given: Collection[str] = ()) -> Config:
-    """`config` with the architecture of model.init_from (every model key but RUN_MODEL_KEYS), and
+    """`config` with the architecture of model.init_from (every model key but CONFIGURED_MODEL_KEYS), and
     its tokenizer unless data.tokenizer is set. `given`: the dotted keys set on the command line,
     which must agree with the source. A run with checkpoints of its own takes all that from its
     newest one, so a restart resumes without needing the source again."""
@@ -280,7 +268,7 @@ def apply_init_from(config: Config, given: Collection[str] = ()) -> Config:
     architecture = {
         key: value
         for key, value in family.config.model_validate(source.model).model_dump(mode="json").items()
-        if key not in RUN_MODEL_KEYS
+        if key not in CONFIGURED_MODEL_KEYS
     }
     current = config.model.model_dump(mode="json")
     extended = {
@@ -309,7 +297,7 @@ def apply_init_from(config: Config, given: Collection[str] = ()) -> Config:
             ", ".join(f"{key} {current.get(key)!r} -> {architecture[key]!r}" for key in changed),
         )
     raw = config.to_dict()
-    raw["model"] = {**{key: current[key] for key in RUN_MODEL_KEYS if key in current}, **architecture}
+    raw["model"] = {**{key: current[key] for key in CONFIGURED_MODEL_KEYS if key in current}, **architecture}
     if "tokenizer" not in config.data.model_fields_set:
         if source.tokenizer is None:
             raise ConfigError(

@@ -66,15 +66,17 @@ def test_resumed_run_logs_exactly_the_losses_of_an_uninterrupted_one(tmp_path, u
 def test_resume_onto_another_mesh_restores_resharded_state(tmp_path, uninterrupted):
     first = tiny_config(tmp_path, *RESUMABLE, "train.steps=4")
     train(first)
-    # Also unrolled, rematerialised, with other cuDNN document slots: they change how the step
-    # runs, not the parameters.
+    # Also unrolled, rematerialised, with other cuDNN document slots and splash blocks: they
+    # change how the step runs, not the parameters.
     resumed = (
         "mesh.data=1",
         "mesh.fsdp=4",
         "mesh.tensor=2",
         "model.scan_layers=false",
-        "model.remat=full",
+        "model.remat=custom",
+        "model.remat_save=[mlp_gate]",
         "model.max_documents=3",
+        "model.splash_block_q=256",
     )
     train(tiny_config(tmp_path, *RESUMABLE, *resumed))
     expected, resumed = train_losses(uninterrupted), train_losses(tmp_path)

@@ -233,7 +233,7 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, lora: LoRASpec | None = None):
         pdt = dtype_of(config.param_dtype)
         self.dtype = dtype_of(config.dtype)
-        self.remat = (config.remat, config.remat_save, config.remat_offload)
+        self.remat = (config.remat, tuple(config.remat_save), tuple(config.remat_offload))  # hashable: static
         self.attention, self.max_documents = config.attention, config.max_documents
         self.scan_layers = config.scan_layers
         self.num_layers, self.num_kv_heads = config.num_layers, config.num_kv_heads
