@@ -31,7 +31,7 @@ from jaxlm import lora, parallel
 from jaxlm.config import Config, ModelConfig
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError
-from jaxlm.model import registry, splash
+from jaxlm.model import registry, remat, splash
 from jaxlm.model.layers import attention_kernel, runs_cudnn_attention
 from jaxlm.model.lora import LoRASpec, combine, split_adapters
 from jaxlm.optim import make_optimizer
@@ -118,6 +118,9 @@ def build_model(config: Config, devices: Sequence[jax.Device] | None = None) -> 
     rules = config.mesh.rules
     parallel.check_batch(config, mesh)
     parallel.check_context(config, mesh)
+    if remat.offloads(config.model.remat, config.model.remat_offload):
+        fix = "use a model.remat that keeps activations on the device, e.g. save_dot_except_mlpwi"
+        check_host_memory(mesh, f"model.remat={config.model.remat} (it offloads activations)", fix)
     context = parallel.context_size(mesh, rules)
     if context > 1 and registry.family_of(config.model).kv_per_token is None:
         raise ConfigError(
@@ -216,7 +219,7 @@ def build_train(config: Config, devices: Sequence[jax.Device] | None = None) -> 
         transform_non_params=lambda _: replicated,
     )
     if config.optim.offload_state:
-        check_host_memory(model.mesh)
+        check_host_memory(model.mesh, "optim.offload_state=true", "use optim.offload_state=false")
         opt_shardings = jax.tree.map(lambda sharding: sharding.with_memory_kind(HOST), opt_shardings)
     state_shardings = TrainState(replicated, model.param_shardings, opt_shardings)
     base_shardings, adapter_shardings = model.base_param_shardings, split_adapters(model.param_shardings)[0]
@@ -247,13 +250,12 @@ def build_train(config: Config, devices: Sequence[jax.Device] | None = None) -> 
 HOST = "pinned_host"  # the host memory kind a device can compute with, where offloaded state lives
 
 
-def check_host_memory(mesh: Mesh) -> None:
-    """One line for devices without pinned host memory to keep the optimizer state in."""
+def check_host_memory(mesh: Mesh, setting: str, fix: str) -> None:
+    """One line for devices without the pinned host memory that `setting` moves arrays to."""
     device = mesh.devices.flat[0]
     if HOST not in {memory.kind for memory in device.addressable_memories()}:
         raise ConfigError(
-            f"optim.offload_state=true needs devices with {HOST} memory, and {device.device_kind} "
-            "devices have none; use optim.offload_state=false"
+            f"{setting} needs devices with {HOST} memory, and {device.device_kind} devices have none; {fix}"
         )
 
 
