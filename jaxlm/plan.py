@@ -100,25 +100,11 @@ def _in_mesh_order(config: Config, devices: list[jax.Device]) -> list[jax.Device
     return list(mesh.devices.flat)
 
 
-# The outputs of matmuls with weights, where a family names them: a policy that recomputes any of
-# them in the backward pass needs that weight there again. Not mlp_down: the block's last matmul
-# only joins the residual stream, which no gradient needs (Llama-2-70B's save_dot_except_mlp and
-# save_dot_except_mlpwi compile to the same program), so it is never recomputed.
-WEIGHT_MATMULS = (*remat.QKV, "out_proj", "mlp_gate", "mlp_up")
-
-
 def recomputes_weight_matmuls(model: ModelConfig) -> bool:
     """Whether model.remat recomputes a matmul with a weight in the backward pass, so that FSDP
-    gathers the weight again (and tensor and context parallelism repeat their forward collectives).
-
-    `none`, `dots`, `dots_no_batch` and `save_all_dots` keep every such output; the named presets
-    and `custom` recompute those of the family's that they neither save nor offload."""
-    if model.remat in ("none", "dots", "dots_no_batch"):
-        return False
-    chosen = remat.preset(model.remat, model.remat_save, model.remat_offload)
-    kept = {*chosen.save, *chosen.offload}
-    named = registry.family_of(model).activations
-    return any(name in named and name not in kept for name in WEIGHT_MATMULS)
+    gathers the weight again (and tensor and context parallelism repeat their forward collectives)."""
+    activations = registry.family_of(model).activations
+    return remat.recomputes_weight_matmuls(model.remat, model.remat_save, model.remat_offload, activations)
 
 
 def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: int, chip: Chip) -> float:

@@ -113,6 +113,26 @@ def check(
     return None
 
 
+# The outputs of matmuls with weights: a policy that recomputes any of them in the backward pass
+# needs that weight there again. Not mlp_down: the block's last matmul only joins the residual
+# stream, which no gradient needs (Llama-2-70B's save_dot_except_mlp and save_dot_except_mlpwi
+# compile to the same program), so it is never recomputed.
+WEIGHT_MATMULS = (*QKV, "out_proj", "mlp_gate", "mlp_up")
+
+
+def recomputes_weight_matmuls(
+    remat: str, save: Sequence[str], offload: Sequence[str], activations: Sequence[str]
+) -> bool:
+    """Whether the policy recomputes a matmul with a weight in the backward pass, for a family
+    that names `activations`. `none` and JAX's dots policies keep every such output; the named
+    presets and `custom` recompute those of the family's that they neither save nor offload."""
+    chosen = preset(remat, save, offload)
+    if remat == "none" or chosen.generic is not None:
+        return False
+    kept = {*chosen.save, *chosen.offload}
+    return any(name in activations and name not in kept for name in WEIGHT_MATMULS)
+
+
 def offloads(remat: str, offload: Sequence[str] = ()) -> bool:
     """Whether the policy moves anything to host memory."""
     return bool(preset(remat, (), offload).offload)
