@@ -272,9 +272,9 @@ def context_size(mesh: Mesh, rules: Rules) -> int:
     return _axis_size(mesh, rules.get("length") or ())
 
 
-def check_context(config: Config, mesh: Mesh) -> None:
-    """What context parallelism asks of the row length, one line each before compiling."""
-    shards = context_size(mesh, config.mesh.rules)
+def check_context(config: Config, shards: int) -> None:
+    """What `shards`-way context parallelism (`context_size`) asks of the row length, one line
+    each before compiling."""
     if shards == 1:
         return
     seq_len, chunk = config.data.seq_len, config.train.loss_chunk

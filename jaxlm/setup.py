@@ -117,17 +117,17 @@ def build_model(config: Config, devices: Sequence[jax.Device] | None = None) -> 
     mesh = parallel.make_mesh(config, devices)
     rules = config.mesh.rules
     parallel.check_batch(config, mesh)
-    parallel.check_context(config, mesh)
+    context = parallel.context_size(mesh, rules)
+    parallel.check_context(config, context)
     if remat.offloads(config.model.remat, config.model.remat_offload):
         fix = "use a model.remat that keeps activations on the device, e.g. save_dot_except_mlpwi"
         check_host_memory(mesh, f"model.remat={config.model.remat} (it offloads activations)", fix)
-    context = parallel.context_size(mesh, rules)
     if context > 1 and registry.family_of(config.model).kv_per_token is None:
         raise ConfigError(
             f"model.family={config.model.family} does not lay its rows out for context parallelism, "
             f"and mesh.context={context} splits them; use mesh.context=1"
         )
-    attention = resolve_attention(config, mesh)
+    attention = resolve_attention(config, mesh.devices.flat[0], context)
     model_config = config.model.model_copy(update={"attention": attention})
     adapters = lora.spec_of(config.optim.lora, model_config)
     setup = model_setup(model_config, adapters, mesh, rules)
@@ -136,12 +136,12 @@ def build_model(config: Config, devices: Sequence[jax.Device] | None = None) -> 
     return setup
 
 
-def resolve_attention(config: Config, mesh: Mesh) -> str:
-    """The kernel model.attention names on this mesh's devices (`attention_kernel`), or one line
-    for a kernel they cannot run. Under context parallelism auto takes XLA's attention over
-    cuDNN's (whole rows only), and splash only for rows its blocks cut (else XLA's too)."""
-    setting, device = config.model.attention, mesh.devices.flat[0]
-    context = parallel.context_size(mesh, config.mesh.rules)
+def resolve_attention(config: Config, device: jax.Device, context: int) -> str:
+    """The kernel model.attention names on a mesh of `device`s that splits rows `context` ways
+    (`attention_kernel`), or one line for a kernel they cannot run. Under context parallelism
+    auto takes XLA's attention over cuDNN's (whole rows only), and splash only for rows its
+    blocks cut (else XLA's too)."""
+    setting = config.model.attention
     if setting == "cudnn" and not runs_cudnn_attention(device):
         raise ConfigError(
             f"model.attention=cudnn needs an NVIDIA GPU of compute capability 9.0 or newer, and these "
