@@ -18,7 +18,10 @@ import sys
 from typing import Any
 
 import jax
-from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
+from report import (  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
+    compiled_memory,
+    report,
+)
 
 from jaxlm.config import load_config
 from jaxlm.model.lora import split_adapters
@@ -37,24 +40,15 @@ def measure(config_path: str, overrides: list[str]) -> dict[str, Any]:
     memory = jit_train_step(config, setup).lower(state, batch).compile().memory_analysis()
     params, shardings = setup.abstract_state, setup.state_shardings
     trained = setup.model.trainable(params.params)[0]
-    peak = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-    )
+    figures = compiled_memory(memory)
     return {
         "params": count_params(params.params),
         "trained_params": count_params(trained),
         "adapter_params": count_params(split_adapters(params.params)[0]),
         "param_bytes": bytes_per_device(params.params, shardings.params),
         "optimizer_bytes": bytes_per_device(params.opt_state, shardings.opt_state),
-        "argument_bytes": memory.argument_size_in_bytes,
-        "output_bytes": memory.output_size_in_bytes,
-        "alias_bytes": memory.alias_size_in_bytes,
-        "temp_bytes": memory.temp_size_in_bytes,
-        "peak_bytes": peak,
-        "peak_gib": round(peak / GIB, 2),
+        **figures,
+        "peak_gib": round(figures["peak_bytes"] / GIB, 2),
     }
 
 

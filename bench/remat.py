@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals  # the analysis print_saved_residuals prints
+from report import compiled_memory  # bench/report.py: on sys.path, as train_throughput
 from train_throughput import random_batch  # bench/: `python bench/<script>.py` puts it on sys.path
 
 from jaxlm.cli import setup_logging
@@ -132,23 +133,14 @@ def saved_per_layer(config_path: str, overrides: list[str], policy: str, rows: i
     }
 
 
-def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
-    """XLA's memory analysis of a compiled step, and its peak."""
+def memory_figures(compiled: jax.stages.Compiled) -> dict[str, Any]:
+    """The compiled step's memory (`report.compiled_memory`), its host temporaries and peak in GiB."""
     memory = compiled.memory_analysis()
-    peak = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-    )
+    figures = compiled_memory(memory)
     return {
-        "argument_bytes": memory.argument_size_in_bytes,
-        "output_bytes": memory.output_size_in_bytes,
-        "alias_bytes": memory.alias_size_in_bytes,
-        "temp_bytes": memory.temp_size_in_bytes,
+        **figures,
         "host_temp_bytes": memory.host_temp_size_in_bytes,
-        "peak_bytes": peak,
-        "peak_gib": round(peak / GIB, 3),
+        "peak_gib": round(figures["peak_bytes"] / GIB, 3),
     }
 
 
@@ -179,7 +171,7 @@ def analyse(config_path: str, overrides: list[str], policy: str) -> tuple[dict[s
         "num_layers": config.model.num_layers,
         "scan_layers": config.model.scan_layers,
         "tokens_per_step": config.train.global_batch_size * config.data.seq_len,
-        **compiled_memory(compiled),
+        **memory_figures(compiled),
         **saved_per_layer(config_path, overrides, policy, config.train.global_batch_size),
         "model_flops": model_flops,
         "matmul_flops": matmul_flops(traced.jaxpr.jaxpr),

@@ -23,3 +23,22 @@ def report(measure: Callable[[], dict[str, Any]]) -> int:
         return 2
     print(json.dumps(figures))
     return 0
+
+
+def compiled_memory(memory: Any) -> dict[str, int]:
+    """XLA's memory analysis of a compiled step (`compiled.memory_analysis()`): argument, output,
+    aliased (donated) and temporary bytes, and their peak, arguments + outputs − aliased +
+    temporaries."""
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    return {
+        "argument_bytes": memory.argument_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "alias_bytes": memory.alias_size_in_bytes,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "peak_bytes": peak,
+    }
