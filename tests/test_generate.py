@@ -199,7 +199,7 @@ def test_a_sharded_cache_draws_the_tokens_of_one_device(loaded, greedy):
     state, _ = generation._prefill(
         sharded.params, tokens, positions, segment_ids, jax.random.key(0), program=program, cache_length=32
     )
-    expected = NamedSharding(sharded.setup.mesh, PartitionSpec(None, ("data", "fsdp"), None, "tensor", None))
+    expected = NamedSharding(sharded.setup.mesh, PartitionSpec(None, ("data", "fsdp"), "tensor", None, None))
     assert state.cache.keys.sharding.is_equivalent_to(expected, 5)
 
 

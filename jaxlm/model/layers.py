@@ -114,17 +114,22 @@ def attention_mask(segment_ids: jax.Array, order: np.ndarray | None = None) -> j
     return (causal[None] & same_document)[:, None]
 
 
-def cache_mask(segment_ids: jax.Array, cache_segment_ids: jax.Array, start: jax.Array) -> jax.Array:
-    """[batch, 1, length, max_length] bool: which cache slots each of `length` new tokens, written
-    at slots [start, start + length), attends to: slots up to its own, of its own document.
+def cache_masks(
+    segment_ids: jax.Array, cache_segment_ids: jax.Array, start: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Which keys each of `length` new tokens, to be written at cache slots [start, start +
+    length), attends to: [batch, 1, length, max_length] bool over the cache's slots before
+    `start`, and [batch, 1, length, length] over the new tokens themselves (up to its own), both
+    within its own document.
 
-    segment_ids: [batch, length] of the new tokens; cache_segment_ids: [batch, max_length] with
-    them written in (0 in empty slots, which no document matches)."""
+    segment_ids: [batch, length] of the new tokens; cache_segment_ids: [batch, max_length] of the
+    cache before they are written (0 in empty slots, which no document matches)."""
     length, max_length = segment_ids.shape[1], cache_segment_ids.shape[1]
-    query_slots = start + jnp.arange(length)  # [length]
-    causal = jnp.arange(max_length)[None, :] <= query_slots[:, None]  # [length, max_length]
-    same_document = segment_ids[:, :, None] == cache_segment_ids[:, None, :]
-    return (causal[None] & same_document)[:, None]
+    earlier = jnp.arange(max_length) < start  # [max_length]
+    in_cache = earlier[None, None, :] & (segment_ids[:, :, None] == cache_segment_ids[:, None, :])
+    causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+    in_new = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return in_cache[:, None], in_new[:, None]
 
 
 def document_spans(segment_ids: jax.Array, max_documents: int) -> tuple[jax.Array, jax.Array]:
@@ -225,6 +230,39 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, length, heads, head_dim)
+
+
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    masks: tuple[jax.Array, jax.Array],
+) -> jax.Array:
+    """`xla_attention` of new tokens over a cache's earlier slots and themselves, without writing
+    them into the cache first: q [batch, length, heads, head_dim], their k and v [batch, length,
+    kv_heads, head_dim], the cache's keys and values [batch, kv_heads, max_length, head_dim] (each
+    head's slots one run, as the einsums read them), `cache_masks` → like q.
+
+    The cache is only read (one softmax over both parts' scores), so a decode step moves it once,
+    and the caller writes the new slots into the whole stacked cache in place."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads, slots = k.shape[2], keys.shape[2]
+    q = (q * jnp.asarray(head_dim**-0.5, q.dtype)).reshape(
+        batch, length, kv_heads, heads // kv_heads, head_dim
+    )
+    in_cache, in_new = masks
+    lowest = jnp.finfo(jnp.float32).min
+    cached = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32)
+    new = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.concatenate(
+        [jnp.where(in_cache[:, :, None], cached, lowest), jnp.where(in_new[:, :, None], new, lowest)], axis=-1
+    )
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :slots], values)
+    out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., slots:], v)
     return out.reshape(batch, length, heads, head_dim)
 
 

@@ -19,7 +19,8 @@ from jaxlm.model import llama_hf, remat
 from jaxlm.model.layers import (
     Llama3RopeScaling,
     RMSNorm,
-    cache_mask,
+    cache_masks,
+    cached_attention,
     cudnn_attention,
     document_boundaries,
     dtype_of,
@@ -108,16 +109,21 @@ class LlamaConfig(ModelConfig):
 class KVCache:
     """Keys and values of every layer for `max_length` tokens per row, filled up to `length`."""
 
-    keys: jax.Array  # [layers, batch, max_length, kv_heads, head_dim]
-    values: jax.Array  # [layers, batch, max_length, kv_heads, head_dim]
+    # [layers, batch, kv_heads, max_length, head_dim]: each kv head's slots are one run, as the
+    # attention einsums read them (no per-step relayout of the cache).
+    keys: jax.Array
+    values: jax.Array
     segment_ids: jax.Array  # [batch, max_length] int32; 0 in slots not yet written
     length: jax.Array  # int32 scalar: slots written, the same in every row
+    # Known when tracing: a new cache (`init_cache`) has nothing to read, so a prefill into it
+    # attends over the prompt only, not over every empty slot too.
+    empty: bool = flax.struct.field(pytree_node=False, default=False)
 
     @staticmethod
     def logical_axes() -> KVCache:
         """Each array's logical axes: rows split like the batch, kv heads like the attention's
         (tensor parallelism). Slots stay whole: a decode step writes one slot of every row."""
-        slots = ("layers", "batch", None, "act_kv_heads", None)
+        slots = ("layers", "batch", "act_kv_heads", None, None)
         return KVCache(keys=slots, values=slots, segment_ids=("batch", None), length=())
 
 
@@ -143,9 +149,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, rope, documents, cache=None, dropout_key=None):
         """x: [batch, length, embed]; rope: `rotary_angles`; documents: `document_boundaries`, or
-        with a cache its `cache_mask`. cache: this layer's keys and values [batch, max_length,
-        kv_heads, head_dim] and the slot where x's go. dropout_key: the adapters' (training only).
-        Returns the output and the layer's cache."""
+        with a cache its `cache_masks`. cache: this layer's keys and values [batch, max_length,
+        kv_heads, head_dim] in the layout of `KVCache`'s, read only (None for an empty cache). dropout_key: the adapters' (training only). Returns the
+        output and, with a cache, x's keys and values [batch, length, kv_heads, head_dim] for
+        the caller to write."""
         dt = x.dtype
 
         def project(name: str, equation: str, inputs: jax.Array) -> jax.Array:  # x·W (+ x·A·B·scale)
@@ -162,11 +169,16 @@ class Attention(nnx.Module):
         k = constrain(rotary(k, *rope), ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
         if cache is not None:
-            keys, values, start = cache
-            k = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), start, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), start, axis=1)
-            # The cache's slots with their `cache_mask`: the XLA einsums, whatever model.attention.
-            out, cache = xla_attention(q, k, v, documents), (k, v)
+            # The cache's slots (none in an empty one) and the new tokens with their
+            # `cache_masks`: the XLA einsums, whatever model.attention. The new keys and values
+            # go back to be written.
+            keys, values = cache
+            if keys is None:
+                out = xla_attention(q, k, v, documents[1])
+            else:
+                k, v = k.astype(keys.dtype), v.astype(values.dtype)
+                out = cached_attention(q, k, v, keys, values, documents)
+            cache = (k, v)
         elif self.implementation == "cudnn":
             out = cudnn_attention(q, k, v, documents)
         elif self.implementation == "splash":
@@ -316,30 +328,34 @@ class Llama(nnx.Module):
 
     def _blocks_with_cache(self, x, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """The blocks over tokens that continue the cache's rows, writing their keys and values
-        at slots [length, length + tokens)."""
+        at slots [length, length + tokens): once, into the whole stack, after every layer has
+        read the cache (the layers return only the new slots, not a new copy of their cache)."""
         max_length = cache.segment_ids.shape[1]
         start = cache.length
-        cache_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)
         rope = self._rope(positions, max_length)
-        documents = cache_mask(segment_ids, cache_segments, start)
+        documents = cache_masks(segment_ids, cache.segment_ids, start)
         block_def, block_params = nnx.split(self.blocks)
 
         def apply_block(x, layer):
             layer_params, keys, values = layer
-            x, (keys, values) = nnx.merge(block_def, layer_params)(x, rope, documents, (keys, values, start))
-            return x, (keys, values)
+            return nnx.merge(block_def, layer_params)(x, rope, documents, (keys, values))
 
+        read = (None, None) if cache.empty else (cache.keys, cache.values)
         if self.scan_layers:
-            x, (keys, values) = jax.lax.scan(apply_block, x, (block_params, cache.keys, cache.values))
+            x, (keys, values) = jax.lax.scan(apply_block, x, (block_params, *read))
         else:
             written = []
-            for layer_params, keys, values in zip(
-                unstack(block_params), cache.keys, cache.values, strict=True
-            ):
+            read = [[None] * self.num_layers] * 2 if cache.empty else read
+            for layer_params, keys, values in zip(unstack(block_params), *read, strict=True):
                 x, kv = apply_block(x, (layer_params, keys, values))
                 written.append(kv)
             keys, values = (jnp.stack(part) for part in zip(*written, strict=True))
-        return x, KVCache(keys, values, cache_segments, start + segment_ids.shape[1])
+        keys, values = (  # [layers, batch, length, kv_heads, head_dim] → the cache's layout
+            jax.lax.dynamic_update_slice_in_dim(stack, new.transpose(0, 1, 3, 2, 4), start, axis=3)
+            for stack, new in ((cache.keys, keys), (cache.values, values))
+        )
+        segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)
+        return x, KVCache(keys, values, segments, start + segment_ids.shape[1])
 
     def output_projection(self) -> jax.Array:
         """[embed, vocab] in the compute dtype: the LM head, or the transposed embedding if tied."""
@@ -349,13 +365,14 @@ class Llama(nnx.Module):
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty cache; under `parallel.activation_sharding` (in a jitted function) it is born
         sharded by `KVCache.logical_axes`."""
-        shape = (self.num_layers, batch, max_length, self.num_kv_heads, self.head_dim)
+        shape = (self.num_layers, batch, self.num_kv_heads, max_length, self.head_dim)
         axes = KVCache.logical_axes()
         return KVCache(
             keys=constrain(jnp.zeros(shape, self.dtype), axes.keys),
             values=constrain(jnp.zeros(shape, self.dtype), axes.values),
             segment_ids=constrain(jnp.zeros((batch, max_length), jnp.int32), axes.segment_ids),
             length=jnp.zeros((), jnp.int32),
+            empty=True,
         )
 
 
