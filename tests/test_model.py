@@ -120,7 +120,8 @@ def test_a_trained_target_counts_only_where_the_loss_mask_is_set(tmp_path):
 
 @pytest.mark.parametrize("scan_layers", ["true", "false"])
 def test_prefill_then_decoding_with_the_cache_gives_the_logits_of_the_whole_sequence(tmp_path, scan_layers):
-    # Two rows, the second a packed row of two documents; 12 tokens prefilled, 4 decoded one by one.
+    # Two rows, the second a packed row of two documents; 10 tokens prefilled into the new cache,
+    # 2 more continuing it together (the second document starts at token 5), 4 decoded one by one.
     config = tiny_config(tmp_path, f"model.scan_layers={scan_layers}")
     model = build(config)
     length, prefill = 16, 12
@@ -130,10 +131,10 @@ def test_prefill_then_decoding_with_the_cache_gives_the_logits_of_the_whole_sequ
     whole, _ = model(tokens, positions, segment_ids)
 
     cache = model.init_cache(batch=2, max_length=24)
-    logits, cache = model(tokens[:, :prefill], positions[:, :prefill], segment_ids[:, :prefill], cache)
-    decoded = [logits]
-    for t in range(prefill, length):
-        logits, cache = model(tokens[:, t : t + 1], positions[:, t : t + 1], segment_ids[:, t : t + 1], cache)
+    decoded = []
+    for first, last in [(0, 10), (10, prefill), *((t, t + 1) for t in range(prefill, length))]:
+        part = slice(first, last)
+        logits, cache = model(tokens[:, part], positions[:, part], segment_ids[:, part], cache)
         decoded.append(logits)
     assert int(cache.length) == length
     np.testing.assert_allclose(jnp.concatenate(decoded, axis=1), whole, rtol=1e-5, atol=1e-5)
