@@ -130,17 +130,26 @@ def _generate(args: argparse.Namespace) -> int:
     """Continue the prompts: one streamed to stdout as it comes, or a JSON line per prompt of a file."""
     import json
 
+    import jax
+
+    from jaxlm import distributed
+    from jaxlm.config import load_config
     from jaxlm.generation import complete, iter_completions, read_prompt_file
     from jaxlm.loading import load
 
-    if args.overrides:
-        raise UserError(f"generate takes PATH and options, not {' '.join(args.overrides)}")
+    others = [override for override in args.overrides if not override.startswith("distributed.")]
+    if others:
+        raise UserError(f"generate takes PATH, options and distributed.* overrides, not {' '.join(others)}")
     if args.prompt is not None:
         prompts, names = [args.prompt], ["--prompt"]
         if not args.prompt:
             raise UserError("--prompt is empty; give it some text to continue")
     else:
         prompts, names = read_prompt_file(args.prompt_file)
+    # Several processes (a model too large for one host) each hold every prompt and draw every
+    # token; process 0 prints them.
+    distributed.initialize(load_config(None, args.overrides).distributed)
+    printing = jax.process_index() == 0
     loaded = load(args.path)
     options = {
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
@@ -148,11 +157,13 @@ def _generate(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "names": names,
     }  # fmt: skip
     if args.prompt is not None:
-        complete(loaded, prompts, on_text=lambda _, text: print(text, end="", flush=True), **options)
-        print()
+        stream = (lambda _, text: print(text, end="", flush=True)) if printing else None
+        complete(loaded, prompts, on_text=stream, **options)
+        print() if printing else None
         return 0
     for prompt, completion in zip(prompts, iter_completions(loaded, prompts, **options), strict=True):
-        print(json.dumps({"prompt": prompt, "completion": completion.text}), flush=True)
+        if printing:
+            print(json.dumps({"prompt": prompt, "completion": completion.text}), flush=True)
     return 0
 
 
@@ -256,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export_parser.set_defaults(run=_export_hf)
     generate_parser = commands.add_parser(
-        "generate", help="continue prompts with a trained model: a jaxlm run directory or a Hugging Face one"
+        "generate",
+        help="continue prompts with a trained model: a jaxlm run directory or a Hugging Face one",
+        description="Continue prompts with a trained model. On several processes, give each the "
+        "distributed.* keys (key=value after the options) as jaxlm train takes them; process 0 prints.",
     )
     generate_parser.add_argument(
         "path",

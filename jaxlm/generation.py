@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import parallel
 from jaxlm.errors import UserError
@@ -261,7 +261,11 @@ def _decode_batch(program, params, batch_sharding, prompt_ids, rows, max_new_tok
     padded_rows = parallel.rows_split_evenly(len(prompt_ids), program.mesh, dict(program.rules))
     tokens, positions, segment_ids = left_pad(prompt_ids, padded_rows)
     cache_length = _round_up(tokens.shape[1] + max_new_tokens, LENGTH_QUANTUM)
-    placed = [jax.device_put(x, batch_sharding) for x in (tokens, positions, segment_ids)]
+    # Every process holds every prompt and places the rows of its own devices.
+    placed = [
+        jax.make_array_from_callback(x.shape, batch_sharding, x.__getitem__)
+        for x in (tokens, positions, segment_ids)
+    ]
     state, pending = _prefill(params, *placed, key, program=program, cache_length=cache_length)
     for drawn in range(1, max_new_tokens + 1):
         following = None
@@ -311,14 +315,20 @@ def draw(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 def _next_tokens(program: _Program, model, tokens, positions, segment_ids, cache, key, drawn):
-    """The forward over `tokens` with the cache; the next token of each row (drawn from the logits
-    of its last position) and its log probability, and the cache."""
+    """The forward over `tokens` with the cache: the next token of each row (drawn from the logits
+    of its last position), sharded like the rows and replicated for the host, its log probability
+    (replicated), and the cache."""
     hidden, cache = model(tokens, positions, segment_ids, cache, return_hidden=True)
     logits = (hidden[:, -1] @ model.output_projection()).astype(jnp.float32)  # [batch, vocab]
     logits = jnp.where(jnp.arange(logits.shape[-1]) < program.vocab_size, logits, -jnp.inf)
     next_tokens = draw(logits, jax.random.fold_in(key, drawn), program.sampling)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), next_tokens[:, None], axis=-1)[:, 0]
-    return next_tokens, logprobs, cache
+    # Every process reads every row's token (a few bytes gathered): its rows of text are all of them.
+    everywhere = NamedSharding(program.mesh, PartitionSpec())
+    drawn_tokens, logprobs = (
+        jax.lax.with_sharding_constraint(x, everywhere) for x in (next_tokens, logprobs)
+    )
+    return next_tokens, drawn_tokens, logprobs, cache
 
 
 def _pinned(state: DecodeState) -> DecodeState:
@@ -337,11 +347,11 @@ def _prefill(params, tokens, positions, segment_ids, key, *, program: _Program, 
     with parallel.activation_sharding(program.mesh, dict(program.rules)):
         cache = model.init_cache(tokens.shape[0], cache_length)
         drawn = jnp.zeros((), jnp.int32)
-        next_tokens, logprobs, cache = _next_tokens(
+        next_tokens, drawn_tokens, logprobs, cache = _next_tokens(
             program, model, tokens, positions, segment_ids, cache, key, drawn
         )
         state = _pinned(DecodeState(cache, next_tokens, positions[:, -1] + 1, key, drawn + 1))
-    return state, (next_tokens, logprobs)
+    return state, (drawn_tokens, logprobs)
 
 
 @functools.partial(jax.jit, static_argnames=("program",), donate_argnames=("state",))
@@ -350,11 +360,11 @@ def _decode_step(params, state: DecodeState, *, program: _Program):
     model = nnx.merge(program.graphdef, params)
     with parallel.activation_sharding(program.mesh, dict(program.rules)):
         inputs = state.tokens[:, None], state.positions[:, None], jnp.ones_like(state.tokens)[:, None]
-        next_tokens, logprobs, cache = _next_tokens(
+        next_tokens, drawn_tokens, logprobs, cache = _next_tokens(
             program, model, *inputs, state.cache, state.key, state.drawn
         )
         state = _pinned(DecodeState(cache, next_tokens, state.positions + 1, state.key, state.drawn + 1))
-    return state, (next_tokens, logprobs)
+    return state, (drawn_tokens, logprobs)
 
 
 def _round_up(value: int, multiple: int) -> int:

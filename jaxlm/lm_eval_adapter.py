@@ -127,11 +127,6 @@ class JaxlmLM(TemplateLM):
         """Greedy (or, with do_sample, sampled) continuations with jaxlm.generation, cut before
         the request's first `until` string, at most `max_gen_toks` tokens; requests with the same
         generation settings decoded together, longest prompts first."""
-        if jax.process_count() > 1:
-            raise UserError(
-                "generate_until tasks run in one process (jaxlm.generation is single-process); run them "
-                "with jaxlm eval on one host, and keep loglikelihood tasks in train.eval_tasks"
-            )
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
