@@ -181,7 +181,17 @@ def _eval(args: argparse.Namespace) -> int:
     evaluate.check_overrides(args.overrides)
     if tasks:  # before any weight is read: lm-eval installed, every task found
         evaluate.lm_eval_adapter().check_tasks(tasks, args.include_path)
-    _use_cpu_devices_for_mesh(load_config(None, [o for o in args.overrides if o.startswith("mesh.")]))
+    import jax
+
+    from jaxlm import distributed
+
+    # Several processes (a model too large for one host) each run every request on their shards;
+    # process 0 prints and writes the report.
+    distributed.initialize(
+        load_config(None, [o for o in args.overrides if o.startswith("distributed.")]).distributed
+    )
+    if not jax.distributed.is_initialized():
+        _use_cpu_devices_for_mesh(load_config(None, [o for o in args.overrides if o.startswith("mesh.")]))
     from jaxlm.loading import load
 
     report = evaluate.run_eval(
@@ -190,6 +200,8 @@ def _eval(args: argparse.Namespace) -> int:
         include_path=args.include_path, batch_size=args.batch_size, max_length=args.max_length,
         bootstrap_iters=args.bootstrap_iters,
     )  # fmt: skip
+    if jax.process_index() != 0:
+        return 0
     print(report.pop("table"))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as file:
