@@ -159,7 +159,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         stream = (lambda _, text: print(text, end="", flush=True)) if printing else None
         complete(loaded, prompts, on_text=stream, **options)
-        print() if printing else None
+        if printing:
+            print()
         return 0
     for prompt, completion in zip(prompts, iter_completions(loaded, prompts, **options), strict=True):
         if printing:
