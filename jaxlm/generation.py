@@ -92,7 +92,7 @@ class DecodeState:
     cache: Any  # the model family's cache
     tokens: jax.Array  # [batch] int32: the last tokens drawn, the step's input
     positions: jax.Array  # [batch] int32: their positions in their sequences
-    key: jax.Array  # PRNG key; draw n uses fold_in(key, n)
+    key: jax.Array  # [batch] PRNG keys, each row's (its prompt's); draw n uses fold_in(key, n)
     drawn: jax.Array  # int32 scalar: tokens drawn per row so far
 
 
@@ -154,9 +154,11 @@ def iter_completions(
         batch = prompt_ids[first : first + batch_size]
         rows = [RowText(loaded.tokenizer, loaded.eos_ids, stop) for _ in batch]
         stream = None if on_text is None else functools.partial(_stream, on_text, first)
-        key = jax.random.fold_in(jax.random.key(seed), first // batch_size)
+        # Prompt i draws from fold_in(key(seed), i): its text depends on the seed and its place
+        # in the list, never on batch_size or the other prompts.
+        keys = (jax.random.key(seed), np.int32(first))
         _decode_batch(
-            program, loaded.params, loaded.setup.batch_sharding, batch, rows, max_new_tokens, key, stream
+            program, loaded.params, loaded.setup.batch_sharding, batch, rows, max_new_tokens, keys, stream
         )
         for ids, row in zip(batch, rows, strict=True):
             yield Completion(ids.tolist(), row.token_ids, row.logprobs, row.text, row.finish_reason)
@@ -256,8 +258,9 @@ def _stream(on_text: Callable[[int, str], None], first: int, row: int, text: str
     on_text(first + row, text)
 
 
-def _decode_batch(program, params, batch_sharding, prompt_ids, rows, max_new_tokens, key, stream) -> None:
-    """Prefill and decode one batch of prompts, feeding each row's tokens to its `RowText`."""
+def _decode_batch(program, params, batch_sharding, prompt_ids, rows, max_new_tokens, keys, stream) -> None:
+    """Prefill and decode one batch of prompts, feeding each row's tokens to its `RowText`.
+    keys: the seed's key and the index of the batch's first prompt."""
     padded_rows = parallel.rows_split_evenly(len(prompt_ids), program.mesh, dict(program.rules))
     tokens, positions, segment_ids = left_pad(prompt_ids, padded_rows)
     cache_length = _round_up(tokens.shape[1] + max_new_tokens, LENGTH_QUANTUM)
@@ -266,7 +269,7 @@ def _decode_batch(program, params, batch_sharding, prompt_ids, rows, max_new_tok
         jax.make_array_from_callback(x.shape, batch_sharding, x.__getitem__)
         for x in (tokens, positions, segment_ids)
     ]
-    state, pending = _prefill(params, *placed, key, program=program, cache_length=cache_length)
+    state, pending = _prefill(params, *placed, *keys, program=program, cache_length=cache_length)
     for drawn in range(1, max_new_tokens + 1):
         following = None
         if drawn < max_new_tokens:  # dispatched before `pending` is read: the device keeps busy
@@ -297,8 +300,9 @@ def left_pad(prompt_ids: Sequence[np.ndarray], rows: int) -> tuple[np.ndarray, n
     return tokens, positions, segment_ids
 
 
-def draw(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """logits [batch, vocab] float32 → the next tokens [batch] int32, by `sampling`."""
+def draw(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits [batch, vocab] float32 → the next tokens [batch] int32, by `sampling`, each row
+    drawn with its own key of keys [batch]."""
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampling.temperature
@@ -311,17 +315,17 @@ def draw(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
         mass_before = jnp.cumsum(probs, axis=-1) - probs  # of the tokens more likely than each
         kept = jnp.where(mass_before < sampling.top_p, descending, jnp.inf)
         logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
-def _next_tokens(program: _Program, model, tokens, positions, segment_ids, cache, key, drawn):
+def _next_tokens(program: _Program, model, tokens, positions, segment_ids, cache, keys, drawn):
     """The forward over `tokens` with the cache: the next token of each row (drawn from the logits
     of its last position), sharded like the rows and replicated for the host, its log probability
     (replicated), and the cache."""
     hidden, cache = model(tokens, positions, segment_ids, cache, return_hidden=True)
     logits = (hidden[:, -1] @ model.output_projection()).astype(jnp.float32)  # [batch, vocab]
     logits = jnp.where(jnp.arange(logits.shape[-1]) < program.vocab_size, logits, -jnp.inf)
-    next_tokens = draw(logits, jax.random.fold_in(key, drawn), program.sampling)
+    next_tokens = draw(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, drawn), program.sampling)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), next_tokens[:, None], axis=-1)[:, 0]
     # Every process reads every row's token (a few bytes gathered): its rows of text are all of them.
     everywhere = NamedSharding(program.mesh, PartitionSpec())
@@ -341,9 +345,12 @@ def _pinned(state: DecodeState) -> DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("program", "cache_length"))
-def _prefill(params, tokens, positions, segment_ids, key, *, program: _Program, cache_length: int):
-    """The prompts [batch, length] into a new cache → the decode state and the first tokens drawn."""
+def _prefill(params, tokens, positions, segment_ids, key, first, *, program: _Program, cache_length: int):
+    """The prompts [batch, length] into a new cache → the decode state and the first tokens drawn.
+    key, first: the seed's key and the index of the batch's first prompt; row r draws with
+    fold_in(key, first + r)."""
     model = nnx.merge(program.graphdef, params)
+    key = jax.vmap(jax.random.fold_in, (None, 0))(key, first + jnp.arange(tokens.shape[0]))
     with parallel.activation_sharding(program.mesh, dict(program.rules)):
         cache = model.init_cache(tokens.shape[0], cache_length)
         drawn = jnp.zeros((), jnp.int32)

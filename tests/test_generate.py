@@ -117,6 +117,17 @@ def test_the_same_seed_draws_the_same_text_and_another_seed_another(loaded):
     assert sample(7) != sample(8)
 
 
+def test_a_sampled_prompt_draws_the_same_text_whatever_the_batch_size(loaded):
+    # Each prompt has its own random stream (the seed's, folded with its index in the list).
+    def sample(batch_size: int) -> list[list[int]]:
+        completions = generation.complete(
+            loaded, PROMPTS, max_new_tokens=12, temperature=1.0, seed=7, batch_size=batch_size
+        )
+        return [c.token_ids for c in completions]
+
+    assert sample(1) == sample(len(PROMPTS))
+
+
 def test_top_k_of_one_draws_the_greedy_tokens(loaded, greedy):
     completions = generation.complete(loaded, PROMPTS, max_new_tokens=12, temperature=0.7, top_k=1, seed=3)
     assert [c.token_ids for c in completions] == [c.token_ids for c in greedy]
@@ -135,7 +146,7 @@ def test_top_k_of_one_draws_the_greedy_tokens(loaded, greedy):
 def test_sampling_draws_only_from_the_tokens_it_keeps(sampling, allowed):
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 2000)
-    drawn = jax.vmap(lambda key: generation.draw(logits, key, sampling)[0])(keys)
+    drawn = jax.vmap(lambda key: generation.draw(logits, key[None], sampling)[0])(keys)
     assert set(np.asarray(drawn).tolist()) == allowed
 
 
@@ -197,7 +208,7 @@ def test_a_sharded_cache_draws_the_tokens_of_one_device(loaded, greedy):
     program = generation.program_of(sharded, generation.Sampling(0.0))
     tokens, positions, segment_ids = generation.left_pad([np.array([256, 1, 2])], rows=4)
     state, _ = generation._prefill(
-        sharded.params, tokens, positions, segment_ids, jax.random.key(0), program=program, cache_length=32
+        sharded.params, tokens, positions, segment_ids, jax.random.key(0), 0, program=program, cache_length=32
     )
     expected = NamedSharding(sharded.setup.mesh, PartitionSpec(None, ("data", "fsdp"), "tensor", None, None))
     assert state.cache.keys.sharding.is_equivalent_to(expected, 5)

@@ -105,12 +105,10 @@ def test_two_processes_draw_the_tokens_of_one_device(tmp_path):
     (out, err), (other_out, other_err) = (process.communicate(timeout=300) for process in processes)
     assert [process.returncode for process in processes] == [0, 0], err + other_err
     assert "process 0 of 2" in err, err
-    # Gloo, the CPU collectives of these tests (not a TPU's or GPU's), prints to stdout as it connects.
-    out, other_out = (
-        "".join(line for line in text.splitlines(True) if not line.startswith("[Gloo]"))
-        for text in (out, other_out)
-    )
-    assert other_out == ""
+    # Gloo, the CPU collectives of these tests (not a TPU's or GPU's), prints to stdout as it
+    # connects, before any completion, its threads' lines sometimes run together.
+    assert '"completion"' not in other_out
+    out = "".join(line for line in out.splitlines(True) if line.startswith("{"))
     loaded = jaxlm.load(FIXTURES / "llama3", devices=jax.devices()[:1])
     expected = jaxlm.generate(loaded, prompts, max_new_tokens=12, greedy=True)
     assert [json.loads(line) for line in out.splitlines()] == [
