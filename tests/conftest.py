@@ -65,6 +65,23 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {record["step"]: record["loss"] for record in read_metrics(run_dir) if "loss" in record}
 
 
+# The modules by their time on 2 cores, longest first (pytest --durations, 2026-12-01). The 2 xdist
+# workers take whole modules in collection order (--dist loadfile), so running the long ones first
+# keeps one worker from starting a long module while the other idles at the end.
+LONGEST_FIRST = (
+    "test_bench", "test_context", "test_multihost", "test_buckets", "test_eval", "test_train",
+    "test_finetune", "test_interrupt", "test_generate", "test_parallel", "test_splash", "test_model",
+    "test_cli", "test_hf", "test_lora", "test_generate_hf", "test_plan", "test_offload",
+    "test_tiny_losses", "test_remat", "test_instructions",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules in LONGEST_FIRST order (others after them), each module's tests in their own order."""
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     """A small real-text corpus: .txt documents and a .jsonl file, made from stdlib sources."""
