@@ -280,32 +280,18 @@ def test_cli_scores_data_and_tasks_on_the_mesh_asked_for_and_writes_json(tmp_pat
 def test_two_processes_score_the_tasks_as_lm_evals_backend_does(tmp_path):
     # A model sharded over the devices of two processes, generate_until among the tasks (its
     # tokens drawn across both): the scores of lm-eval's Hugging Face backend; process 0 reports.
-    from test_multihost import free_port
+    from test_multihost import run_processes
 
     expected = REFERENCE["models"]["llama3"]["zero_shot"]["tasks"]
-    port, output = free_port(), tmp_path / "scores.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_DATASETS_OFFLINE": "1"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    command = [
-        sys.executable, "-m", "jaxlm.cli", "eval", str(MODELS / "llama3"), "--tasks", "tiny_choice,tiny_generate",
-        "--include-path", str(TASKS), "--max-length", str(REFERENCE["max_length"]),
-        "--batch-size", str(REFERENCE["batch_size"]), "--bootstrap-iters", "0", "--output", str(output),
-        "mesh.tensor=2", "mesh.fsdp=2", f"distributed.coordinator_address=127.0.0.1:{port}",
-        "distributed.num_processes=2",
-    ]  # fmt: skip
-    processes = [
-        subprocess.Popen(
-            [*command, f"distributed.process_id={index}"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for index in range(2)
-    ]
-    (out, err), (other_out, other_err) = (process.communicate(timeout=300) for process in processes)
-    assert [process.returncode for process in processes] == [0, 0], err + other_err
+    output = tmp_path / "scores.json"
+    (out, err), (other_out, _) = run_processes(
+        [
+            "eval", str(MODELS / "llama3"), "--tasks", "tiny_choice,tiny_generate", "--include-path", str(TASKS),
+            "--max-length", str(REFERENCE["max_length"]), "--batch-size", str(REFERENCE["batch_size"]),
+            "--bootstrap-iters", "0", "--output", str(output), "mesh.tensor=2", "mesh.fsdp=2",
+        ],
+        env={"HF_DATASETS_OFFLINE": "1"},
+    )  # fmt: skip
     assert "process 0 of 2" in err and "|tiny_generate|" in out.replace(" ", "")
     assert "tiny_" not in other_out  # only process 0 reports (Gloo's connection lines aside)
     results = json.loads(output.read_text())["tasks"]["results"]

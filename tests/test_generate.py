@@ -108,24 +108,16 @@ def test_decoding_compiles_once_whatever_the_number_of_tokens(loaded):
     assert compiled["jit(_prefill)"] == 1 and compiled["jit(_decode_step)"] == 1
 
 
-def test_the_same_seed_draws_the_same_text_and_another_seed_another(loaded):
-    def sample(seed: int) -> list[list[int]]:
-        completions = generation.complete(loaded, PROMPTS, max_new_tokens=12, temperature=1.0, seed=seed)
-        return [c.token_ids for c in completions]
-
-    assert sample(7) == sample(7)
-    assert sample(7) != sample(8)
-
-
-def test_a_sampled_prompt_draws_the_same_text_whatever_the_batch_size(loaded):
-    # Each prompt has its own random stream (the seed's, folded with its index in the list).
-    def sample(batch_size: int) -> list[list[int]]:
+def test_the_same_seed_draws_the_same_text_whatever_the_batch_size_and_another_seed_another(loaded):
+    # Each prompt has its own random stream (the seed's, folded with its place in the list).
+    def sample(seed: int, batch_size: int = 8) -> list[list[int]]:
         completions = generation.complete(
-            loaded, PROMPTS, max_new_tokens=12, temperature=1.0, seed=7, batch_size=batch_size
+            loaded, PROMPTS, max_new_tokens=12, temperature=1.0, seed=seed, batch_size=batch_size
         )
         return [c.token_ids for c in completions]
 
-    assert sample(1) == sample(len(PROMPTS))
+    assert sample(7) == sample(7, batch_size=1)
+    assert sample(7) != sample(8)
 
 
 def test_top_k_of_one_draws_the_greedy_tokens(loaded, greedy):

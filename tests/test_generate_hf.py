@@ -71,39 +71,23 @@ def test_two_processes_draw_the_tokens_of_one_device(tmp_path):
     # A model sharded over the devices of two processes (its rows and weights split across them):
     # each process holds every prompt and reads every token; process 0 prints the completions.
     import json
-    import os
-    import subprocess
-    import sys
 
-    from test_multihost import free_port
+    from test_multihost import run_processes
 
     prompts = ["def f(x):", "import numpy as np\nimport", "The quick brown fox jumps over"]
     prompt_file = tmp_path / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in prompts))
-    port = free_port()
-    environment = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-    }
-    command = [
-        sys.executable, "-m", "jaxlm.cli", "generate", str(FIXTURES / "llama3"), "--prompt-file",
-        str(prompt_file), "--greedy", "--max-new-tokens", "12",
-        f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
-    ]  # fmt: skip
-    processes = [
-        subprocess.Popen(
-            [*command, f"distributed.process_id={process}"],
-            cwd=REPO,
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for process in range(2)
-    ]
-    (out, err), (other_out, other_err) = (process.communicate(timeout=300) for process in processes)
-    assert [process.returncode for process in processes] == [0, 0], err + other_err
+    (out, err), (other_out, _) = run_processes(
+        [
+            "generate",
+            str(FIXTURES / "llama3"),
+            "--prompt-file",
+            str(prompt_file),
+            "--greedy",
+            "--max-new-tokens",
+            "12",
+        ]
+    )
     assert "process 0 of 2" in err, err
     # Gloo, the CPU collectives of these tests (not a TPU's or GPU's), prints to stdout as it
     # connects, before any completion, its threads' lines sometimes run together.

@@ -59,6 +59,33 @@ def start(
     )
 
 
+def run_processes(command: list[str], devices: int = 2, env=None) -> list[tuple[str, str]]:
+    """Two processes of `jaxlm COMMAND ... distributed.*`, `devices` CPU devices each, run to the
+    end: each one's (stdout, stderr); both must exit 0."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        **(env or {}),
+    }
+    distributed = [f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxlm.cli", *command, *distributed, f"distributed.process_id={index}"],
+            cwd=REPO,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], "".join(err for _, err in outputs)
+    return outputs
+
+
 def local_sh(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
