@@ -277,6 +277,7 @@ def test_cli_scores_data_and_tasks_on_the_mesh_asked_for_and_writes_json(tmp_pat
     assert report["config"]["mesh"]["tensor"] == 2 and report["versions"]["lm_eval"]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_score_the_tasks_as_lm_evals_backend_does(tmp_path):
     # A model sharded over the devices of two processes, generate_until among the tasks (its
     # tokens drawn across both): the scores of lm-eval's Hugging Face backend; process 0 reports.

@@ -67,6 +67,7 @@ def test_cli_continues_a_prompt_with_a_hugging_face_model_as_the_python_api_does
     assert text and result.stdout == text + "\n"
 
 
+@pytest.mark.multiprocess
 def test_two_processes_draw_the_tokens_of_one_device(tmp_path):
     # A model sharded over the devices of two processes (its rows and weights split across them):
     # each process holds every prompt and reads every token; process 0 prints the completions.
