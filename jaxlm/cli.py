@@ -52,6 +52,19 @@ def _use_cpu_devices_for_mesh(config) -> None:
         jax.config.update("jax_num_cpu_devices", explicit)
 
 
+def _start(config, cpu_devices: bool = True) -> None:
+    """Start jax.distributed where config.distributed (or a detected cluster) asks for several
+    processes; in a single one, before any backend starts, give a CPU-only machine the host
+    devices config.mesh asks for (with `cpu_devices`)."""
+    import jax
+
+    from jaxlm import distributed
+
+    distributed.initialize(config.distributed)
+    if cpu_devices and not jax.distributed.is_initialized():
+        _use_cpu_devices_for_mesh(config)
+
+
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL: try again):
 # not 0, so SLURM (launch/slurm.sbatch), JobSet and scripts see a run that is not finished.
 PREEMPTED = 75
@@ -61,13 +74,7 @@ def _train(args: argparse.Namespace) -> int:
     from jaxlm.config import load_config
 
     config = load_config(args.config, args.overrides)
-    import jax
-
-    from jaxlm import distributed
-
-    distributed.initialize(config.distributed)
-    if not jax.distributed.is_initialized():  # a single process: no backend has started yet
-        _use_cpu_devices_for_mesh(config)
+    _start(config)
     from jaxlm.loading import apply_init_from
     from jaxlm.train import train
 
@@ -108,13 +115,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from jaxlm import distributed
     from jaxlm.config import load_config
 
     others = [override for override in args.overrides if not override.startswith("distributed.")]
     if others:
         raise UserError(f"export-hf takes only distributed.* overrides, not {' '.join(others)}")
-    distributed.initialize(load_config(None, args.overrides).distributed)
+    _start(load_config(None, args.overrides), cpu_devices=False)
     if args.adapter:
         from jaxlm.hf.peft import export_adapter
 
@@ -132,7 +138,6 @@ def _generate(args: argparse.Namespace) -> int:
 
     import jax
 
-    from jaxlm import distributed
     from jaxlm.config import load_config
     from jaxlm.generation import complete, iter_completions, read_prompt_file
     from jaxlm.loading import load
@@ -148,7 +153,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompts, names = read_prompt_file(args.prompt_file)
     # Several processes (a model too large for one host) each hold every prompt and draw every
     # token; process 0 prints them.
-    distributed.initialize(load_config(None, args.overrides).distributed)
+    _start(load_config(None, args.overrides), cpu_devices=False)
     printing = jax.process_index() == 0
     loaded = load(args.path)
     options = {
@@ -184,15 +189,9 @@ def _eval(args: argparse.Namespace) -> int:
         evaluate.lm_eval_adapter().check_tasks(tasks, args.include_path)
     import jax
 
-    from jaxlm import distributed
-
     # Several processes (a model too large for one host) each run every request on their shards;
     # process 0 prints and writes the report.
-    distributed.initialize(
-        load_config(None, [o for o in args.overrides if o.startswith("distributed.")]).distributed
-    )
-    if not jax.distributed.is_initialized():
-        _use_cpu_devices_for_mesh(load_config(None, [o for o in args.overrides if o.startswith("mesh.")]))
+    _start(load_config(None, [o for o in args.overrides if o.startswith(("mesh.", "distributed."))]))
     from jaxlm.loading import load
 
     report = evaluate.run_eval(
