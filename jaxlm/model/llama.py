@@ -149,10 +149,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, rope, documents, cache=None, dropout_key=None):
         """x: [batch, length, embed]; rope: `rotary_angles`; documents: `document_boundaries`, or
-        with a cache its `cache_masks`. cache: this layer's keys and values [batch, max_length,
-        kv_heads, head_dim] in the layout of `KVCache`'s, read only (None for an empty cache). dropout_key: the adapters' (training only). Returns the
-        output and, with a cache, x's keys and values [batch, length, kv_heads, head_dim] for
-        the caller to write."""
+        with a cache its `cache_masks`. cache: this layer's keys and values [batch, kv_heads,
+        max_length, head_dim] (`KVCache`'s layout), read only; None each for an empty cache.
+        dropout_key: the adapters' (training only). Returns the output and, with a cache, x's keys
+        and values [batch, length, kv_heads, head_dim] for the caller to write."""
         dt = x.dtype
 
         def project(name: str, equation: str, inputs: jax.Array) -> jax.Array:  # x·W (+ x·A·B·scale)
