@@ -5,9 +5,9 @@ with respect to q, k and v are compared with jaxlm's XLA attention computed in f
 (relative error ‖x − ref‖ / ‖ref‖), then a forward + backward pass is timed (median of
 --iters, after a warm-up). Implementations:
 
-- xla: `jaxlm.model.layers.xla_attention` with the document mask (what model.attention=xla runs);
+- xla: `jaxlm.model.layers.xla_attention` with the document mask (what attention.kernel=xla runs);
 - cudnn_packed_maxM: `jaxlm.model.layers.cudnn_attention`, cuDNN's flash kernel on the packed
-  layout (what model.attention=cudnn runs), for each M of --max-documents (fewer slots than
+  layout (what attention.kernel=cudnn runs), for each M of --max-documents (fewer slots than
   --documents merge documents: a large error, by design);
 - cudnn_mask: jax.nn.dot_product_attention(implementation="cudnn") given the dense mask;
 - cudnn_packed_causal_type: the packed layout with cuDNN's CAUSAL mask type instead of

@@ -25,6 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxlm.model.registry import OutputHead
 from jaxlm.step import _by_chunk, next_token_loss, project_logits, token_losses
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def chunked_remat(hidden, weight):
         def chunk_loss(h, t):
-            return jnp.sum(token_losses(project_logits(h, weight), t))
+            return jnp.sum(token_losses(project_logits(h, OutputHead(weight)), t))
 
         def add(total, inputs):
             return total + jax.checkpoint(chunk_loss)(*inputs), None
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return jax.lax.scan(add, jnp.zeros((), jnp.float32), chunks)[0]
 
     variants = {
-        "whole": lambda h, w: next_token_loss(h, w, targets, loss_mask, 0)[0],
-        "chunked": lambda h, w: next_token_loss(h, w, targets, loss_mask, args.chunk)[0],
+        "whole": lambda h, w: next_token_loss(h, OutputHead(w), targets, loss_mask, 0)[0],
+        "chunked": lambda h, w: next_token_loss(h, OutputHead(w), targets, loss_mask, args.chunk)[0],
         "chunked_remat": chunked_remat,
     }
     figures: dict = {"shape": vars(args), "device": jax.devices()[0].device_kind}

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
 
+import jaxlm.model  # noqa: F401 (registers the model families configs validate against)
 from jaxlm.config import load_config
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import load_tokenizer

@@ -87,7 +87,7 @@ def recompute_tokens_per_s(loaded: Loaded, context: int, repeats: int) -> float:
     positions = jnp.arange(context)[None]
     tokens = jnp.zeros((1, context), jnp.int32)
     forward = jax.jit(
-        lambda params, tokens: loaded.model()(tokens, positions, jnp.ones_like(tokens))[0][:, -1]
+        lambda params, tokens: loaded.model()(tokens, positions, jnp.ones_like(tokens)).logits[:, -1]
     )
     return 1 / median_time(lambda: np.asarray(jnp.argmax(forward(loaded.params, tokens), -1)), repeats)
 

@@ -34,7 +34,7 @@ def measure(
     config_path: str, overrides: list[str], topology: str, length: int, attention: str
 ) -> dict[str, Any]:
     """One compiled step's memory per chip, or the compiler's refusal (with what it needed)."""
-    config = load_config(config_path, [*overrides, f"data.seq_len={length}", f"model.attention={attention}"])
+    config = load_config(config_path, [*overrides, f"data.seq_len={length}", f"attention.kernel={attention}"])
     started = time.perf_counter()
     figures = plan.plan(config, topology)
     return {
@@ -53,7 +53,7 @@ def benchmark(config_path: str, overrides: list[str], topology: str, lengths: li
     runs = {}
     for length in lengths:
         for attention in paths:
-            log.info("compiling %s at %d tokens with model.attention=%s", topology, length, attention)
+            log.info("compiling %s at %d tokens with attention.kernel=%s", topology, length, attention)
             runs[f"{attention}/{length}"] = measure(config_path, overrides, topology, length, attention)
     return {"config": config_path, "overrides": overrides, "topology": topology, "runs": runs}
 

@@ -24,6 +24,7 @@ from typing import Any
 from data_throughput import benchmark as input_throughput  # bench/ is on sys.path when run
 from report import report
 
+import jaxlm.model  # noqa: F401 (registers the model families configs validate against)
 from jaxlm.config import load_config
 from jaxlm.data.prepare import prepare
 

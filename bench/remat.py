@@ -89,8 +89,8 @@ def residual_bytes(config: Config) -> dict[str, int]:
 
     def loss(params, batch):
         model = nnx.merge(setup.graphdef, params)
-        hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
-        return next_token_loss(hidden, model.output_projection(), batch["targets"], batch["loss_mask"])[0]
+        hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True).hidden
+        return next_token_loss(hidden, model.output_head(), batch["targets"], batch["loss_mask"])[0]
 
     totals: dict[str, int] = {"device": 0, "host": 0}
     for aval, where in saved_residuals(loss, setup.abstract_params, batch):

@@ -10,7 +10,7 @@ end. Figures are the median window's. Peak device memory is the allocator's (GPU
 A variant is `NAME: key=value ... [env:VAR=value ...]`. Prints one JSON line per variant.
 
     python bench/step_sweep.py configs/llama_1b.yaml train.global_batch_size=8 train.micro_batches=1 \\
-        --variant "cudnn: model.attention=cudnn" --variant "xla: model.attention=xla"
+        --variant "cudnn: attention.kernel=cudnn" --variant "xla: attention.kernel=xla"
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from etils import epath
 from jax.sharding import SingleDeviceSharding
 
 from jaxlm import lora, storage
-from jaxlm.config import RUN_MODEL_KEYS, Config
+from jaxlm.config import DEFAULT_FAMILY, Config, without_moved_keys
 from jaxlm.errors import PreemptionGraceExpired, TrainingDiverged, UserError, cause
 from jaxlm.model import registry
 from jaxlm.setup import TrainSetup, with_shardings
@@ -289,13 +289,10 @@ class Checkpointer:
 
     def _restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         saved, current = self.saved_config(step), self.config.to_dict()
-        saved_model = _with_defaults({"family": "llama", **saved.get("model", {})})  # saved before families
+        saved_model = {"family": DEFAULT_FAMILY, **without_moved_keys(saved.get("model", {}))}
+        saved_model = _with_defaults(saved_model)  # keys added since, at what the saved model had
         model = current["model"]
-        changed = sorted(
-            key
-            for key in saved_model.keys() | model.keys()
-            if key not in RUN_MODEL_KEYS and saved_model.get(key) != model.get(key)
-        )
+        changed = registry.parameter_keys_differ(registry.get(model["family"]), saved_model, model)
         if changed:
             raise UserError(
                 f"checkpoint {self.directory / str(step)} was saved with a different model "
@@ -373,7 +370,7 @@ def _report_changes(saved: dict[str, Any], current: dict[str, Any], schedule_ste
     """Log the training settings a resumed run changes; warn where the learning rate jumps."""
     changes = [
         f"{section}.{key} {saved[section].get(key)!r} -> {value!r}"
-        for section in ("train", "optim", "data")
+        for section in ("model", "attention", "train", "optim", "data")
         if isinstance(saved.get(section), dict)
         for key, value in current[section].items()
         if key in saved[section] and saved[section][key] != value

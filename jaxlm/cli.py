@@ -297,19 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
     generate_parser.add_argument(
         "--max-new-tokens", type=int, default=64, help="at most this many (default 64)"
     )
+    model_default = "default: the model's generation_config.json, else"
     generate_parser.add_argument(
-        "--temperature", type=float, default=1.0, help="divides the logits (default 1; 0 is greedy)"
+        "--temperature", type=float, help=f"divides the logits (0 is greedy; {model_default} 1)"
     )
     generate_parser.add_argument(
-        "--top-k", type=int, default=0, help="draw among the k most likely tokens (0: all)"
+        "--top-k", type=int, help=f"draw among the k most likely tokens (0: all; {model_default} 0)"
     )
     generate_parser.add_argument(
         "--top-p",
         type=float,
-        default=1.0,
-        help="draw among the fewest tokens holding this probability (1: all)",
+        help=f"draw among the fewest tokens holding this probability (1: all; {model_default} 1)",
     )
-    generate_parser.add_argument("--greedy", action="store_true", help="always the most likely token")
+    generate_parser.add_argument(
+        "--greedy",
+        action=argparse.BooleanOptionalAction,
+        help="always the most likely token; --no-greedy samples where the model's generation_config.json "
+        "says do_sample false (default: greedy where it says so and no --temperature, --top-k or --top-p "
+        "is given)",
+    )
     generate_parser.add_argument("--seed", type=int, default=0, help="the same seed draws the same text")
     generate_parser.add_argument(
         "--stop", action="append", metavar="STR", help="end a continuation before this text (repeatable)"
@@ -371,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
     setup_logging()
     try:
+        import jaxlm.model  # noqa: F401 (registers the model families, whose sections configs validate against)
+
         return args.run(args)
     except UserError as error:
         process = _process_index()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import difflib
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,25 +31,41 @@ from jaxlm.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
-# Logical axis -> mesh axes. Parameters use the plain names; activations the `act_` ones, so that
-# the batch can take `fsdp` on activations while `embed` takes it on parameters.
-DEFAULT_RULES: dict[str, list[str] | None] = {
+# The family `model.family` names when a config names none; checkpoints saved before families
+# existed hold this family's models too.
+DEFAULT_FAMILY = "llama"
+
+# Logical axis -> mesh axes, for the axes every family shares: the batch and sequence of
+# activations, the vocabulary, the residual stream, the stack of layers. A family adds its own
+# axes (heads, mlp, experts, ...) with their default rules (`FamilySection.rules`); `mesh.rules`
+# overrides any of them. Parameters use the plain names; activations the `act_` ones, so that the
+# batch can take `fsdp` on activations while `embed` takes it on parameters.
+SHARED_RULES: dict[str, list[str] | None] = {
     "batch": ["data", "fsdp"],
     "length": ["context"],
     "vocab": ["tensor"],
     # Parameters are sharded over `context` too: its devices would otherwise each hold a copy.
     "embed": ["fsdp", "context"],
-    "mlp": ["tensor"],
-    "heads": ["tensor"],
-    "kv_heads": ["tensor"],
-    "head_dim": None,
     "layers": None,
     "act_embed": None,
-    "act_heads": ["tensor"],
-    "act_kv_heads": ["tensor"],
-    "act_mlp": ["tensor"],
     "act_vocab": ["tensor"],
 }
+
+
+# Keys that moved, with where they are now: a config that still names one is told so, and a
+# checkpoint's saved config drops them (they say how a model ran, not what it is).
+MOVED_KEYS = {
+    "model.attention": "attention.kernel",
+    **{
+        f"model.{key}": f"attention.{key}"
+        for key in ("splash_block_q", "splash_block_kv", "splash_interpret", "max_documents")
+    },
+}
+
+
+def without_moved_keys(model: Mapping[str, Any]) -> dict[str, Any]:
+    """A model section saved by an older jaxlm, without the keys that left it."""
+    return {key: value for key, value in model.items() if f"model.{key}" not in MOVED_KEYS}
 
 
 class Section(BaseModel):
@@ -68,32 +85,13 @@ class Section(BaseModel):
         return value
 
 
-# Model keys that say how a model runs, not what it is: a run may resume from its checkpoints with
-# other values (model.init_from included: a restarted run resumes from its own checkpoints), and
-# model.init_from leaves them as configured.
-RUN_MODEL_KEYS = frozenset(
-    {
-        "dtype",
-        "remat",
-        "remat_save",
-        "remat_offload",
-        "scan_layers",
-        "attention",
-        "splash_block_q",
-        "splash_block_kv",
-        "splash_interpret",
-        "max_documents",
-        "init_from",
-    }
-)
-
-
 class ModelConfig(Section):
     """What every model family shares and the rest of jaxlm reads. A family subclasses it with
     its own keys (`jaxlm.model.llama.LlamaConfig`); `model.family` picks the subclass."""
 
     family: str = Field(
-        "llama", description="Model family: its module and config keys (docs/architecture.md#model-families)."
+        DEFAULT_FAMILY,
+        description="Model family: its module and config keys (docs/architecture.md#model-families).",
     )
     vocab_size: int = Field(
         512, gt=0, description="Rows of the embedding table; ≥ the tokenizer's vocabulary."
@@ -123,7 +121,63 @@ class ModelConfig(Section):
         True,
         description="Run the blocks with a scan (compile time flat in depth); false unrolls them: faster steps on CPU and GPU, compile time grows with depth.",
     )
-    attention: Literal["auto", "xla", "cudnn", "splash"] = Field(
+    init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal initialiser.")
+    init_from: str | None = Field(
+        None,
+        description="Start from this model's parameters: a Hugging Face directory, a jaxlm run directory (its newest checkpoint) or a checkpoint step directory. The keys that shape its parameters come from it; its other family keys too unless the run sets them; a fresh optimizer and data position; a restart resumes from the run's own checkpoints.",
+    )
+
+    @model_validator(mode="after")
+    def _family_check(self) -> ModelConfig:
+        problem = family_section(self.family).check(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+@dataclass(frozen=True)
+class FamilySection:
+    """What the config asks of a model family (`jaxlm.model.registry.register` gives it): its
+    model section, its own logical axes with their default mesh rules, and its check of a model
+    section beyond the keys' own types (one line, or None)."""
+
+    config: type[ModelConfig]
+    rules: Mapping[str, list[str] | None]
+    check: Callable[[ModelConfig], str | None]
+
+
+_FAMILY_SECTIONS: dict[str, FamilySection] = {}
+
+
+def register_family(name: str, section: FamilySection) -> None:
+    _FAMILY_SECTIONS[name] = section
+
+
+def family_section(name: Any) -> FamilySection:
+    if not _FAMILY_SECTIONS:
+        raise ConfigError(
+            "no model family is registered; import jaxlm.model (which registers the built-in families) "
+            "before reading a config"
+        )
+    if name not in _FAMILY_SECTIONS:
+        raise ConfigError(
+            f"model.family={name} is not a model family; use one of {', '.join(sorted(_FAMILY_SECTIONS))}"
+        )
+    return _FAMILY_SECTIONS[name]
+
+
+def default_rules(family: str) -> dict[str, list[str] | None]:
+    """Logical axis → mesh axes for a model of `family` before mesh.rules: the shared axes' and
+    the family's own."""
+    rules = {**SHARED_RULES, **family_section(family).rules}
+    return {axis: (list(mesh_axes) if mesh_axes else None) for axis, mesh_axes in rules.items()}
+
+
+class AttentionConfig(Section):
+    """How attention runs: the kernel and its settings. Not part of what a model is: a run resumes
+    and a model loads with any of them."""
+
+    kernel: Literal["auto", "xla", "cudnn", "splash"] = Field(
         "auto",
         description="Attention kernel: xla (jaxlm's einsums, any device), cudnn (cuDNN's flash attention on its packed layout; NVIDIA Hopper GPU or newer), splash (JAX's Pallas flash-attention kernel; TPU, or any device with splash_interpret), auto (splash on TPU, cudnn where it runs, else xla).",
     )
@@ -131,38 +185,23 @@ class ModelConfig(Section):
         None,
         gt=0,
         multiple_of=128,
-        description="attention=splash: the largest query block (tokens, a multiple of 128) of its kernel, forward and backward; null = 512 (MaxText's default) or the largest multiple of 128 dividing a context shard's tokens below it.",
+        description="kernel=splash: the largest query block (tokens, a multiple of 128) of its kernel, forward and backward; null = 512 (MaxText's default) or the largest multiple of 128 dividing a context shard's tokens below it.",
     )
     splash_block_kv: int | None = Field(
         None,
         gt=0,
         multiple_of=128,
-        description="attention=splash: the largest key/value block (tokens, a multiple of 128), forward and backward; null = 512 or the largest multiple of 128 dividing the row below it.",
+        description="kernel=splash: the largest key/value block (tokens, a multiple of 128), forward and backward; null = 512 or the largest multiple of 128 dividing the row below it.",
     )
     splash_interpret: bool = Field(
         False,
-        description="attention=splash: run the kernel in Pallas interpret mode, on any backend; far slower, for tests.",
+        description="kernel=splash: run the kernel in Pallas interpret mode, on any backend; far slower, for tests.",
     )
     max_documents: int = Field(
         8,
         gt=0,
-        description="attention=cudnn: the most documents of a packed row kept apart; later ones in the row attend within the last kept one's span (still causal). cuDNN's backward memory grows with it.",
+        description="kernel=cudnn: the most documents of a packed row kept apart; later ones in the row attend within the last kept one's span (still causal). cuDNN's backward memory grows with it.",
     )
-    init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal initialiser.")
-    init_from: str | None = Field(
-        None,
-        description="Start from this model's parameters: a Hugging Face directory, a jaxlm run directory (its newest checkpoint) or a checkpoint step directory. Its architecture keys replace the config's; a fresh optimizer and data position; a restart resumes from the run's own checkpoints.",
-    )
-
-    @model_validator(mode="after")
-    def _remat(self) -> ModelConfig:
-        from jaxlm.model import registry, remat  # the model package imports this module
-
-        activations = registry.get(self.family).activations
-        problem = remat.check(self.remat, self.remat_save, self.remat_offload, activations, self.family)
-        if problem:
-            raise ValueError(problem)
-        return self
 
 
 class MeshConfig(Section):
@@ -193,8 +232,8 @@ class MeshConfig(Section):
         1, gt=0, description="Tensor parallelism across slices; multiplies mesh.tensor. Almost never wise."
     )
     rules: dict[str, list[str] | None] = Field(
-        default_factory=lambda: {k: (list(v) if v else None) for k, v in DEFAULT_RULES.items()},
-        description="Logical axis → mesh axes (a list, or null to replicate).",
+        default_factory=dict,
+        description="Logical axis → mesh axes (a list, or null to replicate), over the defaults of the shared axes and the model family's own (docs/configuration.md#mesh-rules).",
     )
 
     @model_validator(mode="after")
@@ -206,20 +245,11 @@ class MeshConfig(Section):
         if list(sizes.values()).count(-1) > 1:
             raise ValueError("only one of mesh.data, mesh.fsdp, mesh.context, mesh.tensor may be -1")
         for logical, mesh_axes in self.rules.items():
-            if logical not in DEFAULT_RULES:
-                raise ValueError(
-                    f"mesh.rules.{logical} is not a logical axis{_did_you_mean(logical, DEFAULT_RULES)}"
-                )
             for mesh_axis in mesh_axes or ():
                 if mesh_axis not in MESH_AXES:
                     raise ValueError(
                         f"mesh.rules.{logical}: {mesh_axis!r} is not a mesh axis; use {', '.join(MESH_AXES)}"
                     )
-        # Rules given in YAML extend the defaults rather than replace them.
-        self.rules = {
-            **{k: (list(v) if v else None) for k, v in DEFAULT_RULES.items()},
-            **self.rules,
-        }
         return self
 
 
@@ -480,7 +510,8 @@ class RunConfig(Section):
 
 class Config(Section):
     # The family's own subclass of ModelConfig, dumped with all its keys.
-    model: SerializeAsAny[ModelConfig] = Field(default_factory=lambda: model_config_class("llama")())
+    model: SerializeAsAny[ModelConfig] = Field(default_factory=lambda: model_config_class(DEFAULT_FAMILY)())
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
     mesh: MeshConfig = Field(default_factory=MeshConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -495,7 +526,21 @@ class Config(Section):
         """Validate the model section against its family's keys."""
         if not isinstance(value, Mapping):
             return value  # a ModelConfig already, or not a section (pydantic says so)
-        return model_config_class(value.get("family", "llama")).model_validate(value)
+        return model_config_class(value.get("family", DEFAULT_FAMILY)).model_validate(value)
+
+    @model_validator(mode="after")
+    def _rules(self) -> Config:
+        """mesh.rules name the shared logical axes or the family's own; given rules extend the
+        defaults rather than replace them."""
+        defaults = default_rules(self.model.family)
+        for logical in self.mesh.rules:
+            if logical not in defaults:
+                raise ValueError(
+                    f"mesh.rules.{logical} is not a logical axis of model.family={self.model.family}"
+                    f"{_did_you_mean(logical, defaults)}"
+                )
+        self.mesh.rules = {**defaults, **self.mesh.rules}
+        return self
 
     @model_validator(mode="after")
     def _loss_chunk(self) -> Config:
@@ -528,9 +573,7 @@ class Config(Section):
 
 def model_config_class(family: Any) -> type[ModelConfig]:
     """The config section of a registered model family."""
-    from jaxlm.model import registry  # the families import this module
-
-    return registry.get(family).config
+    return family_section(family).config
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -592,7 +635,9 @@ def _describe(error: pydantic.ValidationError, raw: Mapping[str, Any]) -> str:
     loc = [str(part) for part in first["loc"]]
     key = ".".join(loc)
     kind = first["type"]
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden" and key in MOVED_KEYS:
+        message = f"{key} is now {MOVED_KEYS[key]}; write {MOVED_KEYS[key]}={first['input']!r} instead"
+    elif kind == "extra_forbidden":
         message = (
             f"{key} is not a config key{_did_you_mean(loc[-1], _keys_at(loc[:-1], raw), prefix=loc[:-1])}"
         )
@@ -618,7 +663,7 @@ def _keys_at(loc: Sequence[str], raw: Mapping[str, Any]) -> list[str]:
         if model is ModelConfig:
             section = raw.get("model")
             model = model_config_class(
-                section.get("family", "llama") if isinstance(section, Mapping) else "llama"
+                section.get("family", DEFAULT_FAMILY) if isinstance(section, Mapping) else DEFAULT_FAMILY
             )
     return list(model.model_fields)
 

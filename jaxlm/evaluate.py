@@ -221,7 +221,7 @@ def _stack(chunk: list[pipeline.Batch], rows_per_batch: int, seq_len: int) -> pi
 
 
 # Keys `jaxlm eval` takes as key=value: how the model runs and how data is read, never what it is.
-EVAL_OVERRIDES = ("mesh.", "data.", "model.dtype=", "model.attention=", "train.loss_chunk=", "distributed.")
+EVAL_OVERRIDES = ("mesh.", "data.", "model.dtype=", "attention.", "train.loss_chunk=", "distributed.")
 
 
 def check_overrides(overrides: Iterable[str]) -> None:
@@ -229,7 +229,7 @@ def check_overrides(overrides: Iterable[str]) -> None:
     others = [override for override in overrides if not override.startswith(EVAL_OVERRIDES)]
     if others:
         raise UserError(
-            f"eval takes PATH, options and mesh.*, data.*, distributed.*, model.dtype, model.attention or "
+            f"eval takes PATH, options and mesh.*, data.*, distributed.*, attention.*, model.dtype or "
             f"train.loss_chunk overrides, not {' '.join(others)}"
         )
 

@@ -43,6 +43,7 @@ from jaxlm.model.lora import LoRASpec
 from jaxlm.text_stream import RowText
 
 if TYPE_CHECKING:
+    from jaxlm.hf.files import SamplingDefaults
     from jaxlm.loading import Loaded
 
 Prompt = str | Sequence[int]  # text, or token ids to continue as they are
@@ -61,6 +62,26 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+
+    @classmethod
+    def chosen(
+        cls,
+        defaults: SamplingDefaults,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        greedy: bool | None = None,
+    ) -> Sampling:
+        """What the caller sets (None: not set), else the model's `defaults` (its
+        generation_config.json's), else jaxlm's: sampling at temperature 1 from every token. A
+        model whose defaults say do_sample false is greedy unless the caller asks for sampling
+        (greedy=False, or a temperature, top_k or top_p of its own)."""
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        if greedy is None:
+            greedy = defaults.do_sample is False and all(value is None for value in given.values())
+        chosen = {key: getattr(defaults, key) if value is None else value for key, value in given.items()}
+        sampling = cls(**{key: value for key, value in chosen.items() if value is not None})
+        return dataclasses.replace(sampling, temperature=0.0) if greedy else sampling
 
     def check(self) -> None:
         if not self.temperature >= 0:
@@ -123,10 +144,10 @@ def iter_completions(
     prompts: Prompt | Sequence[Prompt],
     *,
     max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    greedy: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool | None = None,
     seed: int = 0,
     stop: Sequence[str] = (),
     batch_size: int = 8,
@@ -137,11 +158,13 @@ def iter_completions(
     prompts at a time, yielding their completions in order as each batch finishes. The same seed
     gives the same text.
 
+    temperature, top_k, top_p, greedy: how tokens are drawn (`Sampling`); None: as the model's
+        generation_config.json says, else jaxlm's default (`Sampling.chosen`).
     on_text(prompt index, text): called with each piece of text as soon as it is final.
     names: what error messages call the prompts (default "prompt 1", "prompt 2", ...)."""
     one = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int | np.integer))
     prompts = [prompts] if one else list(prompts)
-    sampling = Sampling(0.0 if greedy else temperature, top_k, top_p)
+    sampling = Sampling.chosen(loaded.sampling, temperature, top_k, top_p, greedy)
     sampling.check()
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens={max_new_tokens} must be at least 1")
@@ -185,7 +208,7 @@ def _scanned_graphdef(family: str, model_config_json: str, lora: LoRASpec | None
     adapters beside the weights: train.eval_tasks) the adapters are part of the definition."""
     config = registry.get(family).config.model_validate_json(model_config_json)
     scanned = config.model_copy(update={"scan_layers": True})
-    return nnx.split(registry.abstract_model(scanned, lora), nnx.Param)[0]
+    return nnx.split(registry.abstract_model(scanned, lora=lora), nnx.Param)[0]
 
 
 def context_length(loaded: Loaded) -> int:
@@ -322,8 +345,9 @@ def _next_tokens(program: _Program, model, tokens, positions, segment_ids, cache
     """The forward over `tokens` with the cache: the next token of each row (drawn from the logits
     of its last position), sharded like the rows and replicated for the host, its log probability
     (replicated), and the cache."""
-    hidden, cache = model(tokens, positions, segment_ids, cache, return_hidden=True)
-    logits = (hidden[:, -1] @ model.output_projection()).astype(jnp.float32)  # [batch, vocab]
+    output = model(tokens, positions, segment_ids, cache, return_hidden=True)
+    cache = output.cache
+    logits = model.output_head().logits(output.hidden[:, -1]).astype(jnp.float32)  # [batch, vocab]
     logits = jnp.where(jnp.arange(logits.shape[-1]) < program.vocab_size, logits, -jnp.inf)
     next_tokens = draw(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, drawn), program.sampling)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), next_tokens[:, None], axis=-1)[:, 0]

@@ -238,8 +238,8 @@ def _scorer(loaded: Loaded) -> Callable[[Any, dict[str, np.ndarray]], tuple[np.n
     def score(params, tokens, targets, positions, segment_ids):
         model = nnx.merge(setup.graphdef, params)
         with parallel.activation_sharding(setup.mesh, setup.rules):
-            hidden, _ = model(tokens, positions, segment_ids, return_hidden=True)
-            logits = step.project_logits(hidden, model.output_projection())  # [batch, length, vocab]
+            hidden = model(tokens, positions, segment_ids, return_hidden=True).hidden
+            logits = step.project_logits(hidden, model.output_head())  # [batch, length, vocab]
             greedy = jnp.argmax(logits, axis=-1) == targets
         return -step.token_losses(logits, targets), greedy  # the loss's own log-probabilities
 

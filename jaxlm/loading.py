@@ -16,7 +16,14 @@ from etils import epath
 from flax import nnx
 
 from jaxlm import lora, storage
-from jaxlm.config import RUN_MODEL_KEYS, Config, apply_override, config_from_dict
+from jaxlm.config import (
+    DEFAULT_FAMILY,
+    Config,
+    ModelConfig,
+    apply_override,
+    config_from_dict,
+    without_moved_keys,
+)
 from jaxlm.data.tokenizers import Tokenizer, load_tokenizer
 from jaxlm.errors import ConfigError, UserError, cause
 from jaxlm.hf import files, read
@@ -26,10 +33,6 @@ from jaxlm.setup import ModelSetup, build_model, model_setup, with_shardings
 
 log = logging.getLogger("jaxlm")
 
-# Model keys model.init_from leaves as configured: how a model runs, and how it is stored and
-# initialised (a resumed run keeps its checkpoint's dtypes; a loaded model takes the run's).
-CONFIGURED_MODEL_KEYS = RUN_MODEL_KEYS | {"param_dtype", "init_std"}
-
 
 @dataclass
 class Source:
@@ -38,14 +41,15 @@ class Source:
     path: str  # as the user named it
     model: dict[str, Any]  # the source's model keys
     tokenizer: str | None  # its data.tokenizer: a tokenizer.json path, or "byte"
-    eos_token: str | None  # its data.eos_token
-    eos_ids: tuple[int, ...]  # end-of-sequence ids its config names (empty: the tokenizer's)
+    eos_token: str | None  # its data.eos_token; a Hugging Face directory's: the one its files name
+    eos_ids: tuple[int, ...]  # end-of-sequence ids its files name (empty: the tokenizer's)
     context_length: int  # the longest sequence it is made for
     bos_id: int | None  # the token its prompts start with, if any
     hf: files.HFDirectory | None = None
     checkpoints: epath.Path | None = None  # a jaxlm source's checkpoint directory
     step: int | None = None  # and its step
     lora: dict[str, Any] | None = None  # a jaxlm source's optim.lora, when it trained adapters
+    sampling: files.SamplingDefaults = files.UNSET_SAMPLING  # its generation_config.json's
 
     def read_params(self, setup: ModelSetup) -> Any:
         """The source's parameters on the shardings of `setup`'s base model (without adapters of
@@ -65,7 +69,7 @@ class Source:
         spec: LoRASpec | None = lora.spec_of(self.lora, setup.model_config) if self.lora else None
         if spec is None:
             return None
-        return model_setup(setup.model_config, spec, setup.mesh, setup.rules)
+        return model_setup(setup.model_config, spec, setup.mesh, setup.rules, setup.kernel)
 
     def read_adapters(self, setup: ModelSetup) -> tuple[Any, ModelSetup]:
         """The parameters with the adapters apart (not merged), and their set-up: for a PEFT
@@ -115,16 +119,17 @@ def open_source(path: str | Path, step: int | None = None) -> Source:
         local = Path(path)
     if files.is_hf_directory(local):
         directory = files.open_hf_directory(local)
-        tokenizer = directory.tokenizer
+        tokenizer, special = directory.tokenizer, directory.special_tokens()
         return Source(
             str(path),
             read.model_keys(directory),
             str(tokenizer) if tokenizer else None,
-            None,
-            directory.eos_ids(),
+            special.eos_token,
+            special.eos_ids,
             directory.config.get("max_position_embeddings") or 0,
-            directory.bos_id(),
+            special.bos_id,
             hf=directory,
+            sampling=directory.sampling_defaults(),
         )
     if (local / "config.yaml").is_file():
         checkpoints = _checkpoint_dir(local)
@@ -176,10 +181,8 @@ def _checkpoint_source(path: str, checkpoints: epath.Path, step: int | None) -> 
                 f"{path} has no checkpoint of step {step}; it has steps {', '.join(map(str, steps))}"
             )
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    data, model = (
-        saved.get("data", {}),
-        {"family": "llama", **saved.get("model", {})},
-    )  # saved before families
+    data = saved.get("data", {})
+    model = {"family": DEFAULT_FAMILY, **without_moved_keys(saved.get("model", {}))}
     adapters = saved.get("optim", {}).get("lora") or {}
     return Source(
         path,
@@ -227,6 +230,8 @@ class Loaded:
     eos_ids: tuple[int, ...]  # generation stops at any of these
     bos_id: int | None = None  # the token a prompt starts with, where the model has one
     context_length: int | None = None  # the longest sequence it is made for; None: data.seq_len
+    # How generate draws tokens where its caller does not say: generation_config.json's settings.
+    sampling: files.SamplingDefaults = files.UNSET_SAMPLING
 
     def model(self) -> nnx.Module:
         """The Flax NNX module with these parameters."""
@@ -249,47 +254,61 @@ def load(
     tokenizer = load_tokenizer(config.data, hf_prompts=source.hf is not None)
     params = source.read_params(setup)
     eos_ids = source.eos_ids or (tokenizer.eos_id,)
-    return Loaded(config, setup, params, tokenizer, eos_ids, source.bos_id, source.context_length or None)
+    context_length = source.context_length or None
+    return Loaded(config, setup, params, tokenizer, eos_ids, source.bos_id, context_length, source.sampling)
 
 
 def apply_init_from(config: Config, given: Collection[str] = ()) -> Config:
-    """`config` with the architecture of model.init_from (every model key but CONFIGURED_MODEL_KEYS), and
-    its tokenizer unless data.tokenizer is set. `given`: the dotted keys set on the command line,
-    which must agree with the source. A run with checkpoints of its own takes all that from its
-    newest one, so a restart resumes without needing the source again."""
+    """`config` with the architecture of model.init_from, and its tokenizer unless data.tokenizer
+    is set. The source's keys that shape the parameters are taken as they are; its other family
+    keys (RoPE, norms, windows) unless the run sets them (extending a model's context, say); the
+    keys every family shares that do not shape parameters (dtypes, remat, ...) are the run's.
+    `given`: the dotted keys set on the command line, which must agree with the source's shapes.
+    A run with checkpoints of its own takes all that from its newest one, so a restart resumes
+    without needing the source again."""
     if not config.model.init_from:
         return config
-    own = latest_step(config.checkpoint_dir)
-    if own is None:
+    own_step = latest_step(config.checkpoint_dir)
+    if own_step is None:
         source = open_source(config.model.init_from)
     else:
-        source = _checkpoint_source(config.run.dir, config.checkpoint_dir, own)
-    family = registry.get(source.model.get("family", "llama"))
+        source = _checkpoint_source(config.run.dir, config.checkpoint_dir, own_step)
+    source_model = {"family": DEFAULT_FAMILY, **without_moved_keys(source.model)}
+    family = registry.get(source_model["family"])
+    set_here = config.model.model_fields_set
+    if "family" in set_here and config.model.family != family.name:
+        raise ConfigError(
+            f"model.family={config.model.family}, and model.init_from={config.model.init_from} is a "
+            f"{family.name} model; drop model.family (the family comes from the source)"
+        )
+    shaping = {"family", *family.shape_keys}
+    run_keys = set(ModelConfig.model_fields) - shaping
     architecture = {
         key: value
-        for key, value in family.config.model_validate(source.model).model_dump(mode="json").items()
-        if key not in CONFIGURED_MODEL_KEYS
+        for key, value in family.config.model_validate(source_model).model_dump(mode="json").items()
+        if key not in run_keys
     }
     current = config.model.model_dump(mode="json")
-    extended = {
-        key: current[key]
-        for key in set(family.context_keys) & config.model.model_fields_set
-        if key in architecture and current[key] != architecture[key]
-    }
-    if extended and own is None:
-        log.info(
-            "extending model.init_from=%s's context: %s",
-            config.model.init_from,
-            ", ".join(f"{key} {architecture[key]!r} -> {value!r}" for key, value in sorted(extended.items())),
-        )
-    architecture.update(extended)
-    changed = [key for key, value in architecture.items() if current.get(key) != value]
-    for key in changed:
-        if f"model.{key}" in given:
+    for key in sorted(shaping & architecture.keys()):
+        if f"model.{key}" in given and current.get(key) != architecture[key]:
             raise ConfigError(
                 f"model.{key}={current.get(key)} on the command line disagrees with model.init_from="
-                f"{config.model.init_from}, whose {key} is {architecture[key]}; drop it (the architecture comes from the source)"
+                f"{config.model.init_from}, whose {key} is {architecture[key]}; drop it (the parameters' "
+                "shapes come from the source)"
             )
+    kept = {
+        key: current[key]
+        for key in (set_here & architecture.keys()) - shaping
+        if current[key] != architecture[key]
+    }
+    if kept and own_step is None:
+        log.info(
+            "model.init_from=%s: this run sets %s",
+            config.model.init_from,
+            ", ".join(f"{key} {architecture[key]!r} -> {value!r}" for key, value in sorted(kept.items())),
+        )
+    architecture.update(kept)
+    changed = sorted(key for key, value in architecture.items() if current.get(key) != value)
     if changed:
         log.info(
             "model.init_from=%s sets %s",
@@ -297,7 +316,7 @@ def apply_init_from(config: Config, given: Collection[str] = ()) -> Config:
             ", ".join(f"{key} {current.get(key)!r} -> {architecture[key]!r}" for key in changed),
         )
     raw = config.to_dict()
-    raw["model"] = {**{key: current[key] for key in CONFIGURED_MODEL_KEYS if key in current}, **architecture}
+    raw["model"] = {**{key: current[key] for key in run_keys if key in current}, **architecture}
     if "tokenizer" not in config.data.model_fields_set:
         if source.tokenizer is None:
             raise ConfigError(

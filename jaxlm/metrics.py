@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jaxlm import storage
 from jaxlm.config import Config
 from jaxlm.devices import table_entry
-from jaxlm.model import registry, splash
+from jaxlm.model import registry
 
 log = logging.getLogger("jaxlm")
 
@@ -53,7 +53,7 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
     counted as many times as it runs, so rematerialised forward passes and micro-batches are
     included; a shard_map body once per device it runs on, and a Pallas kernel's body once per
     cell of its grid that does work: a kernel that skips blocks (splash attention, above the
-    causal diagonal) says under a name scope how many it runs (`splash.blocks_run_scope`).
+    causal diagonal) says under a name scope how many it runs (`registry.share_of_blocks_run`).
 
     Unused results are dropped first, as the compiler drops them: a remat policy that keeps a
     custom-VJP kernel's residuals (splash's, by name) still leaves its forward call in the
@@ -70,8 +70,7 @@ def _matmul_flops(jaxpr: jax.extend.core.Jaxpr, blocks_run: float) -> float:
             lhs_shape = eqn.invars[0].aval.shape
             contracted = math.prod(lhs_shape[dim] for dim in contracting)
             total += 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
-        scope = splash.BLOCKS_RUN.search(str(eqn.source_info.name_stack))
-        runs = int(scope[1]) / int(scope[2]) if scope else blocks_run
+        runs = registry.share_of_blocks_run(str(eqn.source_info.name_stack)) or blocks_run
         repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
         if eqn.primitive.name == "pallas_call":
             repeats = math.prod(eqn.params["grid_mapping"].grid) * runs

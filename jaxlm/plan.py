@@ -113,9 +113,10 @@ def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: 
     A model of what GSPMD inserts, not a reading of the compiled program: FSDP gathers every
     weight for the forward and backward passes (and the recomputed forward, when the remat policy
     recomputes weight matmuls) and reduce-scatters the gradients; data parallelism all-reduces the
-    gradients; tensor parallelism all-reduces the activations of every block twice forward and
-    twice backward; context parallelism gathers every layer's keys and values forward and
-    reduce-scatters their gradients backward, and shards the weights as FSDP does.
+    gradients; tensor parallelism all-reduces the activations of every block as often forward and
+    backward as the family's `LayerTraffic` says (twice each for a dense block); context
+    parallelism gathers the keys and values the family names forward and reduce-scatters their
+    gradients backward, and shards the weights as FSDP does.
     """
     model, train = config.model, config.train
     data, fsdp, context, tensor = (mesh_sizes[axis] for axis in MESH_AXES)
@@ -127,14 +128,15 @@ def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: 
     def share(size: int) -> float:  # of an array collected over an axis, the part that travels
         return (size - 1) / size
 
+    traffic = registry.family_of(model).traffic(model)
     weights = param_count / tensor  # this chip's tensor slice of the model
     volume = share(fsdp) * weights * ((forwards + 1) * compute_bytes + param_bytes)
     volume += 2 * share(data) * weights / fsdp * param_bytes
     rows_per_chip = train.global_batch_size / train.micro_batches / (data * fsdp / context)
     activation = rows_per_chip * config.data.seq_len / context * model.d_model * compute_bytes
-    volume += (2 * forwards + 2) * model.num_layers * 2 * share(tensor) * activation
-    kv_per_token = registry.family_of(model).kv_per_token if context > 1 else None
-    kv_width = kv_per_token(model) / tensor if kv_per_token else 0  # none gathered without context
+    volume += (2 * forwards + 2) * model.num_layers * traffic.tensor_reductions * share(tensor) * activation
+    gathered = traffic.context_gathered if context > 1 else None
+    kv_width = gathered / tensor if gathered else 0  # none gathered without context
     keys_values = rows_per_chip * config.data.seq_len * kv_width * compute_bytes
     volume += (forwards + 1) * model.num_layers * share(context) * keys_values
     return train.micro_batches * volume / (2 * chip.ici_link_bandwidth)

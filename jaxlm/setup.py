@@ -32,7 +32,7 @@ from jaxlm.config import Config, ModelConfig
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError
 from jaxlm.model import registry, remat, splash
-from jaxlm.model.layers import attention_kernel, runs_cudnn_attention
+from jaxlm.model.layers import XLA_KERNEL, AttentionKernel, attention_kernel, runs_cudnn_attention
 from jaxlm.model.lora import LoRASpec, combine, split_adapters
 from jaxlm.optim import make_optimizer
 from jaxlm.step import TrainState, make_eval_step, make_train_step
@@ -47,7 +47,8 @@ class ModelSetup:
     mesh: Mesh
     rules: parallel.Rules
     family: registry.ModelFamily
-    model_config: ModelConfig  # with model.attention resolved for these devices
+    model_config: ModelConfig
+    kernel: AttentionKernel  # the config's attention section, resolved for these devices
     graphdef: nnx.GraphDef
     abstract_params: Any  # nested dict of ShapeDtypeStructs, the module's nnx.Param values
     param_shardings: Any
@@ -56,8 +57,8 @@ class ModelSetup:
 
     @property
     def attention(self) -> str:
-        """The kernel model.attention resolved to on these devices."""
-        return self.model_config.attention
+        """The kernel attention.kernel resolved to on these devices."""
+        return self.kernel.kind
 
     def process_rows(self, shape: tuple[int, int]) -> parallel.ProcessRows:
         """The rows of a [rows, length] batch this process reads (`parallel.process_rows`)."""
@@ -80,7 +81,7 @@ class ModelSetup:
         """Freshly initialised parameters (not jitted: `init_params` places them sharded). The
         adapters draw from a stream of their own, so the base is the same with or without them."""
         rngs = nnx.Rngs(params=key, lora=jax.random.fold_in(key, lora.INIT_STREAM))
-        model = registry.build(self.model_config, rngs, self.lora)
+        model = registry.build(self.model_config, rngs, self.kernel, self.lora)
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     def init_params(self, key: jax.Array) -> Any:
@@ -122,52 +123,77 @@ def build_model(config: Config, devices: Sequence[jax.Device] | None = None) -> 
     if remat.offloads(config.model.remat, config.model.remat_offload):
         fix = "use a model.remat that keeps activations on the device, e.g. save_dot_except_mlpwi"
         check_host_memory(mesh, f"model.remat={config.model.remat} (it offloads activations)", fix)
-    if context > 1 and registry.family_of(config.model).kv_per_token is None:
+    family = registry.family_of(config.model)
+    if context > 1 and family.traffic(config.model).context_gathered is None:
         raise ConfigError(
             f"model.family={config.model.family} does not lay its rows out for context parallelism, "
             f"and mesh.context={context} splits them; use mesh.context=1"
         )
-    attention = resolve_attention(config, mesh.devices.flat[0], context)
-    model_config = config.model.model_copy(update={"attention": attention})
-    adapters = lora.spec_of(config.optim.lora, model_config)
-    setup = model_setup(model_config, adapters, mesh, rules)
+    kernel = resolve_attention(config, mesh.devices.flat[0], context)
+    adapters = lora.spec_of(config.optim.lora, config.model)
+    setup = model_setup(config.model, adapters, mesh, rules, kernel)
     if adapters:
-        lora.check_rank(adapters, model_config, setup.abstract_params)
+        lora.check_rank(adapters, config.model, setup.abstract_params)
     return setup
 
 
-def resolve_attention(config: Config, device: jax.Device, context: int) -> str:
-    """The kernel model.attention names on a mesh of `device`s that splits rows `context` ways
-    (`attention_kernel`), or one line for a kernel they cannot run. Under context parallelism
-    auto takes XLA's attention over cuDNN's (whole rows only), and splash only for rows its
-    blocks cut (else XLA's too)."""
-    setting = config.model.attention
+def resolve_attention(config: Config, device: jax.Device, context: int) -> AttentionKernel:
+    """The kernel attention.kernel names on a mesh of `device`s that splits rows `context` ways
+    (`attention_kernel`), with its settings, or one line for a kernel they cannot run or that
+    cannot compute what the family's attention needs. Under context parallelism auto takes XLA's
+    attention over cuDNN's (whole rows only), and splash only for rows its blocks cut (else
+    XLA's too)."""
+    attention = config.attention
+    setting = attention.kernel
     if setting == "cudnn" and not runs_cudnn_attention(device):
         raise ConfigError(
-            f"model.attention=cudnn needs an NVIDIA GPU of compute capability 9.0 or newer, and these "
-            f"devices are {device.device_kind}; use model.attention=auto (or xla)"
+            f"attention.kernel=cudnn needs an NVIDIA GPU of compute capability 9.0 or newer, and these "
+            f"devices are {device.device_kind}; use attention.kernel=auto (or xla)"
         )
     if setting == "cudnn" and context > 1:
         raise ConfigError(
-            f"model.attention=cudnn takes whole rows, and mesh.context={context} splits them; use "
-            "model.attention=auto (XLA's attention under context parallelism on GPUs)"
+            f"attention.kernel=cudnn takes whole rows, and mesh.context={context} splits them; use "
+            "attention.kernel=auto (XLA's attention under context parallelism on GPUs)"
         )
-    attention = attention_kernel(setting, device)
-    if (attention == "cudnn" and context > 1) or (
-        attention == "splash" and setting == "auto" and not splash.rows_fit(config.data.seq_len, context)
+    kind = attention_kernel(setting, device)
+    needs = registry.family_of(config.model).attention(config.model)
+    unmet = _unmet_needs(needs)
+    if (kind == "cudnn" and context > 1) or (
+        kind == "splash" and setting == "auto" and not splash.rows_fit(config.data.seq_len, context)
     ):
-        attention = "xla"
-    if attention == "splash":
-        splash.check_config(config.model, config.data.seq_len, device, context)
-    return attention
+        kind = "xla"
+    if setting == "auto" and kind != "xla" and unmet:
+        kind = "xla"  # the einsums compute any mask and cap
+    if kind != "xla" and unmet:
+        raise ConfigError(
+            f"attention.kernel={kind} does not compute the {unmet} model.family={config.model.family} "
+            "asks for; use attention.kernel=xla (or auto)"
+        )
+    if kind == "splash":
+        splash.check_config(attention, config.data.seq_len, device, context)
+    return AttentionKernel.of(attention, kind)
+
+
+def _unmet_needs(needs: registry.AttentionNeeds) -> str:
+    """What of `needs` only jaxlm's XLA attention computes, in words ('' for nothing)."""
+    unmet = []
+    if needs.sliding_window is not None:
+        unmet.append(f"sliding window of {needs.sliding_window} tokens")
+    if needs.logit_softcap is not None:
+        unmet.append(f"soft-capping of attention scores at {needs.logit_softcap}")
+    return " and ".join(unmet)
 
 
 def model_setup(
-    model_config: ModelConfig, adapters: LoRASpec | None, mesh: Mesh, rules: parallel.Rules
+    model_config: ModelConfig,
+    adapters: LoRASpec | None,
+    mesh: Mesh,
+    rules: parallel.Rules,
+    kernel: AttentionKernel = XLA_KERNEL,
 ) -> ModelSetup:
-    """The module of `model_config` (with `adapters`, if any) on `mesh`: its abstract parameters
-    and their shardings."""
-    abstract_model = registry.abstract_model(model_config, adapters)
+    """The module of `model_config` (with `adapters`, if any) on `mesh`, its attention run by
+    `kernel`: its abstract parameters and their shardings."""
+    abstract_model = registry.abstract_model(model_config, kernel, adapters)
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     logical_axes = jax.tree.map(
         tuple,
@@ -180,6 +206,7 @@ def model_setup(
         rules=rules,
         family=registry.family_of(model_config),
         model_config=model_config,
+        kernel=kernel,
         graphdef=graphdef,
         abstract_params=abstract_params,
         param_shardings=parallel.shardings_from_logical(abstract_params, logical_axes, mesh, rules),

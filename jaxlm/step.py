@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from jaxlm import lora, parallel
 from jaxlm.model.lora import combine
+from jaxlm.model.registry import OutputHead
 
 
 @flax.struct.dataclass
@@ -31,7 +32,7 @@ class TrainState:
 
 def next_token_loss(
     hidden: jax.Array,
-    output_projection: jax.Array,
+    head: OutputHead,
     targets: jax.Array,
     loss_mask: jax.Array,
     chunk: int = 0,
@@ -39,7 +40,7 @@ def next_token_loss(
     """Sum of the token cross-entropies (float32) weighted by `loss_mask`, and the sum of the mask
     (the number of trained targets).
 
-    hidden: [batch, length, embed]; output_projection: [embed, vocab]; targets, loss_mask: [batch,
+    hidden: [batch, length, embed]; head: the model's `output_head()`; targets, loss_mask: [batch,
     length]. Logits stay in the compute dtype. With `chunk` > 0 they exist `chunk` positions at
     a time, and the gradients of each chunk are computed with its loss (`chunked_cross_entropy`),
     so a large vocabulary never holds [batch, length, vocab] in memory at once and nothing is
@@ -48,14 +49,15 @@ def next_token_loss(
     mask = loss_mask.astype(jnp.float32)  # [batch, length]
     length = hidden.shape[1]
     if not chunk or chunk >= length:
-        logits = project_logits(hidden, output_projection)
+        logits = project_logits(hidden, head)
         return jnp.sum(token_losses(logits, targets) * mask), jnp.sum(mask)
-    return chunked_cross_entropy(hidden, output_projection, targets, mask, chunk), jnp.sum(mask)
+    return chunked_cross_entropy(hidden, head.weight, targets, mask, chunk, head.softcap), jnp.sum(mask)
 
 
-def project_logits(hidden: jax.Array, weight: jax.Array) -> jax.Array:
-    logits = jnp.einsum("bte,ev->btv", hidden, weight)  # [batch, positions, vocab]
-    return parallel.constrain(logits, ("batch", "length", "act_vocab"))
+def project_logits(hidden: jax.Array, head: OutputHead) -> jax.Array:
+    return parallel.constrain(
+        head.logits(hidden), ("batch", "length", "act_vocab")
+    )  # [batch, positions, vocab]
 
 
 def _log_normaliser_and_target_logits(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -94,33 +96,40 @@ def _from_chunks(x: jax.Array) -> jax.Array:
     return x.reshape(batch, count * width, *rest)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def chunked_cross_entropy(hidden, weight, targets, mask, chunk: int) -> jax.Array:
-    """Sum over real targets of the cross-entropy of `hidden @ weight`, `chunk` positions at a
-    time. Differentiated, each chunk's gradients are computed right after its loss, while its
-    logits exist (the loss is the last thing the step computes, so its cotangent is a scalar
-    applied afterwards): no second pass over the output projection, unlike jax.checkpoint."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def chunked_cross_entropy(
+    hidden, weight, targets, mask, chunk: int, softcap: float | None = None
+) -> jax.Array:
+    """Sum over real targets of the cross-entropy of `hidden @ weight` (soft-capped at `softcap`,
+    if given), `chunk` positions at a time. Differentiated, each chunk's gradients are computed
+    right after its loss, while its logits exist (the loss is the last thing the step computes,
+    so its cotangent is a scalar applied afterwards): no second pass over the output projection,
+    unlike jax.checkpoint."""
+    head = OutputHead(weight, softcap)
 
     def add_chunk(total, inputs):
         h, t, m = inputs
-        return total + jnp.sum(token_losses(project_logits(h, weight), t) * m), None
+        return total + jnp.sum(token_losses(project_logits(h, head), t) * m), None
 
     total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), _chunks(hidden, targets, mask, chunk))
     return total
 
 
-def _chunked_cross_entropy_fwd(hidden, weight, targets, mask, chunk):
+def _chunked_cross_entropy_fwd(hidden, weight, targets, mask, chunk, softcap):
     vocab = weight.shape[1]
+    head = OutputHead(weight, softcap)
 
     def add_chunk(carry, inputs):
         total, d_weight = carry
         h, t, m = inputs
-        logits = project_logits(h, weight)
+        logits = project_logits(h, head)
         log_normaliser, target_logits = _log_normaliser_and_target_logits(logits, t)
         total = total + jnp.sum((log_normaliser - target_logits)[..., 0] * m)
         # d loss / d logits = softmax − one-hot(target), on real targets only.
         is_target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
         d_logits = jnp.exp(logits.astype(jnp.float32) - log_normaliser) - is_target
+        if softcap is not None:  # through cap·tanh(x / cap): × (1 − tanh²) = 1 − (logits / cap)²
+            d_logits = d_logits * (1 - jnp.square(logits.astype(jnp.float32) / softcap))
         d_logits = (d_logits * m[..., None]).astype(logits.dtype)
         d_logits = parallel.constrain(d_logits, ("batch", "length", "act_vocab"))
         d_hidden = jnp.einsum("btv,ev->bte", d_logits, weight)
@@ -132,7 +141,7 @@ def _chunked_cross_entropy_fwd(hidden, weight, targets, mask, chunk):
     return total, (_from_chunks(d_hidden), d_weight.astype(weight.dtype))
 
 
-def _chunked_cross_entropy_bwd(chunk, residuals, cotangent):
+def _chunked_cross_entropy_bwd(chunk, softcap, residuals, cotangent):
     d_hidden, d_weight = residuals
     return (
         (d_hidden * cotangent).astype(d_hidden.dtype),
@@ -162,16 +171,19 @@ def context_layout(batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], n
 
 
 def _loss_fn(graphdef: nnx.GraphDef, params, batch, loss_chunk: int = 0, dropout_key=None):
+    """The batch's summed token losses, its count of trained targets, and the model's auxiliary
+    losses (name → scalar)."""
     model = nnx.merge(graphdef, params)
     dropout = {} if dropout_key is None else {"dropout_key": dropout_key}  # LoRA's, in training
     batch, order = context_layout(batch)
     layout = {} if order is None else {"order": order}  # context parallelism's
-    hidden, _ = model(
+    output = model(
         batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True, **layout, **dropout
     )
-    return next_token_loss(
-        hidden, model.output_projection(), batch["targets"], batch["loss_mask"], loss_chunk
+    loss_sum, count = next_token_loss(
+        output.hidden, model.output_head(), batch["targets"], batch["loss_mask"], loss_chunk
     )
+    return loss_sum, count, output.aux_losses
 
 
 def _all_trained(params):
@@ -201,13 +213,23 @@ def make_train_step(
     offloaded_opt_state: for an optimizer state kept in host memory (optim.offload_state), the
     functions that move it into device memory for the update and back out."""
 
-    def mean_loss(trained, frozen, batch, denominator, key):
-        loss_sum, _ = _loss_fn(graphdef, combine(trained, frozen), batch, loss_chunk, key)
-        return loss_sum / denominator
+    def objective(trained, frozen, batch, denominator, key):
+        """What is differentiated: this (micro-)batch's share of the mean token loss plus its share
+        of the auxiliary losses; with (token loss, auxiliary losses) as its aux."""
+        loss_sum, _, aux_losses = _loss_fn(graphdef, combine(trained, frozen), batch, loss_chunk, key)
+        loss = loss_sum / denominator
+        aux_losses = {name: value / micro_batches for name, value in aux_losses.items()}
+        total = loss + sum(aux_losses.values()) if aux_losses else loss
+        return total, (loss, aux_losses)
 
-    grad_fn = jax.value_and_grad(mean_loss)
+    objective_and_grad = jax.value_and_grad(objective, has_aux=True)
+
+    def grad_fn(params, frozen, batch, denominator, key):
+        (_, losses), grads = objective_and_grad(params, frozen, batch, denominator, key)
+        return losses, grads
 
     def loss_and_grads(params, frozen, batch, denominator, key):
+        """((token loss, auxiliary losses), gradients) of the whole batch."""
         if micro_batches == 1:
             return grad_fn(params, frozen, batch, denominator, key)
 
@@ -221,13 +243,15 @@ def make_train_step(
             loss, grads = carry
             index, micro_batch = micro
             micro_key = None if key is None else jax.random.fold_in(key, index)
-            micro_loss, micro_grads = grad_fn(params, frozen, micro_batch, denominator, micro_key)
-            return (loss + micro_loss, jax.tree.map(jnp.add, grads, micro_grads)), None
+            (micro_loss, aux_losses), micro_grads = grad_fn(
+                params, frozen, micro_batch, denominator, micro_key
+            )
+            return (loss + micro_loss, jax.tree.map(jnp.add, grads, micro_grads)), aux_losses
 
         init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
         micro = (jnp.arange(micro_batches), jax.tree.map(split, batch))
-        (loss, grads), _ = jax.lax.scan(accumulate, init, micro)
-        return loss, grads
+        (loss, grads), aux_losses = jax.lax.scan(accumulate, init, micro)
+        return (loss, jax.tree.map(lambda x: jnp.sum(x, axis=0), aux_losses)), grads
 
     def train_step(state: TrainState, batch):
         trained_tokens = jnp.sum(batch["loss_mask"])
@@ -235,7 +259,7 @@ def make_train_step(
         trained, frozen = trainable(state.params)
         key = None if dropout_seed is None else lora.dropout_key(dropout_seed, state.step)
         with parallel.activation_sharding(mesh, rules):
-            loss, grads = loss_and_grads(trained, frozen, batch, denominator, key)
+            (loss, aux_losses), grads = loss_and_grads(trained, frozen, batch, denominator, key)
         grad_norm = optax.tree.norm(grads)
         if offloaded_opt_state is None:
             trained, opt_state = _optimizer_step(optimizer, grads, state.opt_state, trained)
@@ -249,6 +273,7 @@ def make_train_step(
             "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "trained_tokens": trained_tokens,
+            **{f"aux/{name}": value for name, value in aux_losses.items()},
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -285,7 +310,7 @@ def make_eval_step(graphdef, token_bytes: np.ndarray, mesh: Mesh, rules, loss_ch
 
     def eval_step(params, batch):
         with parallel.activation_sharding(mesh, rules):
-            loss_sum, count = _loss_fn(graphdef, params, batch, loss_chunk)
+            loss_sum, count, _ = _loss_fn(graphdef, params, batch, loss_chunk)
         byte_count = jnp.sum(token_bytes[batch["targets"]] * batch["loss_mask"])
         return loss_sum, count, byte_count
 

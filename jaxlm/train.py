@@ -214,12 +214,12 @@ def _write_config(config: Config, run_dir: epath.Path) -> None:
 
 class _GlobalBatches:
     """This process's host batches as global arrays on the batch sharding. With cuDNN attention
-    it checks rows against its document slots (model.max_documents), until one does not fit."""
+    it checks rows against its document slots (attention.max_documents), until one does not fit."""
 
     def __init__(self, data: pipeline.HostBatches, setup: TrainSetup, config: Config):
         self.data, self.sharding = data, setup.batch_sharding
         self.shape = (config.train.global_batch_size, config.data.seq_len)
-        self.max_documents = config.model.max_documents
+        self.max_documents = setup.model.kernel.max_documents
         self.check_documents = setup.model.attention == "cudnn"
 
     def __next__(self) -> dict[str, jax.Array]:
@@ -236,8 +236,8 @@ def _documents_fit(host_batch: pipeline.Batch, max_documents: int) -> bool:
     if most <= max_documents:
         return True
     log.warning(
-        "a packed row holds %d documents, more than model.max_documents=%d: cuDNN attention "
-        "lets the last ones of such rows attend to each other; raise model.max_documents to keep them "
+        "a packed row holds %d documents, more than attention.max_documents=%d: cuDNN attention "
+        "lets the last ones of such rows attend to each other; raise attention.max_documents to keep them "
         "apart (its backward memory grows with it). Warned once.",
         most,
         max_documents,

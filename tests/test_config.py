@@ -60,7 +60,18 @@ def test_override_values_are_parsed_as_yaml():
             ["mesh.fsdp=-1", "mesh.data=-1"],
             r"only one of mesh\.data, mesh\.fsdp, mesh\.context, mesh\.tensor may be -1",
         ),
-        (["mesh.rules.embedd=[fsdp]"], r"mesh\.rules\.embedd is not a logical axis; did you mean embed\?"),
+        (
+            ["mesh.rules.embedd=[fsdp]"],
+            r"mesh\.rules\.embedd is not a logical axis of model\.family=llama; did you mean embed\?",
+        ),
+        (
+            ["model.attention=xla"],
+            r"^model\.attention is now attention\.kernel; write attention\.kernel='xla' instead$",
+        ),
+        (
+            ["mesh.rules.expert=[tensor]"],
+            r"^mesh\.rules\.expert is not a logical axis of model\.family=llama",
+        ),
         (["mesh.rules.embed=[fsdq]"], r"'fsdq' is not a mesh axis"),
         (["train.global_batch_size=6", "train.micro_batches=4"], r"not divisible by train\.micro_batches=4"),
         (["train.steps"], r"not of the form section\.key=value"),

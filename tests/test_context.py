@@ -113,7 +113,7 @@ def test_rows_laid_out_with_their_order_give_the_hidden_states_of_the_row_in_its
 
     @jax.jit
     def hidden(tokens, positions, segment_ids, order=None):
-        return model(tokens, positions, segment_ids, return_hidden=True, order=order)[0]
+        return model(tokens, positions, segment_ids, return_hidden=True, order=order).hidden
 
     natural = hidden(tokens, positions, segment_ids)
     laid_out = jax.jit(functools.partial(hidden, order=order))(

@@ -112,7 +112,10 @@ def test_changing_one_document_leaves_the_others_logits_unchanged(tmp_path):
     positions = jnp.array([list(range(10)) + list(range(12)) + list(range(10))])
     tokens = jax.random.randint(jax.random.key(1), (1, 32), 0, 256)
     changed = tokens.at[0, 10:22].set((tokens[0, 10:22] + 7) % 256)  # only document 2 changes
-    before, after = model(tokens, positions, segment_ids)[0], model(changed, positions, segment_ids)[0]
+    before, after = (
+        model(tokens, positions, segment_ids).logits,
+        model(changed, positions, segment_ids).logits,
+    )
     others = np.asarray(segment_ids[0] != 2)
     np.testing.assert_array_equal(np.asarray(before)[0, others], np.asarray(after)[0, others])
     assert not np.allclose(np.asarray(before)[0, ~others], np.asarray(after)[0, ~others])
@@ -309,7 +312,7 @@ def test_rows_with_more_documents_than_cudnn_slots_warn(caplog):
     assert _documents_fit(batch, max_documents=4)
     assert "max_documents" not in caplog.text
     assert not _documents_fit(batch, max_documents=3)
-    assert "a packed row holds 4 documents, more than model.max_documents=3" in caplog.text
+    assert "a packed row holds 4 documents, more than attention.max_documents=3" in caplog.text
 
 
 def test_a_position_saved_with_grain_workers_restores_into_the_same_layout(tmp_path, corpus):

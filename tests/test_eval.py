@@ -114,7 +114,7 @@ def by_hand(loaded, examples: list[tuple[list[int], list[int]]]) -> tuple[float,
     (right-padded to 64 tokens, which a causal model's earlier positions never see) through the
     model's logits, the log-softmax taken with numpy: no packing, no eval step."""
     forward = jax.jit(lambda params, tokens: nnx.merge(loaded.setup.graphdef, params)(
-        tokens, jnp.arange(64)[None], jnp.ones_like(tokens))[0])  # fmt: skip
+        tokens, jnp.arange(64)[None], jnp.ones_like(tokens)).logits)  # fmt: skip
     token_bytes = loaded.tokenizer.token_bytes()
     loss, count, byte_count = 0.0, 0, 0
     for ids, trained in examples:

@@ -54,7 +54,7 @@ def recomputed_greedy(
     no cache (in a row of the context's length: causal attention never looks past the end)."""
     length = loaded.config.data.seq_len
     forward = jax.jit(
-        lambda params, tokens: loaded.model()(tokens, jnp.arange(length)[None], jnp.ones_like(tokens))[0]
+        lambda params, tokens: loaded.model()(tokens, jnp.arange(length)[None], jnp.ones_like(tokens)).logits
     )
     ids, logprobs = list(prompt_ids), []
     for _ in range(new_tokens):

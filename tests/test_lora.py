@@ -37,7 +37,7 @@ ONE_DEVICE = jax.devices()[:1]
 @jax.jit
 def _logits(graphdef, params, tokens):  # tokens: [1, length] → [length, vocab]
     positions = jnp.arange(tokens.shape[1])[None]
-    logits, _ = nnx.merge(graphdef, params)(tokens, positions, jnp.ones_like(tokens))
+    logits = nnx.merge(graphdef, params)(tokens, positions, jnp.ones_like(tokens)).logits
     return logits[0]
 
 

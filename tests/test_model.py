@@ -9,7 +9,6 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from jaxlm.config import DEFAULT_RULES
 from jaxlm.model import registry
 from jaxlm.model.layers import Llama3RopeScaling
 from jaxlm.step import _loss_fn
@@ -36,21 +35,22 @@ def loss_and_grads(config):
     params = nnx.to_pure_dict(params)
 
     def mean_loss(params):
-        loss_sum, count = _loss_fn(graphdef, params, batch_of(config), config.train.loss_chunk)
+        loss_sum, count, _ = _loss_fn(graphdef, params, batch_of(config), config.train.loss_chunk)
         return loss_sum / count
 
     return jax.jit(jax.value_and_grad(mean_loss))(params)
 
 
 def test_every_parameter_names_known_logical_axes(tmp_path):
-    model = registry.abstract_model(tiny_config(tmp_path).model)
+    config = tiny_config(tmp_path)
+    model = registry.abstract_model(config.model)
     specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
     shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     for spec, shape in zip(
         jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(shapes), strict=True
     ):
         assert len(spec) == len(shape.shape)
-        assert all(name in DEFAULT_RULES for name in spec)
+        assert all(name in config.mesh.rules for name in spec)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +80,12 @@ def test_logits_are_the_hidden_state_times_the_output_projection(tmp_path):
     config = tiny_config(tmp_path)
     model = build(config)
     batch = batch_of(config)
-    logits, no_cache = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-    hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
-    assert no_cache is None
-    np.testing.assert_allclose(logits, hidden @ model.output_projection(), rtol=1e-5, atol=1e-5)
+    output = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True).hidden
+    assert output.cache is None and output.hidden is None and output.aux_losses == {}
+    head = model.output_head()
+    assert head.softcap is None
+    np.testing.assert_allclose(output.logits, hidden @ head.weight, rtol=1e-5, atol=1e-5)
 
 
 def test_untrained_loss_is_near_uniform_and_bf16_compute_agrees(tmp_path, float32_reference):
@@ -108,10 +110,10 @@ def test_a_trained_target_counts_only_where_the_loss_mask_is_set(tmp_path):
     graphdef, params = nnx.split(build(config), nnx.Param)
     batch = batch_of(config)
     half = batch["loss_mask"].at[:, ::2].set(0)
-    _, count = _loss_fn(graphdef, params, batch)
-    masked_sum, masked_count = _loss_fn(graphdef, params, {**batch, "loss_mask": half})
+    _, count, _ = _loss_fn(graphdef, params, batch)
+    masked_sum, masked_count, _ = _loss_fn(graphdef, params, {**batch, "loss_mask": half})
     assert float(count) == half.size and float(masked_count) == half.size / 2
-    logits, _ = build(config)(batch["tokens"], batch["positions"], batch["segment_ids"])
+    logits = build(config)(batch["tokens"], batch["positions"], batch["segment_ids"]).logits
     token_losses = (
         jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
     )
@@ -128,14 +130,15 @@ def test_prefill_then_decoding_with_the_cache_gives_the_logits_of_the_whole_sequ
     tokens = jax.random.randint(jax.random.key(3), (2, length), 0, 256)
     segment_ids = jnp.array([[1] * 16, [1] * 5 + [2] * 11])
     positions = jnp.array([list(range(16)), list(range(5)) + list(range(11))])
-    whole, _ = model(tokens, positions, segment_ids)
+    whole = model(tokens, positions, segment_ids).logits
 
     cache = model.init_cache(batch=2, max_length=24)
     decoded = []
     for first, last in [(0, 10), (10, prefill), *((t, t + 1) for t in range(prefill, length))]:
         part = slice(first, last)
-        logits, cache = model(tokens[:, part], positions[:, part], segment_ids[:, part], cache)
-        decoded.append(logits)
+        output = model(tokens[:, part], positions[:, part], segment_ids[:, part], cache)
+        decoded.append(output.logits)
+        cache = output.cache
     assert int(cache.length) == length
     np.testing.assert_allclose(jnp.concatenate(decoded, axis=1), whole, rtol=1e-5, atol=1e-5)
 
@@ -175,9 +178,9 @@ def test_biases_change_the_logits(tmp_path):
     config = tiny_config(tmp_path, "model.qkv_bias=true")
     model = build(config)
     batch = batch_of(config)
-    before, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    before = model(batch["tokens"], batch["positions"], batch["segment_ids"]).logits
     model.blocks.attention.bk[...] = jnp.ones_like(model.blocks.attention.bk[...])
-    after, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    after = model(batch["tokens"], batch["positions"], batch["segment_ids"]).logits
     assert float(jnp.abs(after - before).max()) > 1e-3
 
 

@@ -152,8 +152,8 @@ def test_init_is_sharded_inside_jit_not_gathered_on_one_device(tmp_path):
         ),
         (["mesh.dcn_data=3"], r"mesh.dcn_\* ask for 3 slices but 8 devices do not split into 3 equal slices"),
         (
-            ["model.attention=cudnn"],
-            r"model.attention=cudnn needs an NVIDIA GPU .* devices are cpu; use model.attention=auto",
+            ["attention.kernel=cudnn"],
+            r"attention.kernel=cudnn needs an NVIDIA GPU .* devices are cpu; use attention.kernel=auto",
         ),
     ],
 )

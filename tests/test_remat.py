@@ -15,6 +15,7 @@ from jax._src.ad_checkpoint import (
 from jaxlm.config import load_config
 from jaxlm.errors import ConfigError
 from jaxlm.model import registry, remat
+from jaxlm.model.layers import AttentionKernel
 
 CUSTOM = ["model.remat_save=[mlp_gate,attention_norm]", "model.remat_offload=[attention_out,out_proj]"]
 ROWS = 2
@@ -23,7 +24,8 @@ ROWS = 2
 def loss_of(config, length: int = 32):
     """The model's parameters and a loss of them: a weighted sum of log-probabilities over two
     packed documents per row (different weights per position, so no gradient is trivially 0)."""
-    model = registry.build(config.model, nnx.Rngs(0))
+    kernel = AttentionKernel.of(config.attention, config.attention.kernel)  # as the config names it
+    model = registry.build(config.model, nnx.Rngs(0), kernel)
     graphdef, params = nnx.split(model)
     tokens = jax.random.randint(jax.random.key(1), (ROWS, length), 0, config.model.vocab_size)
     positions = jnp.tile(jnp.arange(length), (ROWS, 1))
@@ -31,7 +33,7 @@ def loss_of(config, length: int = 32):
     weights = jnp.cos(jnp.arange(length, dtype=jnp.float32))[None, :, None]
 
     def loss(params):
-        logits, _ = nnx.merge(graphdef, params)(tokens, positions, segments)
+        logits = nnx.merge(graphdef, params)(tokens, positions, segments).logits
         return (jax.nn.log_softmax(logits) * weights).mean()
 
     return params, loss
@@ -39,7 +41,7 @@ def loss_of(config, length: int = 32):
 
 def config_with(policy: str, *overrides: str):
     extra = CUSTOM if policy == "custom" else []
-    return load_config(None, [*TINY, "model.attention=xla", f"model.remat={policy}", *extra, *overrides])
+    return load_config(None, [*TINY, "attention.kernel=xla", f"model.remat={policy}", *extra, *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def test_a_policy_keeps_exactly_the_activations_it_names(policy):
 def test_splash_keeps_its_output_and_residuals_by_name():
     """With splash attention, keeping attention_out keeps the kernel's output and log-sum-exp for
     its backward, rather than running the forward kernel again."""
-    overrides = ["model.attention=splash", "model.splash_interpret=true", "model.scan_layers=false"]
+    overrides = ["attention.kernel=splash", "attention.splash_interpret=true", "model.scan_layers=false"]
     overrides += ["model.head_dim=128", "model.num_layers=1"]
     _, _, with_out = kept(config_with("save_dot_except_mlp", *overrides), length=128)
     _, _, without = kept(config_with("save_qkv_proj", *overrides), length=128)

@@ -16,7 +16,7 @@ from conftest import REPO, tiny_config
 from flax import nnx
 
 from jaxlm import parallel
-from jaxlm.config import DEFAULT_RULES, MESH_AXES
+from jaxlm.config import MESH_AXES, default_rules
 from jaxlm.errors import ConfigError
 from jaxlm.metrics import matmul_flops
 from jaxlm.model import registry, splash
@@ -96,7 +96,7 @@ def test_under_context_parallelism_splash_in_the_balanced_layout_gives_xla_in_ro
     q, k, v = qkv(2, length)
 
     def attend(q, k, v):  # row order in and out, the balanced layout inside
-        with parallel.activation_sharding(mesh, DEFAULT_RULES):
+        with parallel.activation_sharding(mesh, default_rules("llama")):
             assert parallel.context_shards() == mesh_shape["context"]
             out = splash.splash_attention(
                 q[:, order], k[:, order], v[:, order], jnp.asarray(segments[:, order]), order, 128, 128, True
@@ -128,27 +128,27 @@ def model_loss_and_grads(config, mesh=None):
 
     def loss(params):
         rows = [x[:, layout] for x in (inputs, positions, segments, targets)]
-        logits, _ = nnx.merge(graphdef, params)(*rows[:3], order=order)
+        logits = nnx.merge(graphdef, params)(*rows[:3], order=order).logits
         return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), rows[3][..., None], axis=-1))
 
     if mesh is None:
         return jax.jit(jax.value_and_grad(loss))(params)
-    with parallel.activation_sharding(mesh, DEFAULT_RULES):
+    with parallel.activation_sharding(mesh, default_rules("llama")):
         return jax.jit(jax.value_and_grad(loss))(params)
 
 
 @pytest.fixture(scope="module")
 def xla_model_reference(tmp_path_factory):
     """Loss and gradients of the tiny Llama with XLA attention on one device, rows in order."""
-    config = tiny_config(tmp_path_factory.mktemp("xla"), "data.seq_len=256", "model.attention=xla")
+    config = tiny_config(tmp_path_factory.mktemp("xla"), "data.seq_len=256", "attention.kernel=xla")
     return model_loss_and_grads(config)
 
 
 SPLASH = [
     "data.seq_len=256",
-    "model.attention=splash",
-    "model.splash_interpret=true",
-    "model.splash_block_q=128",
+    "attention.kernel=splash",
+    "attention.splash_interpret=true",
+    "attention.splash_block_q=128",
 ]
 
 
@@ -156,7 +156,8 @@ def test_a_model_with_splash_attention_has_the_loss_and_gradients_of_xla_attenti
     tmp_path, xla_model_reference
 ):
     assert_close(
-        model_loss_and_grads(tiny_config(tmp_path, *SPLASH, "model.splash_block_kv=128")), xla_model_reference
+        model_loss_and_grads(tiny_config(tmp_path, *SPLASH, "attention.splash_block_kv=128")),
+        xla_model_reference,
     )
 
 
@@ -174,41 +175,41 @@ def test_under_context_parallelism_the_model_with_splash_has_the_loss_and_gradie
     [
         (
             [],
-            r"^model.attention=splash runs on TPU, and these devices are cpu; use model.attention=auto \(or xla\), or model.splash_interpret=true",
+            r"^attention.kernel=splash runs on TPU, and these devices are cpu; use attention.kernel=auto \(or xla\), or attention.splash_interpret=true",
         ),
         (
-            ["model.splash_interpret=true", "data.seq_len=200"],
-            r"^data.seq_len=200 over mesh.context=1 does not give .* use a data.seq_len that is a multiple of 128, or model.attention=xla$",
+            ["attention.splash_interpret=true", "data.seq_len=200"],
+            r"^data.seq_len=200 over mesh.context=1 does not give .* use a data.seq_len that is a multiple of 128, or attention.kernel=xla$",
         ),
         (
-            ["model.splash_interpret=true", "data.seq_len=384", "mesh.context=2", "mesh.fsdp=4"],
-            r"^data.seq_len=384 over mesh.context=2 .* a multiple of 256, or model.attention=xla$",
+            ["attention.splash_interpret=true", "data.seq_len=384", "mesh.context=2", "mesh.fsdp=4"],
+            r"^data.seq_len=384 over mesh.context=2 .* a multiple of 256, or attention.kernel=xla$",
         ),
         (
-            ["model.splash_interpret=true", "data.seq_len=768", "model.splash_block_q=512"],
-            r"^model.splash_block_q=512 does not divide the 768 tokens of a context shard .*; use one of 128, 256, 384, 768, or null$",
+            ["attention.splash_interpret=true", "data.seq_len=768", "attention.splash_block_q=512"],
+            r"^attention.splash_block_q=512 does not divide the 768 tokens of a context shard .*; use one of 128, 256, 384, 768, or null$",
         ),
         (
             [
-                "model.splash_interpret=true",
+                "attention.splash_interpret=true",
                 "data.seq_len=512",
                 "mesh.context=2",
                 "mesh.fsdp=4",
-                "model.splash_block_kv=384",
+                "attention.splash_block_kv=384",
             ],
-            r"^model.splash_block_kv=384 does not divide data.seq_len=512 .*; use one of 128, 256, 512, or null$",
+            r"^attention.splash_block_kv=384 does not divide data.seq_len=512 .*; use one of 128, 256, 512, or null$",
         ),
     ],
 )
 def test_splash_that_cannot_run_is_one_line_naming_the_fix_before_compiling(tmp_path, overrides, message):
-    config = tiny_config(tmp_path, "model.attention=splash", "data.seq_len=256", *overrides)
+    config = tiny_config(tmp_path, "attention.kernel=splash", "data.seq_len=256", *overrides)
     with pytest.raises(ConfigError, match=message):
         build_model(config)
 
 
 def test_splash_runs_where_asked_and_auto_keeps_xla_off_tpu(tmp_path):
     config = tiny_config(
-        tmp_path, "model.attention=splash", "model.splash_interpret=true", "data.seq_len=256"
+        tmp_path, "attention.kernel=splash", "attention.splash_interpret=true", "data.seq_len=256"
     )
     assert build_model(config).attention == "splash"
     assert build_model(tiny_config(tmp_path, "data.seq_len=256")).attention == "xla"
@@ -223,7 +224,7 @@ def test_auto_is_splash_on_tpu_for_rows_its_blocks_cut_and_xla_for_others(tmp_pa
     devices = topology_devices("v5e:2x2")
     assert build_model(tiny_config(tmp_path, "data.seq_len=256"), devices).attention == "splash"
     assert build_model(tiny_config(tmp_path, "data.seq_len=32"), devices).attention == "xla"
-    explicit = tiny_config(tmp_path, "data.seq_len=32", "model.attention=splash")
+    explicit = tiny_config(tmp_path, "data.seq_len=32", "attention.kernel=splash")
     with pytest.raises(ConfigError, match=r"^data.seq_len=32 over mesh.context=1"):
         build_model(explicit, devices)
 
@@ -238,7 +239,7 @@ def test_plans_count_the_kernels_matmuls_in_the_blocks_it_runs_on_every_device()
     q, k, v = qkv(rows, length)
 
     def attend(q, k, v):
-        with parallel.activation_sharding(mesh, DEFAULT_RULES):
+        with parallel.activation_sharding(mesh, default_rules("llama")):
             return splash.splash_attention(
                 q, k, v, jnp.ones((rows, length), jnp.int32), order, 128, 128, True
             )

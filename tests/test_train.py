@@ -75,8 +75,8 @@ def test_resume_onto_another_mesh_restores_resharded_state(tmp_path, uninterrupt
         "model.scan_layers=false",
         "model.remat=custom",
         "model.remat_save=[mlp_gate]",
-        "model.max_documents=3",
-        "model.splash_block_q=256",
+        "attention.max_documents=3",
+        "attention.splash_block_q=256",
     )
     train(tiny_config(tmp_path, *RESUMABLE, *resumed))
     expected, resumed = train_losses(uninterrupted), train_losses(tmp_path)

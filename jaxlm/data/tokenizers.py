@@ -10,6 +10,7 @@ import numpy as np
 from jaxlm import storage
 from jaxlm.config import DataConfig
 from jaxlm.errors import DataError
+from jaxlm.hf import files
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
 
@@ -103,16 +104,36 @@ class HuggingFaceTokenizer:
                 f"data.tokenizer={path} could not be loaded as a tokenizer.json ({error})"
             ) from None
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        names = [eos_token] if eos_token else list(EOS_CANDIDATES)
-        ids = [self._tokenizer.token_to_id(name) for name in names]
-        found = [i for i in ids if i is not None]
-        if not found:
+        self.eos_token = eos_token or self._end_of_document_token(path)
+        self.eos_id = self._tokenizer.token_to_id(self.eos_token)
+        if self.eos_id is None:
             raise DataError(
-                f"data.tokenizer={path} has no end-of-document token among {', '.join(names)}; "
-                "set data.eos_token to the one it uses"
+                f"data.eos_token={eos_token} is not a token of data.tokenizer={path}; set data.eos_token "
+                "to the end-of-document token it has"
             )
-        self.eos_id = found[0]
-        self.eos_token = self._tokenizer.id_to_token(self.eos_id)
+
+    def _end_of_document_token(self, path: str) -> str:
+        """The end-of-document token that the model directory around `path` names
+        (files.special_tokens); where it names none, or `path` is a tokenizer.json alone, the
+        first of EOS_CANDIDATES that the tokenizer has."""
+        directory = storage.path(path).parent
+        in_directory = files.names_special_tokens(directory)
+        if in_directory and (named := files.special_tokens(directory, self._tokenizer).eos_token):
+            return named
+        found = [name for name in EOS_CANDIDATES if self._tokenizer.token_to_id(name) is not None]
+        if found:
+            return found[0]
+        if in_directory:
+            raise DataError(
+                f"{directory} names no end-of-sequence token (eos_token in {files.TOKENIZER_CONFIG}, "
+                f"eos_token_id in {files.CONFIG} or {files.GENERATION_CONFIG}) and its tokenizer has none "
+                f"of {', '.join(EOS_CANDIDATES)}; set eos_token in {directory / files.TOKENIZER_CONFIG}, "
+                "or data.eos_token"
+            )
+        raise DataError(
+            f"data.tokenizer={path} has no end-of-document token among {', '.join(EOS_CANDIDATES)}; "
+            "set data.eos_token to the one it uses"
+        )
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)

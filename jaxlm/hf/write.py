@@ -179,7 +179,7 @@ def gatherer(setup: ModelSetup):
 def _write_metadata(source: Source, setup: ModelSetup, staging: Path, dtype: str) -> None:
     """config.json, generation_config.json and the tokenizer files."""
     config = setup.model_config
-    hf_config = setup.family.hf.config_to_hf(config, config.context_length or source.context_length)
+    hf_config = setup.family.hf.config_to_hf(config, source.context_length)
     original, generation = _origin(source)
     eos_ids = list(source.eos_ids) or [_tokenizer_eos(source)]
     hf_config.update(

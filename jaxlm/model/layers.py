@@ -15,6 +15,35 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm.config import AttentionConfig
+
+
+@dataclass(frozen=True)
+class AttentionKernel:
+    """How a model's attention runs in training and evaluation: the config's `attention` section
+    resolved for the devices (`jaxlm.setup.resolve_attention`). A cache always takes the XLA
+    einsums."""
+
+    kind: str = "xla"  # xla, cudnn or splash
+    splash_block_q: int | None = None
+    splash_block_kv: int | None = None
+    splash_interpret: bool = False
+    max_documents: int = 8  # cuDNN's document slots per packed row
+
+    @classmethod
+    def of(cls, attention: AttentionConfig, kind: str) -> AttentionKernel:
+        """The `attention` section's settings for the kernel `kind` (xla, cudnn or splash)."""
+        return cls(
+            kind,
+            attention.splash_block_q,
+            attention.splash_block_kv,
+            attention.splash_interpret,
+            attention.max_documents,
+        )
+
+
+XLA_KERNEL = AttentionKernel()  # what a model built without a resolved config runs
+
 
 def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
@@ -189,7 +218,7 @@ def runs_cudnn_attention(device: jax.Device) -> bool:
 
 
 def attention_kernel(setting: str, device: jax.Device) -> str:
-    """The kernel model.attention picks for a mesh of `device`s: auto is splash on TPU, cudnn
+    """The kernel attention.kernel picks for a mesh of `device`s: auto is splash on TPU, cudnn
     where `runs_cudnn_attention`, jaxlm's XLA einsums anywhere else (CPU, older GPUs).
     `jaxlm.setup.build_model` resolves it (XLA for rows splash's blocks do not cut); a model
     built with auto itself runs the XLA einsums."""
@@ -200,17 +229,15 @@ def attention_kernel(setting: str, device: jax.Device) -> str:
     return "cudnn" if runs_cudnn_attention(device) else "xla"
 
 
-def document_boundaries(
-    attention: str, max_documents: int, segment_ids: jax.Array, order: np.ndarray | None = None
-):
-    """What `Attention` needs to keep packed documents apart, built once per step for all
-    layers: `document_spans` for model.attention=cudnn, the segment ids and `order` for splash
-    (its kernel takes them as they are), else `attention_mask`. order: as `attention_mask`'s."""
-    if attention == "cudnn":
+def document_boundaries(kernel: AttentionKernel, segment_ids: jax.Array, order: np.ndarray | None = None):
+    """What attention needs to keep packed documents apart, built once per step for all layers:
+    `document_spans` for the cudnn kernel, the segment ids and `order` for splash (its kernel
+    takes them as they are), else `attention_mask`. order: as `attention_mask`'s."""
+    if kernel.kind == "cudnn":
         if order is not None:
             raise ValueError("cuDNN's packed attention takes rows in their own order only")
-        return document_spans(segment_ids, max_documents)
-    if attention == "splash":
+        return document_spans(segment_ids, kernel.max_documents)
+    if kernel.kind == "splash":
         return segment_ids, order
     return attention_mask(segment_ids, order)
 

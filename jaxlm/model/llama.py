@@ -17,6 +17,8 @@ from pydantic import Field, model_validator
 from jaxlm.config import ModelConfig, Section
 from jaxlm.model import llama_hf, remat
 from jaxlm.model.layers import (
+    XLA_KERNEL,
+    AttentionKernel,
     Llama3RopeScaling,
     RMSNorm,
     cache_masks,
@@ -31,7 +33,7 @@ from jaxlm.model.layers import (
     xla_attention,
 )
 from jaxlm.model.lora import Adapters, LoRASpec, key_for
-from jaxlm.model.registry import ModelFamily, Projection
+from jaxlm.model.registry import LayerTraffic, ModelFamily, ModelOutput, OutputHead, Projection
 from jaxlm.model.splash import splash_attention
 from jaxlm.parallel import constrain
 
@@ -130,12 +132,13 @@ class KVCache:
 class Attention(nnx.Module):
     """Grouped-query self-attention with rotary positions."""
 
-    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, lora: LoRASpec | None = None):
+    def __init__(
+        self, config: LlamaConfig, rngs: nnx.Rngs, kernel: AttentionKernel, lora: LoRASpec | None = None
+    ):
         d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
         pdt = dtype_of(config.param_dtype)
         out_std = config.init_std / (2 * config.num_layers) ** 0.5
-        self.implementation, self.qkv_bias = config.attention, config.qkv_bias
-        self.splash = (config.splash_block_q, config.splash_block_kv, config.splash_interpret)
+        self.kernel, self.qkv_bias = kernel, config.qkv_bias
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), config.init_std, pdt)
         self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
         self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
@@ -170,7 +173,7 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
         if cache is not None:
             # The cache's slots (none in an empty one) and the new tokens with their
-            # `cache_masks`: the XLA einsums, whatever model.attention. The new keys and values
+            # `cache_masks`: the XLA einsums, whatever attention.kernel. The new keys and values
             # go back to be written.
             keys, values = cache
             if keys is None:
@@ -179,10 +182,11 @@ class Attention(nnx.Module):
                 k, v = k.astype(keys.dtype), v.astype(values.dtype)
                 out = cached_attention(q, k, v, keys, values, documents)
             cache = (k, v)
-        elif self.implementation == "cudnn":
+        elif self.kernel.kind == "cudnn":
             out = cudnn_attention(q, k, v, documents)
-        elif self.implementation == "splash":
-            out = splash_attention(q, k, v, *documents, *self.splash)  # documents: segment ids, order
+        elif self.kernel.kind == "splash":
+            blocks = self.kernel.splash_block_q, self.kernel.splash_block_kv, self.kernel.splash_interpret
+            out = splash_attention(q, k, v, *documents, *blocks)  # documents: segment ids, order
         else:
             # Context parallelism: each shard's queries meet the keys and values of the whole
             # row, gathered here (and their gradients reduce-scattered back in the backward).
@@ -222,10 +226,12 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, lora: LoRASpec | None = None):
+    def __init__(
+        self, config: LlamaConfig, rngs: nnx.Rngs, kernel: AttentionKernel, lora: LoRASpec | None = None
+    ):
         pdt = dtype_of(config.param_dtype)
         self.attention_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
-        self.attention = Attention(config, rngs, lora)
+        self.attention = Attention(config, rngs, kernel, lora)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
         self.mlp = MLP(config, rngs, lora)
 
@@ -242,11 +248,17 @@ class Llama(nnx.Module):
     so compile time does not grow with depth; with `scan_layers=False` the same stacked
     parameters are applied layer by layer, unrolled (faster steps on CPU, slower compiles)."""
 
-    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, lora: LoRASpec | None = None):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        rngs: nnx.Rngs,
+        kernel: AttentionKernel = XLA_KERNEL,
+        lora: LoRASpec | None = None,
+    ):
         pdt = dtype_of(config.param_dtype)
         self.dtype = dtype_of(config.dtype)
         self.remat = (config.remat, tuple(config.remat_save), tuple(config.remat_offload))  # hashable: static
-        self.attention, self.max_documents = config.attention, config.max_documents
+        self.kernel = kernel
         self.scan_layers = config.scan_layers
         self.num_layers, self.num_kv_heads = config.num_layers, config.num_kv_heads
         self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
@@ -259,7 +271,7 @@ class Llama(nnx.Module):
         @nnx.split_rngs(splits=config.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def stacked_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(config, rngs, lora)
+            return Block(config, rngs, kernel, lora)
 
         self.blocks = stacked_blocks(rngs)
         self.final_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
@@ -278,7 +290,7 @@ class Llama(nnx.Module):
         return_hidden: bool = False,
         dropout_key: jax.Array | None = None,
         order: np.ndarray | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> ModelOutput:
         """tokens, positions, segment_ids: [batch, length] int32 → logits [batch, length, vocab]
         (or the final normed hidden states [batch, length, embed]) and the cache with these
         tokens appended (None without one). dropout_key: LoRA dropout's, in training. order: None
@@ -293,17 +305,17 @@ class Llama(nnx.Module):
         # What every layer shares is computed once, outside the layers.
         if cache is None:
             rope = self._rope(positions, positions.shape[1])
-            documents = document_boundaries(self.attention, self.max_documents, segment_ids, order)
-            if self.attention not in ("cudnn", "splash"):  # each context shard builds its queries' rows
+            documents = document_boundaries(self.kernel, segment_ids, order)
+            if self.kernel.kind not in ("cudnn", "splash"):  # each context shard builds its queries' rows
                 documents = constrain(documents, ("batch", None, "length", None))
             x = self._blocks(x, rope, documents, dropout_key)
         else:
             x, cache = self._blocks_with_cache(x, positions, segment_ids, cache)
         hidden = self.final_norm(x)
         if return_hidden:
-            return hidden, cache
-        logits = jnp.einsum("bte,ev->btv", hidden, self.output_projection())
-        return constrain(logits, ("batch", "length", "act_vocab")), cache
+            return ModelOutput(hidden=hidden, cache=cache)
+        logits = constrain(self.output_head().logits(hidden), ("batch", "length", "act_vocab"))
+        return ModelOutput(logits=logits, cache=cache)
 
     def _rope(self, positions: jax.Array, table_length: int):
         return rotary_angles(positions, self.head_dim, self.rope_theta, table_length, self.rope_scaling)
@@ -357,10 +369,10 @@ class Llama(nnx.Module):
         segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)
         return x, KVCache(keys, values, segments, start + segment_ids.shape[1])
 
-    def output_projection(self) -> jax.Array:
-        """[embed, vocab] in the compute dtype: the LM head, or the transposed embedding if tied."""
+    def output_head(self) -> OutputHead:
+        """The LM head [embed, vocab] in the compute dtype, or the transposed embedding if tied."""
         weight = self.embedding[...].T if self.tie_embeddings else self.lm_head[...]
-        return weight.astype(self.dtype)
+        return OutputHead(weight.astype(self.dtype))
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty cache; under `parallel.activation_sharding` (in a jitted function) it is born
@@ -398,9 +410,10 @@ def flops_per_token(config: LlamaConfig, seq_len: int, frozen_weights: bool = Fa
     return (4 if frozen_weights else 6) * matmul_params(config) + attention
 
 
-def kv_per_token(config: LlamaConfig) -> int:
-    """Keys and values of one token in one layer: what context parallelism gathers."""
-    return 2 * config.num_kv_heads * config.head_dim
+def traffic(config: LlamaConfig) -> LayerTraffic:
+    """Two all-reduces of the residual stream per block under tensor parallelism (after attention
+    and after the MLP); under context parallelism each layer gathers every token's keys and values."""
+    return LayerTraffic(tensor_reductions=2, context_gathered=2 * config.num_kv_heads * config.head_dim)
 
 
 def decays(path: str, decay_embeddings: bool) -> bool:
@@ -411,6 +424,17 @@ def decays(path: str, decay_embeddings: bool) -> bool:
         return False
     return decay_embeddings or name != "embedding"
 
+
+# Llama's own logical axes → mesh axes: heads and the MLP's width split by tensor parallelism.
+RULES = {
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": None,
+    "act_heads": ("tensor",),
+    "act_kv_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+}
 
 FAMILY = ModelFamily(
     name="llama",
@@ -429,7 +453,11 @@ FAMILY = ModelFamily(
         Projection("blocks.mlp.w_down", inputs=1),  # [mlp | embed]
     ),
     lora_targets=("wq", "wk", "wv", "wo"),
-    context_keys=("rope_theta", "rope_scaling", "context_length"),
-    kv_per_token=kv_per_token,
+    shape_keys=(
+        *("vocab_size", "d_model", "num_layers", "tie_embeddings"),
+        *("num_heads", "num_kv_heads", "head_dim", "mlp_dim", "qkv_bias"),
+    ),
+    rules=RULES,
+    traffic=traffic,
     activations=(*remat.NORMS, *remat.ATTENTION, *remat.MLP),
 )

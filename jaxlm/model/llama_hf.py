@@ -76,7 +76,8 @@ def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 def config_to_hf(config, context_length: int) -> dict[str, Any]:
     """The config.json transformers reads as this model: Qwen2ForCausalLM with q/k/v biases,
     LlamaForCausalLM without. RoPE is written both ways: `rope_parameters` (transformers 5) and
-    `rope_theta` + `rope_scaling` (earlier releases)."""
+    `rope_theta` + `rope_scaling` (earlier releases). context_length: the source's, where
+    model.context_length is null."""
     scaling = config.rope_scaling
     llama3 = {key: getattr(scaling, key) for key in LLAMA3_SCALING_KEYS} if scaling else {}
     hf = {
@@ -90,7 +91,7 @@ def config_to_hf(config, context_length: int) -> dict[str, Any]:
         "num_key_value_heads": config.num_kv_heads,
         "head_dim": config.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": context_length,
+        "max_position_embeddings": config.context_length or context_length,
         "rms_norm_eps": config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.init_std,

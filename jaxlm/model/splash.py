@@ -25,7 +25,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import parallel
-from jaxlm.config import ModelConfig
+from jaxlm.config import AttentionConfig
 from jaxlm.errors import ConfigError
 
 LANES = 128  # the kernel's blocks are whole multiples of the TPU's 128 lanes
@@ -68,7 +68,7 @@ def block_sizes(
 
 def rows_fit(seq_len: int, context: int) -> bool:
     """Whether rows of `seq_len` tokens split `context` ways give every shard whole 128-token
-    blocks (model.attention=auto takes splash on TPU only then)."""
+    blocks (attention.kernel=auto takes splash on TPU only then)."""
     return seq_len % context == 0 and (seq_len // context) % LANES == 0
 
 
@@ -80,7 +80,7 @@ def length_problem(seq_len: int, context: int, block_q: int | None, block_kv: in
         return (
             f"data.seq_len={seq_len} over mesh.context={context} does not give each context shard a "
             f"multiple of {LANES} tokens, as splash attention's blocks need; use a data.seq_len that "
-            f"is a multiple of {LANES * context}, or model.attention=xla"
+            f"is a multiple of {LANES * context}, or attention.kernel=xla"
         )
     for key, value, length, what in (
         ("splash_block_q", block_q, per_shard, f"the {per_shard} tokens of a context shard"),
@@ -88,7 +88,7 @@ def length_problem(seq_len: int, context: int, block_q: int | None, block_kv: in
     ):
         if value is not None and (value % LANES or length % value):
             fits = ", ".join(str(size) for size in range(LANES, length + 1, LANES) if length % size == 0)
-            return f"model.{key}={value} does not divide {what} in multiples of {LANES}; use one of {fits}, or null"
+            return f"attention.{key}={value} does not divide {what} in multiples of {LANES}; use one of {fits}, or null"
     return None
 
 
@@ -293,14 +293,14 @@ class _Layout:
         )
 
 
-def check_config(model: ModelConfig, seq_len: int, device: jax.Device, context: int) -> None:
-    """What model.attention=splash asks of the devices and the row length, one line each before
+def check_config(attention: AttentionConfig, seq_len: int, device: jax.Device, context: int) -> None:
+    """What attention.kernel=splash asks of the devices and the row length, one line each before
     compiling: a TPU (or interpret mode), and rows that cut into its blocks on every context shard."""
-    if device.platform != "tpu" and not model.splash_interpret:
+    if device.platform != "tpu" and not attention.splash_interpret:
         raise ConfigError(
-            f"model.attention=splash runs on TPU, and these devices are {device.device_kind}; use "
-            "model.attention=auto (or xla), or model.splash_interpret=true (Pallas interpret mode: slow, for tests)"
+            f"attention.kernel=splash runs on TPU, and these devices are {device.device_kind}; use "
+            "attention.kernel=auto (or xla), or attention.splash_interpret=true (Pallas interpret mode: slow, for tests)"
         )
-    problem = length_problem(seq_len, context, model.splash_block_q, model.splash_block_kv)
+    problem = length_problem(seq_len, context, attention.splash_block_q, attention.splash_block_kv)
     if problem:
         raise ConfigError(problem)
