@@ -637,6 +637,11 @@ def _describe(error: pydantic.ValidationError, raw: Mapping[str, Any]) -> str:
     kind = first["type"]
     if kind == "extra_forbidden" and key in MOVED_KEYS:
         message = f"{key} is now {MOVED_KEYS[key]}; write {MOVED_KEYS[key]}={first['input']!r} instead"
+    elif kind == "extra_forbidden" and (owner := _family_with_key(loc, raw)):
+        family = _configured_family(raw)
+        message = (
+            f"{key} is a key of model.family={owner}, not of {family}; set model.family={owner} or drop it"
+        )
     elif kind == "extra_forbidden":
         message = (
             f"{key} is not a config key{_did_you_mean(loc[-1], _keys_at(loc[:-1], raw), prefix=loc[:-1])}"
@@ -652,6 +657,24 @@ def _describe(error: pydantic.ValidationError, raw: Mapping[str, Any]) -> str:
     return message
 
 
+def _configured_family(raw: Mapping[str, Any]) -> Any:
+    section = raw.get("model")
+    return section.get("family", DEFAULT_FAMILY) if isinstance(section, Mapping) else DEFAULT_FAMILY
+
+
+def _family_with_key(loc: Sequence[str], raw: Mapping[str, Any]) -> str | None:
+    """For an unknown model.<key>: another registered family that has it, if any."""
+    if len(loc) != 2 or loc[0] != "model":
+        return None
+    family = _configured_family(raw)
+    owners = [
+        name
+        for name, section in _FAMILY_SECTIONS.items()
+        if name != family and loc[1] in section.config.model_fields
+    ]
+    return owners[0] if owners else None
+
+
 def _keys_at(loc: Sequence[str], raw: Mapping[str, Any]) -> list[str]:
     """The keys of the section at `loc`; for `model`, of the family that `raw` names."""
     model: type[BaseModel] = Config
@@ -661,10 +684,7 @@ def _keys_at(loc: Sequence[str], raw: Mapping[str, Any]) -> list[str]:
             return []
         model = annotation
         if model is ModelConfig:
-            section = raw.get("model")
-            model = model_config_class(
-                section.get("family", DEFAULT_FAMILY) if isinstance(section, Mapping) else DEFAULT_FAMILY
-            )
+            model = model_config_class(_configured_family(raw))
     return list(model.model_fields)
 
 

@@ -9,6 +9,7 @@ from conftest import REPO
 
 from jaxlm.config import Config, config_from_dict, load_config
 from jaxlm.errors import ConfigError
+from jaxlm.model import registry
 
 
 def test_yaml_and_overrides_resolve_into_typed_sections():
@@ -121,6 +122,11 @@ def test_every_config_key_is_documented():
         for key in type(section).model_fields:
             assert f"`{section_name}.{key}`" in docs, (
                 f"{section_name}.{key} is missing from docs/configuration.md"
+            )
+    for name in registry.names():  # every family's own keys too
+        for key in registry.get(name).config.model_fields:
+            assert f"`model.{key}`" in docs, (
+                f"model.{key} of model.family={name} is missing from docs/configuration.md"
             )
 
 

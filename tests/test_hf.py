@@ -396,10 +396,11 @@ def test_bad_hugging_face_directories_are_one_line_naming_the_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     refused(tmp_path / "empty", "is neither a Hugging Face model directory")
     model = broken_copy(tmp_path / "a")
-    edit_json(model / "config.json", architectures=["MistralForCausalLM"])
+    edit_json(model / "config.json", architectures=["FalconForCausalLM"])
     refused(
         model,
-        "architecture MistralForCausalLM is not supported; jaxlm reads LlamaForCausalLM, Qwen2ForCausalLM",
+        r"architecture FalconForCausalLM is not supported; jaxlm reads .*LlamaForCausalLM, MistralForCausalLM, "
+        r"Qwen2ForCausalLM, Qwen3ForCausalLM",
     )
     model = broken_copy(tmp_path / "b")
     (model / "model-00002-of-00003.safetensors").unlink()

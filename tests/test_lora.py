@@ -241,7 +241,7 @@ def test_a_peft_adapter_of_another_rank_is_one_line(tmp_path):
 
 def test_model_flops_leave_out_the_frozen_weights_gradients(tmp_path):
     from jaxlm.metrics import model_flops_per_step
-    from jaxlm.model.llama import matmul_params
+    from jaxlm.model.decoder import matmul_params
 
     full, adapted = tiny_config(tmp_path), tiny_config(tmp_path, "optim.lora.rank=2")
     tokens = full.train.global_batch_size * full.data.seq_len

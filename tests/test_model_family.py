@@ -264,7 +264,8 @@ def test_another_familys_keys_are_refused_with_one_line(tmp_path, toy_family):
     from jaxlm.errors import ConfigError
 
     with pytest.raises(
-        ConfigError, match=r"^model.num_kv_heads is not a config key; did you mean model.num_heads\?$"
+        ConfigError,
+        match=r"^model.num_kv_heads is a key of model.family=llama, not of toy_gpt; set model.family=llama or drop it$",
     ):
         toy_config(tmp_path, "model.num_kv_heads=2")
     with pytest.raises(

@@ -1,5 +1,6 @@
 """Model families (Flax NNX). `registry` says what a family provides; each family registers here."""
 
-from jaxlm.model import llama, registry
+from jaxlm.model import gemma3, gpt2, llama, mistral, qwen3, registry
 
-registry.register(llama.FAMILY)
+for family in (llama.FAMILY, mistral.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gpt2.FAMILY):
+    registry.register(family)

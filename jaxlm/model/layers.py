@@ -62,15 +62,38 @@ def param(
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
+    """RMSNorm over the last axis, scaled by w, or by 1 + w with `plus_one` (Gemma's, w born 0)."""
+
+    def __init__(
+        self, dim: int, eps: float, param_dtype: jnp.dtype, plus_one: bool = False, axis: str = "embed"
+    ):
+        self.eps, self.plus_one = eps, plus_one
+        initial = jnp.zeros if plus_one else jnp.ones
+        self.scale = nnx.Param(initial((dim,), param_dtype), out_sharding=(axis,), eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Normalise in float32 whatever the compute dtype: bf16 mean-of-squares loses too much.
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        return (normed * (1 + scale if self.plus_one else scale)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with a scale and a bias (GPT-2's, BERT's), in float32."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype, axis: str = "embed"):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis,), eager_sharding=False)
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=(axis,), eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(
+            x.dtype
+        )
 
 
 @dataclass(frozen=True)
@@ -97,12 +120,25 @@ class Llama3RopeScaling:
         return jnp.where(wavelength < original / self.high_freq_factor, inv_freq, stretched)
 
 
+@dataclass(frozen=True)
+class LinearRopeScaling:
+    """Positions interpolated by `factor` (every frequency divided by it): Gemma 3's global layers."""
+
+    factor: float
+
+    def __call__(self, inv_freq: jax.Array) -> jax.Array:
+        return inv_freq / self.factor
+
+
+FrequencyScaling = Llama3RopeScaling | LinearRopeScaling
+
+
 def rotary_angles(
     positions: jax.Array,
     head_dim: int,
     theta: float,
     table_length: int,
-    scaling: Llama3RopeScaling | None = None,
+    scaling: FrequencyScaling | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """sin and cos of each position's rotation angles, [batch, length, 1, head_dim / 2] float32.
 
@@ -128,35 +164,45 @@ def rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array, order: np.ndarray | None = None) -> jax.Array:
-    """[batch, 1, length, length] bool: causal, and never across documents of a packed row.
+def attention_mask(
+    segment_ids: jax.Array, order: np.ndarray | None = None, window: int | None = None
+) -> jax.Array:
+    """[batch, 1, length, length] bool: causal, and never across documents of a packed row; with
+    a `window`, a query sees only the `window` positions up to its own (itself included).
 
     order: None for a row in its own order, else each position's original position in a row laid
     out for context parallelism (`parallel.load_balanced_order`): causal in those."""
     length = segment_ids.shape[1]
-    if order is None:
-        causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
-    else:
-        original = jnp.asarray(order, jnp.int32)  # [length], not a [length, length] constant
-        causal = original[None, :] <= original[:, None]
+    original = jnp.arange(length) if order is None else jnp.asarray(order, jnp.int32)  # [length]
+    causal = _seen(original[:, None], original[None, :], window)
     same_document = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (causal[None] & same_document)[:, None]
 
 
+def _seen(query: jax.Array, key: jax.Array, window: int | None) -> jax.Array:
+    """Whether a query at position `query` sees the key at `key` (broadcast): at or before it, and
+    within `window` of it."""
+    seen = key <= query
+    return seen if window is None else seen & (query - key < window)
+
+
 def cache_masks(
-    segment_ids: jax.Array, cache_segment_ids: jax.Array, start: jax.Array
+    segment_ids: jax.Array, cache_segment_ids: jax.Array, start: jax.Array, window: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Which keys each of `length` new tokens, to be written at cache slots [start, start +
     length), attends to: [batch, 1, length, max_length] bool over the cache's slots before
     `start`, and [batch, 1, length, length] over the new tokens themselves (up to its own), both
-    within its own document.
+    within its own document and, with a `window`, within `window` slots of its own.
 
     segment_ids: [batch, length] of the new tokens; cache_segment_ids: [batch, max_length] of the
     cache before they are written (0 in empty slots, which no document matches)."""
     length, max_length = segment_ids.shape[1], cache_segment_ids.shape[1]
-    earlier = jnp.arange(max_length) < start  # [max_length]
-    in_cache = earlier[None, None, :] & (segment_ids[:, :, None] == cache_segment_ids[:, None, :])
-    causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+    slots = start + jnp.arange(length)  # [length]: where the new tokens go
+    earlier = _seen(slots[:, None], jnp.arange(max_length)[None, :], window) & (
+        jnp.arange(max_length) < start
+    )  # [length, max_length]
+    in_cache = earlier[None] & (segment_ids[:, :, None] == cache_segment_ids[:, None, :])
+    causal = _seen(jnp.arange(length)[:, None], jnp.arange(length)[None, :], window)
     in_new = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
     return in_cache[:, None], in_new[:, None]
 
@@ -229,22 +275,38 @@ def attention_kernel(setting: str, device: jax.Device) -> str:
     return "cudnn" if runs_cudnn_attention(device) else "xla"
 
 
-def document_boundaries(kernel: AttentionKernel, segment_ids: jax.Array, order: np.ndarray | None = None):
-    """What attention needs to keep packed documents apart, built once per step for all layers:
-    `document_spans` for the cudnn kernel, the segment ids and `order` for splash (its kernel
-    takes them as they are), else `attention_mask`. order: as `attention_mask`'s."""
+def document_boundaries(
+    kernel: AttentionKernel,
+    segment_ids: jax.Array,
+    order: np.ndarray | None = None,
+    window: int | None = None,
+):
+    """What attention needs to keep packed documents apart, built once per step for the layers
+    of one kind: `document_spans` for the cudnn kernel, the segment ids and `order` for splash
+    (its kernel takes them as they are), else `attention_mask`. order, window: as
+    `attention_mask`'s (the fused kernels have no window: `jaxlm.setup` gives them none)."""
+    if window is not None and kernel.kind != "xla":
+        raise ValueError(f"the {kernel.kind} kernel has no sliding window")
     if kernel.kind == "cudnn":
         if order is not None:
             raise ValueError("cuDNN's packed attention takes rows in their own order only")
         return document_spans(segment_ids, kernel.max_documents)
     if kernel.kind == "splash":
         return segment_ids, order
-    return attention_mask(segment_ids, order)
+    return attention_mask(segment_ids, order, window)
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def soft_cap(scores: jax.Array, cap: float | None) -> jax.Array:
+    """cap · tanh(scores / cap): scores bounded by ±cap (Gemma 2's attention), or as they are."""
+    return scores if cap is None else cap * jnp.tanh(scores / cap)
+
+
+def xla_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, softcap: float | None = None
+) -> jax.Array:
     """Grouped-query attention in plain einsums: q [batch, length, heads, head_dim], k and v
-    [batch, kv_length, kv_heads, head_dim], mask [batch, 1, length, kv_length] → like q.
+    [batch, kv_length, kv_heads, head_dim], mask [batch, 1, length, kv_length] → like q; scores
+    soft-capped at `softcap` if given.
 
     The same computation as jax.nn.dot_product_attention's XLA path, with the scale applied to
     q (length × head_dim values) rather than to the scores (length × length)."""
@@ -253,7 +315,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     q = (q * jnp.asarray(head_dim**-0.5, q.dtype)).reshape(
         batch, length, kv_heads, heads // kv_heads, head_dim
     )
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = soft_cap(jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32), softcap)
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -267,6 +329,7 @@ def cached_attention(
     keys: jax.Array,
     values: jax.Array,
     masks: tuple[jax.Array, jax.Array],
+    softcap: float | None = None,
 ) -> jax.Array:
     """`xla_attention` of new tokens over a cache's earlier slots and themselves, without writing
     them into the cache first: q [batch, length, heads, head_dim], their k and v [batch, length,
@@ -282,8 +345,8 @@ def cached_attention(
     )
     in_cache, in_new = masks
     lowest = jnp.finfo(jnp.float32).min
-    cached = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32)
-    new = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    cached = soft_cap(jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32), softcap)
+    new = soft_cap(jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32), softcap)
     scores = jnp.concatenate(
         [jnp.where(in_cache[:, :, None], cached, lowest), jnp.where(in_new[:, :, None], new, lowest)], axis=-1
     )

@@ -1,41 +1,19 @@
-"""The Llama family: pre-norm decoder blocks of grouped-query attention with rotary positions and
-a SwiGLU MLP, RMSNorm. Its config keys, its module, and what jaxlm asks of it (FLOPs, weight
-decay); its Hugging Face conversion is `llama_hf`."""
+"""The Llama family: the rotary decoder (`decoder.py`) with RMSNorm, SwiGLU, Llama 3.1's RoPE
+scaling, and optional biases on q, k and v (Qwen2). Its config keys and its registry entry; its
+Hugging Face conversion is `llama_hf`."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-import flax
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from pydantic import Field, model_validator
 
-from jaxlm.config import ModelConfig, Section
-from jaxlm.model import llama_hf, remat
-from jaxlm.model.layers import (
-    XLA_KERNEL,
-    AttentionKernel,
-    Llama3RopeScaling,
-    RMSNorm,
-    cache_masks,
-    cached_attention,
-    cudnn_attention,
-    document_boundaries,
-    dtype_of,
-    param,
-    rotary,
-    rotary_angles,
-    unstack,
-    xla_attention,
-)
-from jaxlm.model.lora import Adapters, LoRASpec, key_for
-from jaxlm.model.registry import LayerTraffic, ModelFamily, ModelOutput, OutputHead, Projection
-from jaxlm.model.splash import splash_attention
-from jaxlm.parallel import constrain
+from jaxlm.config import Section
+from jaxlm.model import decoder, llama_hf, remat
+from jaxlm.model.decoder import Decoder, DecoderConfig, DecoderSpec, LayerKind
+from jaxlm.model.layers import XLA_KERNEL, AttentionKernel, Llama3RopeScaling
+from jaxlm.model.lora import LoRASpec
+from jaxlm.model.registry import ModelFamily
 
 
 class RopeScaling(Section):
@@ -64,14 +42,7 @@ class RopeScaling(Section):
         )
 
 
-class LlamaConfig(ModelConfig):
-    num_heads: int = Field(4, gt=0, description="Query heads.")
-    num_kv_heads: int | None = Field(
-        None, gt=0, description="Key/value heads (grouped-query attention); null = num_heads."
-    )
-    head_dim: int | None = Field(None, gt=0, description="Width of one head; null = d_model / num_heads.")
-    mlp_dim: int = Field(512, gt=0, description="Hidden width of the SwiGLU MLP.")
-    rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary position frequencies.")
+class LlamaConfig(DecoderConfig):
     rope_scaling: RopeScaling | None = Field(
         None,
         description="null, or Llama 3.1's stretch of the rotary frequencies: {type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}.",
@@ -79,385 +50,31 @@ class LlamaConfig(ModelConfig):
     qkv_bias: bool = Field(
         False, description="Biases on the query, key and value projections (as Qwen2 has); never decayed."
     )
-    context_length: int | None = Field(
-        None,
-        gt=0,
-        description="Longest sequence the model is made for (Hugging Face's max_position_embeddings, which import sets and export writes); null = data.seq_len.",
-    )
-    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of RMSNorm.")
-
-    @model_validator(mode="after")
-    def _heads(self) -> LlamaConfig:
-        if self.num_kv_heads is None:
-            self.num_kv_heads = self.num_heads
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads="
-                f"{self.num_kv_heads}; pick num_kv_heads among its divisors"
-            )
-        if self.head_dim is None:
-            if self.d_model % self.num_heads:
-                raise ValueError(
-                    f"model.d_model={self.d_model} is not divisible by model.num_heads="
-                    f"{self.num_heads}; change one or set model.head_dim"
-                )
-            self.head_dim = self.d_model // self.num_heads
-        if self.head_dim % 2:
-            raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
-        return self
 
 
-@flax.struct.dataclass
-class KVCache:
-    """Keys and values of every layer for `max_length` tokens per row, filled up to `length`."""
-
-    # [layers, batch, kv_heads, max_length, head_dim]: each kv head's slots are one run, as the
-    # attention einsums read them (no per-step relayout of the cache).
-    keys: jax.Array
-    values: jax.Array
-    segment_ids: jax.Array  # [batch, max_length] int32; 0 in slots not yet written
-    length: jax.Array  # int32 scalar: slots written, the same in every row
-    # Known when tracing: a new cache (`init_cache`) has nothing to read, so a prefill into it
-    # attends over the prompt only, not over every empty slot too.
-    empty: bool = flax.struct.field(pytree_node=False, default=False)
-
-    @staticmethod
-    def logical_axes() -> KVCache:
-        """Each array's logical axes: rows split like the batch, kv heads like the attention's
-        (tensor parallelism). Slots stay whole: a decode step writes one slot of every row."""
-        slots = ("layers", "batch", "act_kv_heads", None, None)
-        return KVCache(keys=slots, values=slots, segment_ids=("batch", None), length=())
+def spec(config: LlamaConfig) -> DecoderSpec:
+    scaling = config.rope_scaling.layer() if config.rope_scaling else None
+    kind = LayerKind(rope_theta=config.rope_theta, rope_scaling=scaling)
+    return DecoderSpec(kinds=(kind,), layer_kinds=(0,) * config.num_layers, qkv_bias=config.qkv_bias)
 
 
-class Attention(nnx.Module):
-    """Grouped-query self-attention with rotary positions."""
+def build(
+    config: LlamaConfig, rngs, kernel: AttentionKernel = XLA_KERNEL, lora: LoRASpec | None = None
+) -> Decoder:
+    return Decoder(config, spec(config), rngs, kernel, lora)
 
-    def __init__(
-        self, config: LlamaConfig, rngs: nnx.Rngs, kernel: AttentionKernel, lora: LoRASpec | None = None
-    ):
-        d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
-        pdt = dtype_of(config.param_dtype)
-        out_std = config.init_std / (2 * config.num_layers) ** 0.5
-        self.kernel, self.qkv_bias = kernel, config.qkv_bias
-        self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), config.init_std, pdt)
-        self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
-        self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), config.init_std, pdt)
-        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, pdt)
-        if config.qkv_bias:
-            self.bq = bias((h, hd), ("heads", "head_dim"), pdt)
-            self.bk = bias((k, hd), ("kv_heads", "head_dim"), pdt)
-            self.bv = bias((k, hd), ("kv_heads", "head_dim"), pdt)
-        weights = {"wq": (self.wq, 1), "wk": (self.wk, 1), "wv": (self.wv, 1), "wo": (self.wo, 2)}
-        self.lora = Adapters(weights, lora, rngs)
-
-    def __call__(self, x: jax.Array, rope, documents, cache=None, dropout_key=None):
-        """x: [batch, length, embed]; rope: `rotary_angles`; documents: `document_boundaries`, or
-        with a cache its `cache_masks`. cache: this layer's keys and values [batch, kv_heads,
-        max_length, head_dim] (`KVCache`'s layout), read only; None each for an empty cache.
-        dropout_key: the adapters' (training only). Returns the output and, with a cache, x's keys
-        and values [batch, length, kv_heads, head_dim] for the caller to write."""
-        dt = x.dtype
-
-        def project(name: str, equation: str, inputs: jax.Array) -> jax.Array:  # x·W (+ x·A·B·scale)
-            y = jnp.einsum(equation, inputs, getattr(self, name)[...].astype(dt))
-            return self.lora(name, inputs, y, dropout_key)
-
-        q = project("wq", "bte,ehd->bthd", x)  # [batch, length, heads, head_dim]
-        k = project("wk", "bte,ekd->btkd", x)  # [batch, length, kv_heads, head_dim]
-        v = project("wv", "bte,ekd->btkd", x)
-        if self.qkv_bias:
-            q, k, v = (t + b[...].astype(dt) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
-        q, k, v = (checkpoint_name(t, n) for t, n in zip((q, k, v), remat.QKV, strict=True))
-        q = constrain(rotary(q, *rope), ("batch", "length", "act_heads", None))
-        k = constrain(rotary(k, *rope), ("batch", "length", "act_kv_heads", None))
-        v = constrain(v, ("batch", "length", "act_kv_heads", None))
-        if cache is not None:
-            # The cache's slots (none in an empty one) and the new tokens with their
-            # `cache_masks`: the XLA einsums, whatever attention.kernel. The new keys and values
-            # go back to be written.
-            keys, values = cache
-            if keys is None:
-                out = xla_attention(q, k, v, documents[1])
-            else:
-                k, v = k.astype(keys.dtype), v.astype(values.dtype)
-                out = cached_attention(q, k, v, keys, values, documents)
-            cache = (k, v)
-        elif self.kernel.kind == "cudnn":
-            out = cudnn_attention(q, k, v, documents)
-        elif self.kernel.kind == "splash":
-            blocks = self.kernel.splash_block_q, self.kernel.splash_block_kv, self.kernel.splash_interpret
-            out = splash_attention(q, k, v, *documents, *blocks)  # documents: segment ids, order
-        else:
-            # Context parallelism: each shard's queries meet the keys and values of the whole
-            # row, gathered here (and their gradients reduce-scattered back in the backward).
-            k = constrain(k, ("batch", None, "act_kv_heads", None))
-            v = constrain(v, ("batch", None, "act_kv_heads", None))
-            out = xla_attention(q, k, v, documents)  # [batch, length, heads, head_dim]
-        out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), "attention_out")
-        return checkpoint_name(project("wo", "bthd,hde->bte", out), "out_proj"), cache
-
-
-class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, lora: LoRASpec | None = None):
-        d, m = config.d_model, config.mlp_dim
-        pdt = dtype_of(config.param_dtype)
-        out_std = config.init_std / (2 * config.num_layers) ** 0.5
-        self.w_gate = param(rngs, (d, m), ("embed", "mlp"), config.init_std, pdt)
-        self.w_up = param(rngs, (d, m), ("embed", "mlp"), config.init_std, pdt)
-        self.w_down = param(rngs, (m, d), ("mlp", "embed"), out_std, pdt)
-        weights = {"w_gate": (self.w_gate, 1), "w_up": (self.w_up, 1), "w_down": (self.w_down, 1)}
-        self.lora = Adapters(weights, lora, rngs)
-
-    def __call__(self, x: jax.Array, dropout_key=None) -> jax.Array:
-        dt = x.dtype
-
-        def project(name: str, equation: str, inputs: jax.Array) -> jax.Array:  # x·W (+ x·A·B·scale)
-            y = jnp.einsum(equation, inputs, getattr(self, name)[...].astype(dt))
-            return self.lora(name, inputs, y, dropout_key)
-
-        gate = checkpoint_name(project("w_gate", "bte,em->btm", x), "mlp_gate")
-        up = checkpoint_name(project("w_up", "bte,em->btm", x), "mlp_up")
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))  # [batch, length, mlp]
-        return checkpoint_name(project("w_down", "btm,me->bte", hidden), "mlp_down")
-
-
-class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(
-        self, config: LlamaConfig, rngs: nnx.Rngs, kernel: AttentionKernel, lora: LoRASpec | None = None
-    ):
-        pdt = dtype_of(config.param_dtype)
-        self.attention_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
-        self.attention = Attention(config, rngs, kernel, lora)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
-        self.mlp = MLP(config, rngs, lora)
-
-    def __call__(self, x: jax.Array, rope, documents, cache=None, dropout_key=None):
-        normed = checkpoint_name(self.attention_norm(x), "attention_norm")
-        attended, cache = self.attention(normed, rope, documents, cache, key_for(dropout_key, 0))
-        x = x + attended
-        x = x + self.mlp(checkpoint_name(self.mlp_norm(x), "mlp_norm"), key_for(dropout_key, 1))
-        return constrain(x, ("batch", "length", "act_embed")), cache
-
-
-class Llama(nnx.Module):
-    """Llama-style causal LM. Blocks are stacked on a leading `layers` axis and run with a scan,
-    so compile time does not grow with depth; with `scan_layers=False` the same stacked
-    parameters are applied layer by layer, unrolled (faster steps on CPU, slower compiles)."""
-
-    def __init__(
-        self,
-        config: LlamaConfig,
-        rngs: nnx.Rngs,
-        kernel: AttentionKernel = XLA_KERNEL,
-        lora: LoRASpec | None = None,
-    ):
-        pdt = dtype_of(config.param_dtype)
-        self.dtype = dtype_of(config.dtype)
-        self.remat = (config.remat, tuple(config.remat_save), tuple(config.remat_offload))  # hashable: static
-        self.kernel = kernel
-        self.scan_layers = config.scan_layers
-        self.num_layers, self.num_kv_heads = config.num_layers, config.num_kv_heads
-        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
-        self.rope_scaling = config.rope_scaling.layer() if config.rope_scaling else None
-        self.tie_embeddings = config.tie_embeddings
-        self.embedding = param(
-            rngs, (config.vocab_size, config.d_model), ("vocab", "embed"), config.init_std, pdt
-        )
-
-        @nnx.split_rngs(splits=config.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def stacked_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(config, rngs, kernel, lora)
-
-        self.blocks = stacked_blocks(rngs)
-        self.final_norm = RMSNorm(config.d_model, config.norm_eps, pdt)
-        if not config.tie_embeddings:
-            self.lm_head = param(
-                rngs, (config.d_model, config.vocab_size), ("embed", "vocab"), config.init_std, pdt
-            )
-
-    def __call__(
-        self,
-        tokens: jax.Array,
-        positions: jax.Array,
-        segment_ids: jax.Array,
-        cache: KVCache | None = None,
-        *,
-        return_hidden: bool = False,
-        dropout_key: jax.Array | None = None,
-        order: np.ndarray | None = None,
-    ) -> ModelOutput:
-        """tokens, positions, segment_ids: [batch, length] int32 → logits [batch, length, vocab]
-        (or the final normed hidden states [batch, length, embed]) and the cache with these
-        tokens appended (None without one). dropout_key: LoRA dropout's, in training. order: None
-        for rows in their own order, else the original position of each of their positions
-        (rows laid out for context parallelism, `parallel.load_balanced_order`; no cache)."""
-        # Gather from a table replicated for the lookup (as FSDP gathers every weight before use);
-        # a gather from a vocab- and embed-sharded table cannot be partitioned without copies.
-        table = constrain(self.embedding[...], (None, "act_embed"))
-        x = jnp.take(table, tokens, axis=0).astype(self.dtype)  # [batch, length, embed]
-        x = constrain(x, ("batch", "length", "act_embed"))
-
-        # What every layer shares is computed once, outside the layers.
-        if cache is None:
-            rope = self._rope(positions, positions.shape[1])
-            documents = document_boundaries(self.kernel, segment_ids, order)
-            if self.kernel.kind not in ("cudnn", "splash"):  # each context shard builds its queries' rows
-                documents = constrain(documents, ("batch", None, "length", None))
-            x = self._blocks(x, rope, documents, dropout_key)
-        else:
-            x, cache = self._blocks_with_cache(x, positions, segment_ids, cache)
-        hidden = self.final_norm(x)
-        if return_hidden:
-            return ModelOutput(hidden=hidden, cache=cache)
-        logits = constrain(self.output_head().logits(hidden), ("batch", "length", "act_vocab"))
-        return ModelOutput(logits=logits, cache=cache)
-
-    def _rope(self, positions: jax.Array, table_length: int):
-        return rotary_angles(positions, self.head_dim, self.rope_theta, table_length, self.rope_scaling)
-
-    def _blocks(self, x: jax.Array, rope, documents, dropout_key=None) -> jax.Array:
-        block_def, block_params = nnx.split(self.blocks)
-        # One dropout key per layer, scanned with its parameters.
-        keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
-
-        def apply_block(x, layer):
-            layer_params, key = layer
-            return nnx.merge(block_def, layer_params)(x, rope, documents, dropout_key=key)[0], None
-
-        apply_block = remat.checkpointed(apply_block, *self.remat)
-        if self.scan_layers:
-            x, _ = jax.lax.scan(apply_block, x, (block_params, keys))
-        else:
-            layer_keys = [None] * self.num_layers if keys is None else list(keys)
-            for layer_params, key in zip(unstack(block_params), layer_keys, strict=True):
-                x, _ = apply_block(x, (layer_params, key))
-        return x
-
-    def _blocks_with_cache(self, x, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """The blocks over tokens that continue the cache's rows, writing their keys and values
-        at slots [length, length + tokens): once, into the whole stack, after every layer has
-        read the cache (the layers return only the new slots, not a new copy of their cache)."""
-        max_length = cache.segment_ids.shape[1]
-        start = cache.length
-        rope = self._rope(positions, max_length)
-        documents = cache_masks(segment_ids, cache.segment_ids, start)
-        block_def, block_params = nnx.split(self.blocks)
-
-        def apply_block(x, layer):
-            layer_params, keys, values = layer
-            return nnx.merge(block_def, layer_params)(x, rope, documents, (keys, values))
-
-        read = (None, None) if cache.empty else (cache.keys, cache.values)
-        if self.scan_layers:
-            x, (keys, values) = jax.lax.scan(apply_block, x, (block_params, *read))
-        else:
-            written = []
-            read = [[None] * self.num_layers] * 2 if cache.empty else read
-            for layer_params, keys, values in zip(unstack(block_params), *read, strict=True):
-                x, kv = apply_block(x, (layer_params, keys, values))
-                written.append(kv)
-            keys, values = (jnp.stack(part) for part in zip(*written, strict=True))
-        keys, values = (  # [layers, batch, length, kv_heads, head_dim] → the cache's layout
-            jax.lax.dynamic_update_slice_in_dim(stack, new.transpose(0, 1, 3, 2, 4), start, axis=3)
-            for stack, new in ((cache.keys, keys), (cache.values, values))
-        )
-        segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)
-        return x, KVCache(keys, values, segments, start + segment_ids.shape[1])
-
-    def output_head(self) -> OutputHead:
-        """The LM head [embed, vocab] in the compute dtype, or the transposed embedding if tied."""
-        weight = self.embedding[...].T if self.tie_embeddings else self.lm_head[...]
-        return OutputHead(weight.astype(self.dtype))
-
-    def init_cache(self, batch: int, max_length: int) -> KVCache:
-        """An empty cache; under `parallel.activation_sharding` (in a jitted function) it is born
-        sharded by `KVCache.logical_axes`."""
-        shape = (self.num_layers, batch, self.num_kv_heads, max_length, self.head_dim)
-        axes = KVCache.logical_axes()
-        return KVCache(
-            keys=constrain(jnp.zeros(shape, self.dtype), axes.keys),
-            values=constrain(jnp.zeros(shape, self.dtype), axes.values),
-            segment_ids=constrain(jnp.zeros((batch, max_length), jnp.int32), axes.segment_ids),
-            length=jnp.zeros((), jnp.int32),
-            empty=True,
-        )
-
-
-def bias(shape: tuple[int, ...], logical_axes: tuple[str, ...], dtype: jnp.dtype) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=logical_axes, eager_sharding=False)
-
-
-def matmul_params(config: LlamaConfig) -> int:
-    """Parameters that take part in a matmul per token (the embedding lookup does not)."""
-    d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
-    attention = d * h * hd + 2 * d * k * hd + h * hd * d
-    mlp = 3 * d * config.mlp_dim
-    return config.num_layers * (attention + mlp) + d * config.vocab_size
-
-
-def flops_per_token(config: LlamaConfig, seq_len: int, frozen_weights: bool = False) -> float:
-    """Training FLOPs per token: 6 per matmul parameter (forward + backward), plus attention scores
-    and values over the whole row (12·layers·heads·head_dim·seq_len, causal masking not discounted,
-    as XLA computes it). Heads are head_dim wide whatever d_model is; the q/k/v biases (an add per
-    output) and the norms are left out, as in the usual 6N count. With `frozen_weights` (LoRA)
-    no weight gets a gradient: 4 per matmul parameter (the adapters' own few are left out)."""
-    attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
-    return (4 if frozen_weights else 6) * matmul_params(config) + attention
-
-
-def traffic(config: LlamaConfig) -> LayerTraffic:
-    """Two all-reduces of the residual stream per block under tensor parallelism (after attention
-    and after the MLP); under context parallelism each layer gathers every token's keys and values."""
-    return LayerTraffic(tensor_reductions=2, context_gathered=2 * config.num_kv_heads * config.head_dim)
-
-
-def decays(path: str, decay_embeddings: bool) -> bool:
-    """Weight matrices decay; norm scales and biases never; the embedding only with
-    optim.decay_embeddings."""
-    name = path.rsplit(".", 1)[-1]
-    if name in ("scale", "bq", "bk", "bv"):
-        return False
-    return decay_embeddings or name != "embedding"
-
-
-# Llama's own logical axes → mesh axes: heads and the MLP's width split by tensor parallelism.
-RULES = {
-    "mlp": ("tensor",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "head_dim": None,
-    "act_heads": ("tensor",),
-    "act_kv_heads": ("tensor",),
-    "act_mlp": ("tensor",),
-}
 
 FAMILY = ModelFamily(
     name="llama",
     config=LlamaConfig,
-    build=Llama,
-    flops_per_token=flops_per_token,
-    decays=decays,
+    build=build,
+    flops_per_token=decoder.flops_per_token,
+    decays=decoder.decays,
     hf=llama_hf.HUGGING_FACE,
-    projections=(
-        Projection("blocks.attention.wq", inputs=1),  # [embed | heads, head_dim]
-        Projection("blocks.attention.wk", inputs=1),  # [embed | kv_heads, head_dim]
-        Projection("blocks.attention.wv", inputs=1),
-        Projection("blocks.attention.wo", inputs=2),  # [heads, head_dim | embed]
-        Projection("blocks.mlp.w_gate", inputs=1),  # [embed | mlp]
-        Projection("blocks.mlp.w_up", inputs=1),
-        Projection("blocks.mlp.w_down", inputs=1),  # [mlp | embed]
-    ),
+    projections=decoder.PROJECTIONS,
     lora_targets=("wq", "wk", "wv", "wo"),
-    shape_keys=(
-        *("vocab_size", "d_model", "num_layers", "tie_embeddings"),
-        *("num_heads", "num_kv_heads", "head_dim", "mlp_dim", "qkv_bias"),
-    ),
-    rules=RULES,
-    traffic=traffic,
+    shape_keys=(*decoder.SHAPE_KEYS, "qkv_bias"),
+    rules=decoder.RULES,
+    traffic=decoder.traffic,
     activations=(*remat.NORMS, *remat.ATTENTION, *remat.MLP),
 )

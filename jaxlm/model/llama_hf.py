@@ -1,6 +1,7 @@
 """The Llama family's Hugging Face counterpart: transformers' LlamaForCausalLM (Llama 2, 3, 3.1,
 3.2) and Qwen2ForCausalLM (the same blocks with biases on q, k and v). Their config.json in and
-out, and where each jaxlm parameter is among their tensors."""
+out, and where each jaxlm parameter is among their tensors. The rotary decoder's keys and tensors,
+which Mistral and Qwen3 name the same way, are read and written here for them too."""
 
 from __future__ import annotations
 
@@ -31,9 +32,18 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
             raise UserError(f"config.json has {key}=true; jaxlm's Llama has no biases there")
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"config.json has hidden_act={hf['hidden_act']}; jaxlm's Llama MLP is SwiGLU (silu)")
-    heads, d_model = _required(hf, "num_attention_heads"), _required(hf, "hidden_size")
     return {
         "family": "llama",
+        **decoder_keys(hf),
+        "qkv_bias": architecture == QWEN2,
+        **rope_from_hf(hf),
+    }
+
+
+def decoder_keys(hf: dict[str, Any]) -> dict[str, Any]:
+    """The rotary decoder's keys (`decoder.DecoderConfig`) of a config.json."""
+    heads, d_model = _required(hf, "num_attention_heads"), _required(hf, "hidden_size")
+    return {
         "vocab_size": _required(hf, "vocab_size"),
         "d_model": d_model,
         "num_layers": _required(hf, "num_hidden_layers"),
@@ -43,10 +53,19 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         "mlp_dim": _required(hf, "intermediate_size"),
         "norm_eps": hf.get("rms_norm_eps", 1e-6),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "qkv_bias": architecture == QWEN2,
         "context_length": hf.get("max_position_embeddings"),
-        **rope_from_hf(hf),
     }
+
+
+def default_rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta of a family that reads RoPE without scaling; one line for scaling."""
+    rope = rope_from_hf(hf)
+    if rope["rope_scaling"] is not None:
+        raise UserError(
+            f"config.json's {hf['architectures'][0]} scales RoPE ({rope['rope_scaling']['type']}), which "
+            "jaxlm reads for Llama models only; it reads default RoPE here"
+        )
+    return {"rope_theta": rope["rope_theta"]}
 
 
 def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -83,20 +102,7 @@ def config_to_hf(config, context_length: int) -> dict[str, Any]:
     hf = {
         "architectures": [QWEN2 if config.qkv_bias else LLAMA],
         "model_type": "qwen2" if config.qkv_bias else "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
-        "intermediate_size": config.mlp_dim,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": config.context_length or context_length,
-        "rms_norm_eps": config.norm_eps,
-        "tie_word_embeddings": config.tie_embeddings,
-        "initializer_range": config.init_std,
-        "attention_dropout": 0.0,
-        "rope_theta": config.rope_theta,
+        **decoder_config_to_hf(config, context_length),
         "rope_scaling": {"rope_type": "llama3", **llama3} if scaling else None,
         "rope_parameters": {
             "rope_type": "llama3" if scaling else "default",
@@ -111,7 +117,34 @@ def config_to_hf(config, context_length: int) -> dict[str, Any]:
     return hf
 
 
+def decoder_config_to_hf(config, context_length: int) -> dict[str, Any]:
+    """The rotary decoder's keys in config.json, RoPE without scaling written both ways."""
+    return {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.mlp_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.context_length or context_length,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.init_std,
+        "attention_dropout": 0.0,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+    }
+
+
 def tensors(config) -> list[HFTensor]:
+    """Llama's and Qwen2's tensors: the decoder's, with q/k/v biases where the model has them."""
+    return decoder_tensors(config, qkv_bias=config.qkv_bias)
+
+
+def decoder_tensors(config, qkv_bias: bool = False, qk_norm: bool = False) -> list[HFTensor]:
     """Every parameter's tensor. jaxlm keeps heads on their own axes and stacks the blocks:
     wq [embed, heads, head_dim] is q_proj.weight [heads × head_dim, embed] of each layer."""
     d, h, k, hd, m, v = (
@@ -146,7 +179,12 @@ def tensors(config) -> list[HFTensor]:
         matrix("mlp.w_up", "mlp.up_proj.weight", m, d),
         matrix("mlp.w_down", "mlp.down_proj.weight", d, m),
     ]
-    if config.qkv_bias:
+    if qk_norm:
+        found += [
+            block("attention.q_norm.scale", "self_attn.q_norm.weight", (hd,), (hd,), (0,)),
+            block("attention.k_norm.scale", "self_attn.k_norm.weight", (hd,), (hd,), (0,)),
+        ]
+    if qkv_bias:
         found += [
             block("attention.bq", "self_attn.q_proj.bias", (h * hd,), (h, hd), (0, 1)),
             block("attention.bk", "self_attn.k_proj.bias", (k * hd,), (k, hd), (0, 1)),

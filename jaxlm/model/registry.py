@@ -208,6 +208,11 @@ def get(name: str) -> ModelFamily:
     return _FAMILIES[name]
 
 
+def names() -> list[str]:
+    """The registered families' names."""
+    return sorted(_FAMILIES)
+
+
 def family_of_architecture(architecture: str) -> ModelFamily:
     """The family that reads Hugging Face checkpoints of `architecture` (config.json's)."""
     for family in _FAMILIES.values():

@@ -1,0 +1,82 @@
+"""The Mistral family: the rotary decoder (`decoder.py`) of Llama, every layer attending over a
+sliding window of the tokens before it (in training, in the KV cache and under context
+parallelism; XLA's attention only). Its config keys, its Hugging Face conversion
+(`MistralForCausalLM`) and its registry entry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from jaxlm.model import decoder, llama_hf, remat
+from jaxlm.model.decoder import Decoder, DecoderConfig, DecoderSpec, LayerKind
+from jaxlm.model.layers import XLA_KERNEL, AttentionKernel
+from jaxlm.model.lora import LoRASpec
+from jaxlm.model.registry import AttentionNeeds, HuggingFace, ModelFamily
+
+MISTRAL = "MistralForCausalLM"
+
+
+class MistralConfig(DecoderConfig):
+    sliding_window: int | None = Field(
+        4096,
+        gt=0,
+        description="Tokens each query attends to, itself included (Mistral 7B: 4096); null = the whole row.",
+    )
+
+
+def spec(config: MistralConfig) -> DecoderSpec:
+    kind = LayerKind(window=config.sliding_window, rope_theta=config.rope_theta)
+    return DecoderSpec(kinds=(kind,), layer_kinds=(0,) * config.num_layers)
+
+
+def build(
+    config: MistralConfig, rngs, kernel: AttentionKernel = XLA_KERNEL, lora: LoRASpec | None = None
+) -> Decoder:
+    return Decoder(config, spec(config), rngs, kernel, lora)
+
+
+def attention(config: MistralConfig) -> AttentionNeeds:
+    return AttentionNeeds(sliding_window=config.sliding_window)
+
+
+def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """config.json of a MistralForCausalLM → model keys of the mistral family."""
+    return {
+        "family": "mistral",
+        **llama_hf.decoder_keys(hf),
+        **llama_hf.default_rope_from_hf(hf),
+        "sliding_window": hf.get("sliding_window"),
+    }
+
+
+def config_to_hf(config: MistralConfig, context_length: int) -> dict[str, Any]:
+    return {
+        "architectures": [MISTRAL],
+        "model_type": "mistral",
+        **llama_hf.decoder_config_to_hf(config, context_length),
+        "sliding_window": config.sliding_window,
+    }
+
+
+FAMILY = ModelFamily(
+    name="mistral",
+    config=MistralConfig,
+    build=build,
+    flops_per_token=decoder.flops_per_token,
+    decays=decoder.decays,
+    hf=HuggingFace(
+        architectures=(MISTRAL,),
+        config_from_hf=config_from_hf,
+        config_to_hf=config_to_hf,
+        tensors=llama_hf.decoder_tensors,
+    ),
+    projections=decoder.PROJECTIONS,
+    lora_targets=("wq", "wk", "wv", "wo"),
+    shape_keys=decoder.SHAPE_KEYS,
+    rules=decoder.RULES,
+    traffic=decoder.traffic,
+    attention=attention,
+    activations=(*remat.NORMS, *remat.ATTENTION, *remat.MLP),
+)

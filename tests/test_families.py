@@ -1,0 +1,167 @@
+"""The rotary decoder's families beyond Llama, each against transformers (the fixtures of
+tests/fixtures/hf, made by make_fixtures.py): Mistral (a sliding window of 32 tokens, in training
+and in the KV cache), Qwen3 (q/k norms, head_dim 32 ≠ hidden / heads) and Gemma 3 (three local
+layers with a window of 32 and their own RoPE base, then a global one with linearly stretched
+RoPE; (1 + w) norms before and after attention and the MLP, GeGLU, query_pre_attn_scalar 24;
+gemma3_softcap: final logits capped at 3). Their logits on a
+600-token prompt on one device and on a tensor × FSDP mesh, greedy generation past the window,
+import → export → import bitwise; training on a mesh split gives one device's losses; what a
+kernel or config cannot do is one line."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config, train_losses
+from flax import nnx
+from safetensors import safe_open
+
+import jaxlm
+from jaxlm.errors import ConfigError
+from jaxlm.generation import complete
+from jaxlm.hf.write import export
+from jaxlm.setup import build_model
+from jaxlm.train import train
+
+FIXTURES = REPO / "tests/fixtures/hf"
+FAMILIES = ["mistral", "qwen3", "gemma3", "gemma3_softcap"]
+
+
+def reference(name: str) -> dict[str, np.ndarray]:
+    return dict(np.load(FIXTURES / f"{name}.reference.npz"))
+
+
+@jax.jit
+def _forward(graphdef, params, tokens):  # tokens: [1, length]
+    positions = jnp.arange(tokens.shape[1])[None]
+    return nnx.merge(graphdef, params)(tokens, positions, jnp.ones_like(tokens)).logits[0]
+
+
+def logit_error(loaded, name: str) -> float:
+    """Largest difference from transformers' logits on the 600-token prompt, relative to the
+    largest logit."""
+    expected = reference(name)
+    tokens = jnp.asarray(expected["prompt_ids"])[None]
+    logits = np.asarray(_forward(loaded.setup.graphdef, loaded.params, tokens))[expected["logit_positions"]]
+    return float(np.abs(logits - expected["logits"]).max() / np.abs(expected["logits"]).max())
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def one_device(request):
+    return request.param, jaxlm.load(FIXTURES / request.param, devices=jax.devices()[:1])
+
+
+def test_imported_models_give_transformers_logits_and_read_their_family(one_device):
+    name, loaded = one_device
+    assert loaded.config.model.family == name.removesuffix("_softcap")
+    assert logit_error(loaded, name) <= 1e-4
+    expected = reference(name)
+    assert loaded.eos_ids == tuple(expected["eos_ids"])
+    bos = [] if loaded.bos_id is None else [loaded.bos_id]
+    assert [*bos, *loaded.tokenizer.encode(str(expected["prompt_text"]))][:600] == expected[
+        "prompt_ids"
+    ].tolist()
+
+
+def test_greedy_generation_is_transformers_token_for_token_past_the_window(one_device):
+    name, loaded = one_device
+    expected = reference(name)
+    [completion] = complete(loaded, [expected["greedy_prompt_ids"].tolist()], max_new_tokens=32, greedy=True)
+    eos = np.isin(expected["greedy_ids"], expected["eos_ids"])
+    stop = int(eos.argmax()) if eos.any() else len(expected["greedy_ids"])
+    assert completion.token_ids == expected["greedy_ids"][:stop].tolist()
+    # Prompts of three lengths in one batch, left-padded to one length: each as it was alone.
+    prompts = [expected[f"batch_prompt_{i}"].tolist() for i in range(3)]
+    for i, completion in enumerate(complete(loaded, prompts, max_new_tokens=16, greedy=True)):
+        row = expected[f"batch_greedy_{i}"]
+        eos = np.isin(row, expected["eos_ids"])
+        stop = int(eos.argmax()) if eos.any() else len(row)
+        assert completion.token_ids == row[:stop].tolist(), i
+
+
+def test_the_sliding_window_is_what_makes_mistral_agree():
+    wide = jaxlm.load(
+        FIXTURES / "mistral", devices=jax.devices()[:1], overrides=["model.sliding_window=null"]
+    )
+    assert logit_error(wide, "mistral") > 0.1
+
+
+# gemma3_softcap runs gemma3's code; its logits, capped at 3, make float32's rounding on a mesh
+# (1.2e-4 of the largest, 4e-5 of the uncapped one) look larger than gemma3's (2e-5).
+@pytest.mark.parametrize("name", ["mistral", "qwen3", "gemma3"])
+def test_transformers_logits_on_a_tensor_and_fsdp_mesh(name):
+    loaded = jaxlm.load(FIXTURES / name, overrides=["mesh.tensor=2", "mesh.fsdp=4"])
+    assert len(loaded.params["blocks"]["attention"]["wq"].sharding.device_set) == 8
+    assert logit_error(loaded, name) <= 1e-4
+
+
+def read_tensors(directory) -> dict[str, np.ndarray]:
+    files = sorted(directory.glob("*.safetensors"))
+    tensors = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as handle:
+            tensors |= {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (a safe_open is no dict)
+    return tensors
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_import_export_import_gives_back_the_same_tensors_bitwise(name, tmp_path):
+    export(FIXTURES / name, tmp_path / "out", devices=jax.devices()[:2])
+    original, exported = read_tensors(FIXTURES / name), read_tensors(tmp_path / "out")
+    assert exported.keys() == original.keys()
+    for tensor, value in original.items():
+        assert exported[tensor].dtype == value.dtype and np.array_equal(exported[tensor], value), tensor
+    written, given = (
+        json.loads((d / "config.json").read_text()) for d in (tmp_path / "out", FIXTURES / name)
+    )
+    for key in ("architectures", "head_dim", "num_key_value_heads", "tie_word_embeddings", "sliding_window"):
+        assert written.get(key) == given.get(key), key
+    assert logit_error(jaxlm.load(tmp_path / "out", devices=jax.devices()[:1]), name) <= 1e-4
+
+
+FAMILY_TINY = {
+    "mistral": ["model.family=mistral", "model.sliding_window=8", "data.seq_len=32"],
+    "qwen3": ["model.family=qwen3", "model.head_dim=32", "model.tie_embeddings=true"],
+    "gemma3": [
+        *("model.family=gemma3", "model.sliding_window=8", "model.sliding_window_pattern=2"),
+        *(
+            "model.rope_scaling_factor=8",
+            "model.query_pre_attn_scalar=24",
+            "model.final_logit_softcapping=30",
+        ),
+        "model.attn_logit_softcapping=50",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", FAMILY_TINY)
+def test_a_mesh_split_trains_to_the_single_device_losses(tmp_path, name):
+    steps = ["train.steps=3", *FAMILY_TINY[name]]
+    train(tiny_config(tmp_path / "one", *steps, "mesh.fsdp=1"), devices=jax.devices()[:1])
+    train(tiny_config(tmp_path / "split", *steps, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
+    one, split = train_losses(tmp_path / "one"), train_losses(tmp_path / "split")
+    assert one.keys() == split.keys() == {1, 2, 3}
+    for step, loss in split.items():
+        assert abs(loss - one[step]) / one[step] < 1e-5, step
+
+
+def test_a_key_of_another_family_names_the_family_that_has_it(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.sliding_window is a key of model.family=mistral, not of llama; set model.family=mistral or drop it$",
+    ):
+        tiny_config(tmp_path, "model.sliding_window=8")
+
+
+def test_a_kernel_without_the_window_is_refused_in_one_line(tmp_path):
+    config = tiny_config(
+        tmp_path, *FAMILY_TINY["mistral"], "attention.kernel=splash", "attention.splash_interpret=true",
+        "data.seq_len=128",
+    )  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^attention.kernel=splash does not compute the sliding window of 8 tokens model.family=mistral asks for; use attention.kernel=xla \(or auto\)$",
+    ):
+        build_model(config, jax.devices()[:1])
