@@ -120,13 +120,14 @@ def open_source(path: str | Path, step: int | None = None) -> Source:
     if files.is_hf_directory(local):
         directory = files.open_hf_directory(local)
         tokenizer, special = directory.tokenizer, directory.special_tokens()
+        model = read.model_keys(directory)
         return Source(
             str(path),
-            read.model_keys(directory),
+            model,
             str(tokenizer) if tokenizer else None,
             special.eos_token,
             special.eos_ids,
-            directory.config.get("max_position_embeddings") or 0,
+            model.get("context_length") or 0,  # the family reads it (max_position_embeddings, n_positions)
             special.bos_id,
             hf=directory,
             sampling=directory.sampling_defaults(),
