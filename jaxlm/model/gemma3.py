@@ -48,7 +48,7 @@ class Gemma3Config(DecoderConfig):
         gt=0,
         description="Every this-many-th layer is global, the others local (Gemma 3: 6, five local then one global).",
     )
-    query_pre_attn_scalar: float | None = Field(
+    query_pre_attn_scalar: int | None = Field(
         None, gt=0, description="Attention scores are scaled by its inverse square root; null = head_dim."
     )
     attn_logit_softcapping: float | None = Field(
