@@ -69,9 +69,9 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 # workers take whole modules in collection order (--dist loadfile), so running the long ones first
 # keeps one worker from starting a long module while the other idles at the end.
 LONGEST_FIRST = (
-    "test_bench", "test_context", "test_multihost", "test_buckets", "test_eval", "test_train",
+    "test_bench", "test_context", "test_multihost", "test_buckets", "test_families", "test_eval", "test_train",
     "test_finetune", "test_interrupt", "test_generate", "test_parallel", "test_splash", "test_model",
-    "test_cli", "test_hf", "test_lora", "test_generate_hf", "test_plan", "test_offload",
+    "test_cli", "test_hf", "test_gpt2", "test_lora", "test_generate_hf", "test_plan", "test_offload",
     "test_tiny_losses", "test_remat", "test_instructions",
 )  # fmt: skip
 
