@@ -133,6 +133,17 @@ class KVCache:
         slots = ("layers", "batch", "act_kv_heads", None, None)
         return KVCache(keys=slots, values=slots, segment_ids=("batch", None), length=())
 
+    def appended(self, keys: jax.Array, values: jax.Array, segment_ids: jax.Array) -> KVCache:
+        """The cache with every layer's keys and values of new tokens ([layers, batch, length,
+        kv_heads, head_dim], as the layers return them) written at slots [length, length + new
+        tokens): once, into the whole stack."""
+        keys, values = (  # → the cache's layout
+            jax.lax.dynamic_update_slice_in_dim(stack, new.transpose(0, 1, 3, 2, 4), self.length, axis=3)
+            for stack, new in ((self.keys, keys), (self.values, values))
+        )
+        segments = jax.lax.dynamic_update_slice_in_dim(self.segment_ids, segment_ids, self.length, axis=1)
+        return KVCache(keys, values, segments, self.length + segment_ids.shape[1])
+
 
 def _norm(config: DecoderConfig, spec: DecoderSpec, dim: int, axis: str = "embed") -> RMSNorm:
     return RMSNorm(dim, config.norm_eps, dtype_of(config.param_dtype), spec.norm_plus_one, axis)
@@ -403,10 +414,9 @@ class Decoder(nnx.Module):
         at slots [length, length + tokens): once, into the whole stack, after every layer has
         read the cache (the layers return only the new slots, not a new copy of their cache)."""
         max_length = cache.segment_ids.shape[1]
-        start = cache.length
 
         def shared(kind: LayerKind):
-            masks = cache_masks(segment_ids, cache.segment_ids, start, kind.window)
+            masks = cache_masks(segment_ids, cache.segment_ids, cache.length, kind.window)
             return self._rope(kind, positions, max_length), masks
 
         per_kind, kinds = self._per_kind(shared)
@@ -430,12 +440,7 @@ class Decoder(nnx.Module):
                 x, kv = apply_block(x, (layer_params, keys, values, kind))
                 written.append(kv)
             keys, values = (jnp.stack(part) for part in zip(*written, strict=True))
-        keys, values = (  # [layers, batch, length, kv_heads, head_dim] → the cache's layout
-            jax.lax.dynamic_update_slice_in_dim(stack, new.transpose(0, 1, 3, 2, 4), start, axis=3)
-            for stack, new in ((cache.keys, keys), (cache.values, values))
-        )
-        segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)
-        return x, KVCache(keys, values, segments, start + segment_ids.shape[1])
+        return x, cache.appended(keys, values, segment_ids)
 
     def output_head(self) -> OutputHead:
         """The LM head [embed, vocab] in the compute dtype, or the transposed embedding if tied."""

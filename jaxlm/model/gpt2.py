@@ -287,8 +287,7 @@ class GPT2(nnx.Module):
         """The blocks over tokens that continue the cache's rows, writing their keys and values
         at slots [length, length + tokens) once, into the whole stack, after every layer has
         read the cache."""
-        start = cache.length
-        masks = cache_masks(segment_ids, cache.segment_ids, start)
+        masks = cache_masks(segment_ids, cache.segment_ids, cache.length)
         block_def, block_params = nnx.split(self.blocks)
 
         def apply_block(x, layer):
@@ -305,12 +304,7 @@ class GPT2(nnx.Module):
                 x, kv = apply_block(x, layer)
                 written.append(kv)
             keys, values = (jnp.stack(part) for part in zip(*written, strict=True))
-        keys, values = (  # [layers, batch, length, heads, head_dim] → the cache's layout
-            jax.lax.dynamic_update_slice_in_dim(stack, new.transpose(0, 1, 3, 2, 4), start, axis=3)
-            for stack, new in ((cache.keys, keys), (cache.values, values))
-        )
-        segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)
-        return x, KVCache(keys, values, segments, start + segment_ids.shape[1])
+        return x, cache.appended(keys, values, segment_ids)
 
     def output_head(self) -> OutputHead:
         """The transposed embedding [embed, vocab] in the compute dtype: GPT-2's head is tied."""
