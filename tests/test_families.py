@@ -19,9 +19,10 @@ from flax import nnx
 from safetensors import safe_open
 
 import jaxlm
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, UserError
 from jaxlm.generation import complete
 from jaxlm.hf.write import export
+from jaxlm.loading import apply_init_from
 from jaxlm.setup import build_model
 from jaxlm.train import train
 
@@ -176,3 +177,24 @@ def test_a_kernel_without_the_window_is_refused_in_one_line(tmp_path):
         match=r"^attention.kernel=splash does not compute the sliding window of 8 tokens model.family=mistral asks for; use attention.kernel=xla \(or auto\)$",
     ):
         build_model(config, jax.devices()[:1])
+
+
+def test_a_checkpoint_of_one_family_resumes_as_no_other(tmp_path):
+    steps = ["train.steps=1", "checkpoint.every=1", "mesh.fsdp=1"]
+    train(tiny_config(tmp_path, *steps, *FAMILY_TINY["qwen3"]), devices=jax.devices()[:1])
+    other = tiny_config(
+        tmp_path, "train.steps=2", "mesh.fsdp=1", "model.family=mistral", "model.sliding_window=8"
+    )
+    with pytest.raises(
+        UserError, match=r"was saved with a different model \(model.family, model.head_dim, .*differ\)"
+    ):
+        train(other, devices=jax.devices()[:1])
+
+
+def test_a_source_of_one_family_starts_no_run_of_another(tmp_path):
+    config = tiny_config(tmp_path, f"model.init_from={FIXTURES / 'mistral'}", "model.family=qwen3")
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.family=qwen3, and model.init_from=.*mistral is a mistral model; drop model.family",
+    ):
+        apply_init_from(config)
