@@ -351,7 +351,7 @@ class LoRAConfig(Section):
     )
     targets: list[str] | None = Field(
         None,
-        description="The projections adapted, by the family's names (llama: wq, wk, wv, wo, w_gate, w_up, w_down); null = the family's default, the attention projections (wq, wk, wv, wo): the LoRA paper's choice, a quarter of the MLP's adapter size; add the MLP's for QLoRA's all-linear setting.",
+        description="The projections adapted, by the family's names (llama, mistral, qwen3, gemma3: wq, wk, wv, wo, w_gate, w_up, w_down; gpt2: wqkv, wo, w_up, w_down); null = the family's default, the attention projections (wq, wk, wv, wo; gpt2's wqkv): the LoRA paper's choice, a quarter of the MLP's adapter size; add the MLP's for QLoRA's all-linear setting.",
     )
     init_from: str | None = Field(
         None,
