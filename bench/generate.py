@@ -10,9 +10,9 @@ for the same model shapes where transformers (with torch) is importable.
 - recompute: a jitted forward over a row of prompt + new tokens (the whole context) for every
   token, as generation without a cache would run; `cache_speedup` = batch-1 decode tokens/s ÷
   recompute tokens/s.
-- transformers: `LlamaForCausalLM` of the same shapes (random weights, float32, its
-  default attention and CPU threads): `generate(do_sample=False)` with 1 and with
-  --new-tokens tokens, timed the same way.
+- transformers: the family's own class of the same shapes (the config.json `jaxlm export-hf`
+  writes; random weights, float32, its default attention and CPU threads):
+  `generate(do_sample=False)` with 1 and with --new-tokens tokens, timed the same way.
 
 - hf_io: the model's import (`jaxlm.load` of a Hugging Face directory) and export (`jaxlm
   export-hf`) times, and transformers' load time where installed, as bench/hf_io.py measures them.
@@ -44,6 +44,7 @@ from jaxlm.config import Config, load_config
 from jaxlm.data.tokenizers import load_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.loading import Loaded
+from jaxlm.model import registry
 from jaxlm.setup import build_model, count_params
 
 log = logging.getLogger("jaxlm")
@@ -98,15 +99,11 @@ def transformers_figures(
     import torch
     import transformers
 
-    model = config.model
-    hf_config = transformers.LlamaConfig(
-        vocab_size=model.vocab_size, hidden_size=model.d_model, intermediate_size=model.mlp_dim,
-        num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
-        num_key_value_heads=model.num_kv_heads, head_dim=model.head_dim, rope_theta=model.rope_theta,
-        rms_norm_eps=model.norm_eps, tie_word_embeddings=model.tie_embeddings,
-        max_position_embeddings=config.data.seq_len,
-    )  # fmt: skip
-    hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+    # The family's own Hugging Face class of the same shapes (config.json as export-hf writes it).
+    hf = registry.family_of(config.model).hf.config_to_hf(config.model, config.data.seq_len)
+    settings = {key: value for key, value in hf.items() if key not in ("architectures", "model_type")}
+    hf_config = transformers.AutoConfig.for_model(hf["model_type"], **settings)
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     input_ids = torch.from_numpy(prompts.astype(np.int64))
 
     def run(tokens: int) -> Callable[[], Any]:
@@ -163,6 +160,7 @@ def benchmark(
         "overrides": list(overrides),
         "device": {"platform": device.platform, "kind": device.device_kind},
         "jax": jax.__version__,
+        "family": config.model.family,
         "params": count_params(setup.abstract_params),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
