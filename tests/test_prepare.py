@@ -4,6 +4,7 @@ refused in one line."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -63,6 +64,30 @@ def test_prepared_data_refuses_another_tokenizer_in_one_line(tmp_path, corpus):
         sources.document_sources(
             tiny_config(tmp_path, f"data.path={prepared}", f"data.tokenizer={tokenizer}").data
         )
+
+
+def test_prepared_data_knows_the_end_token_its_tokenizer_resolved_however_the_config_named_it(
+    tmp_path, corpus
+):
+    model = tmp_path / "llama3"
+    shutil.copytree(REPO / "tests/fixtures/hf/llama3", model)  # its tokenizer_config names <|end_of_text|>
+    tokenizer = f"data.tokenizer={model / 'tokenizer.json'}"
+    prepared = tmp_path / "prepared"
+    manifest = prepare(tiny_config(tmp_path, f"data.path={corpus}", tokenizer).data, str(prepared), workers=1)
+    assert manifest["tokenizer"]["eos_token"] == "<|end_of_text|>"
+
+    def check(*overrides):
+        sources.document_sources(tiny_config(tmp_path, f"data.path={prepared}", tokenizer, *overrides).data)
+
+    check("data.eos_token=<|end_of_text|>")  # as model.init_from of the directory sets it
+    written = json.loads((prepared / "manifest.json").read_text())
+    written["tokenizer"]["eos_token"] = None  # as manifests were written before they resolved it
+    (prepared / "manifest.json").write_text(json.dumps(written))
+    check("data.eos_token=<|end_of_text|>")
+    with pytest.raises(
+        ConfigError, match=r"was prepared with tokenizer tokenizer.json .*eos_token <\|end_of_text\|>"
+    ):
+        check("data.eos_token=<|eot_id|>")
 
 
 def test_prepare_never_overwrites_and_takes_documents_not_prepared_data(tmp_path, corpus):

@@ -42,11 +42,14 @@ CHUNK = 256  # documents per task handed to a worker process
 
 
 def tokenizer_identity(config: DataConfig) -> dict[str, Any]:
-    """What makes two tokenizers the same for prepared data: the file's content, not its path."""
+    """What makes two tokenizers the same for prepared data: the file's content, not its path, and
+    the end-of-document token it resolves to (data.eos_token, else the one its directory names,
+    else its guess), not how the config named it."""
     if config.tokenizer == "byte":
         return {"tokenizer": "byte"}
     digest = hashlib.sha256(storage.read_bytes(config.tokenizer)).hexdigest()
-    return {"tokenizer": storage.path(config.tokenizer).name, "sha256": digest, "eos_token": config.eos_token}
+    eos_token = load_tokenizer(config).eos_token
+    return {"tokenizer": storage.path(config.tokenizer).name, "sha256": digest, "eos_token": eos_token}
 
 
 def is_prepared(path: str | None) -> bool:
@@ -73,6 +76,13 @@ def read_manifest(path: str) -> dict[str, Any]:
 def check_tokenizer(path: str, config: DataConfig) -> None:
     """Refuse prepared data whose tokens another tokenizer made."""
     prepared, ours = read_manifest(path)["tokenizer"], tokenizer_identity(config)
+    if prepared.get("sha256") and prepared.get("eos_token") is None:
+        # Written before manifests held the resolved token: its data ends documents with the token
+        # the tokenizer resolves by itself.
+        prepared = {
+            **prepared,
+            "eos_token": tokenizer_identity(config.model_copy(update={"eos_token": None}))["eos_token"],
+        }
     if prepared != ours:
         raise ConfigError(
             f"data.path={path} was prepared with tokenizer {_describe(prepared)} and this run's is "
