@@ -519,6 +519,10 @@ PROJECTIONS = (
     Projection("blocks.mlp.w_down", inputs=1),  # [mlp | embed]
 )
 
+# Its named activations (remat.py's), and the projections LoRA adapts by default (the attention's).
+NAMED_ACTIVATIONS = (*remat.NORMS, *remat.ATTENTION, *remat.MLP)
+LORA_TARGETS = ("wq", "wk", "wv", "wo")
+
 SHAPE_KEYS = (
     *("vocab_size", "d_model", "num_layers", "tie_embeddings"),
     *("num_heads", "num_kv_heads", "head_dim", "mlp_dim"),

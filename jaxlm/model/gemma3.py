@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from jaxlm.errors import UserError
-from jaxlm.model import decoder, llama_hf, remat
+from jaxlm.model import decoder, llama_hf
 from jaxlm.model.decoder import Decoder, DecoderConfig, DecoderSpec, LayerKind
 from jaxlm.model.layers import XLA_KERNEL, AttentionKernel, LinearRopeScaling
 from jaxlm.model.lora import LoRASpec
@@ -241,10 +241,10 @@ FAMILY = ModelFamily(
         architectures=(GEMMA3,), config_from_hf=config_from_hf, config_to_hf=config_to_hf, tensors=tensors
     ),
     projections=decoder.PROJECTIONS,
-    lora_targets=("wq", "wk", "wv", "wo"),
+    lora_targets=decoder.LORA_TARGETS,
     shape_keys=decoder.SHAPE_KEYS,
     rules=decoder.RULES,
     traffic=decoder.traffic,
     attention=attention,
-    activations=(*remat.NORMS, *remat.ATTENTION, *remat.MLP),
+    activations=decoder.NAMED_ACTIVATIONS,
 )

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from jaxlm.config import Section
-from jaxlm.model import decoder, llama_hf, remat
+from jaxlm.model import decoder, llama_hf
 from jaxlm.model.decoder import Decoder, DecoderConfig, DecoderSpec, LayerKind
 from jaxlm.model.layers import XLA_KERNEL, AttentionKernel, Llama3RopeScaling
 from jaxlm.model.lora import LoRASpec
@@ -72,9 +72,9 @@ FAMILY = ModelFamily(
     decays=decoder.decays,
     hf=llama_hf.HUGGING_FACE,
     projections=decoder.PROJECTIONS,
-    lora_targets=("wq", "wk", "wv", "wo"),
+    lora_targets=decoder.LORA_TARGETS,
     shape_keys=(*decoder.SHAPE_KEYS, "qkv_bias"),
     rules=decoder.RULES,
     traffic=decoder.traffic,
-    activations=(*remat.NORMS, *remat.ATTENTION, *remat.MLP),
+    activations=decoder.NAMED_ACTIVATIONS,
 )

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field
 
-from jaxlm.model import decoder, llama_hf, remat
+from jaxlm.model import decoder, llama_hf
 from jaxlm.model.decoder import Decoder, DecoderConfig, DecoderSpec, LayerKind
 from jaxlm.model.layers import XLA_KERNEL, AttentionKernel
 from jaxlm.model.lora import LoRASpec
@@ -73,10 +73,10 @@ FAMILY = ModelFamily(
         tensors=llama_hf.decoder_tensors,
     ),
     projections=decoder.PROJECTIONS,
-    lora_targets=("wq", "wk", "wv", "wo"),
+    lora_targets=decoder.LORA_TARGETS,
     shape_keys=decoder.SHAPE_KEYS,
     rules=decoder.RULES,
     traffic=decoder.traffic,
     attention=attention,
-    activations=(*remat.NORMS, *remat.ATTENTION, *remat.MLP),
+    activations=decoder.NAMED_ACTIVATIONS,
 )
