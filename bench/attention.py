@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_time:
         time_paths(args, device)
     if args.topology:
-        from jaxlm.plan import topology_devices
+        from jaxlm.planning.plan import topology_devices
 
         chip = topology_devices(args.topology)[0]
         memory_of_paths(args, chip, f"{chip.device_kind} ({args.topology})")

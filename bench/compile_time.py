@@ -2,7 +2,7 @@
 
 For each --layers depth and each layer mode (`scan`: model.scan_layers=true, the default;
 `unrolled`: false, as the CPU configs set it), the config (with `model.num_layers` set to that
-depth) is built with `jaxlm.setup.build_train`, and `jaxlm.setup.jit_train_step` is lowered and
+depth) is built with `jaxlm.training.setup.build_train`, and `jaxlm.training.setup.jit_train_step` is lowered and
 compiled ahead of time on abstract inputs (jax.ShapeDtypeStruct carrying the state and batch
 shardings): no parameter is ever allocated. Lowering (tracing to StableHLO) and compiling (XLA)
 are timed apart. An untimed first compile takes the process's one-time start-up costs out of
@@ -29,7 +29,7 @@ import jax
 from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
 
 from jaxlm.config import Config, load_config
-from jaxlm.setup import abstract_inputs, build_train, count_params, jit_train_step
+from jaxlm.training.setup import abstract_inputs, build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
 

@@ -3,8 +3,8 @@
 Times jax.value_and_grad of the summed loss with respect to the hidden states and the output
 projection, jitted, on this machine's first device (median of --iters after a warm-up):
 
-- whole: `jaxlm.step.next_token_loss` with chunk 0: [batch, length, vocab] logits at once;
-- chunked: the same with chunk --chunk: `jaxlm.step.chunked_cross_entropy`, each chunk's
+- whole: `jaxlm.training.step.next_token_loss` with chunk 0: [batch, length, vocab] logits at once;
+- chunked: the same with chunk --chunk: `jaxlm.training.step.chunked_cross_entropy`, each chunk's
   gradients computed with its loss;
 - chunked_remat: chunks under jax.checkpoint instead (the logits recomputed in the backward
   pass), the usual way to chunk, for comparison.
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.model.registry import OutputHead
-from jaxlm.step import _by_chunk, next_token_loss, project_logits, token_losses
+from jaxlm.training.step import _by_chunk, next_token_loss, project_logits, token_losses
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,13 @@
 """The MFU counter's FLOPs against the FLOPs XLA's cost analysis counts in the compiled train step.
 
-Three counts of one train step (jaxlm.train.jit_train_step, compiled for one device):
+Three counts of one train step (jaxlm.training.train.jit_train_step, compiled for one device):
 
-- model_flops: `jaxlm.metrics.model_flops_per_step(config)`, what MFU divides by peak.
+- model_flops: `jaxlm.training.metrics.model_flops_per_step(config)`, what MFU divides by peak.
 - xla_flops: the "flops" of `compiled.cost_analysis()`. XLA counts a while loop's body once,
   whatever its trip count, so the step is compiled with every `jax.lax.scan` fully unrolled
   (the same computation without loops) for this count. The count of the step as it is
   normally compiled, its loop bodies counted once each, is reported as xla_flops_loop_once.
-- matmul_flops: `jaxlm.metrics.matmul_flops`, the count `jaxlm plan` uses: 2·M·N·K over every
+- matmul_flops: `jaxlm.training.metrics.matmul_flops`, the count `jaxlm plan` uses: 2·M·N·K over every
   dot_general of the traced step, scan bodies times their length. It is the matmul part of
   xla_flops; xla_flops − matmul_flops is elementwise work (norms, softmax, rotary, AdamW) that
   the counter leaves out.
@@ -33,8 +33,8 @@ import jax
 from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
 
 from jaxlm.config import load_config
-from jaxlm.metrics import matmul_flops, model_flops_per_step
-from jaxlm.setup import abstract_inputs, build_train, count_params, jit_train_step
+from jaxlm.training.metrics import matmul_flops, model_flops_per_step
+from jaxlm.training.setup import abstract_inputs, build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
 

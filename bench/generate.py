@@ -2,7 +2,7 @@
 the KV cache against recomputing the whole sequence for every token, and transformers' figures
 for the same model shapes where transformers (with torch) is importable.
 
-- prefill: `jaxlm.generation.complete` with one new token, B prompts of --prompt-tokens random
+- prefill: `jaxlm.inference.generation.complete` with one new token, B prompts of --prompt-tokens random
   ids each: B × prompt tokens / its time.
 - decode: the same with --new-tokens new tokens; the extra (new tokens − 1) × B tokens over the
   extra time. That is the generation loop as users run it: the jitted step, the donated state,
@@ -39,13 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 from report import report
 
-from jaxlm import generation
 from jaxlm.config import Config, load_config
 from jaxlm.data.tokenizers import load_tokenizer
 from jaxlm.errors import UserError
-from jaxlm.loading import Loaded
+from jaxlm.inference import generation
+from jaxlm.inference.loading import Loaded
 from jaxlm.model import registry
-from jaxlm.setup import build_model, count_params
+from jaxlm.training.setup import build_model, count_params
 
 log = logging.getLogger("jaxlm")
 

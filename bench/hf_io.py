@@ -35,8 +35,9 @@ from safetensors.numpy import save_file
 
 from jaxlm.config import Config, load_config
 from jaxlm.hf import files
-from jaxlm.hf.write import byte_tokenizer_json, export
-from jaxlm.loading import load
+from jaxlm.hf.write import byte_tokenizer_json
+from jaxlm.inference.export import export
+from jaxlm.inference.loading import load
 from jaxlm.model import registry
 
 

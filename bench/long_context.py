@@ -1,7 +1,7 @@
 """Memory of a whole train step at long rows, per attention path: the TPU compiler's figures.
 
 For each --lengths L and each --attention path (xla, splash), the config's train step is
-compiled for one TPU topology with `jaxlm.plan.plan` (libtpu's compile-only devices, on this
+compiled for one TPU topology with `jaxlm.planning.plan.plan` (libtpu's compile-only devices, on this
 machine's CPU: no TPU needed) with `data.seq_len=L`, and its memory analysis is reported: peak
 per chip (what must fit in HBM), temporaries, and the refusal when the compiler ran out of HBM.
 The batch and mesh come from the config and the overrides: give rows and context splits that
@@ -23,8 +23,8 @@ from typing import Any
 
 from report import report  # bench/report.py: `python bench/<script>.py` puts bench/ on sys.path
 
-from jaxlm import plan
 from jaxlm.config import load_config
+from jaxlm.planning import plan
 
 log = logging.getLogger("jaxlm")
 GiB = 2**30

@@ -1,6 +1,6 @@
 """Memory of the train step with and without LoRA, from XLA's compiled memory analysis.
 
-The config's train step (`jaxlm.setup.jit_train_step` on `build_train`'s shardings) is compiled
+The config's train step (`jaxlm.training.setup.jit_train_step` on `build_train`'s shardings) is compiled
 ahead of time on abstract inputs on one device, once as configured (every parameter trains) and
 once per --ranks value with `optim.lora.rank=R` (the adapters train; the base is frozen). For
 each it reports the trained parameter count, the train state's bytes (parameters, Adam moments),
@@ -26,7 +26,7 @@ from report import (  # bench/report.py: `python bench/<script>.py` puts bench/ 
 from jaxlm.config import load_config
 from jaxlm.model.lora import split_adapters
 from jaxlm.parallel import bytes_per_device
-from jaxlm.setup import abstract_inputs, build_train, count_params, jit_train_step
+from jaxlm.training.setup import abstract_inputs, build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
 GIB = 2**30

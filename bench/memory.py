@@ -1,8 +1,8 @@
 """Per-device memory of parameters + optimizer state under FSDP on 1, 2, 4, 8 devices.
 
 For each --devices count N, the config is built with `mesh.fsdp=N mesh.data=1 mesh.tensor=1` on
-the first N devices (`jaxlm.setup.build_train(config, devices=jax.devices()[:N])`), and the jitted
-train step (`jaxlm.setup.jit_train_step`) is compiled ahead of time on abstract inputs. Two
+the first N devices (`jaxlm.training.setup.build_train(config, devices=jax.devices()[:N])`), and the jitted
+train step (`jaxlm.training.setup.jit_train_step`) is compiled ahead of time on abstract inputs. Two
 figures of the state per device come out, which should agree:
 
 - state_bytes: the sum over the train state's leaves of one device's shard (the shard shape of
@@ -30,7 +30,7 @@ from report import report  # bench/report.py: `python bench/<script>.py` puts be
 from jaxlm.config import load_config
 from jaxlm.errors import UserError
 from jaxlm.parallel import bytes_per_device
-from jaxlm.setup import abstract_inputs, build_train, count_params, jit_train_step
+from jaxlm.training.setup import abstract_inputs, build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
 

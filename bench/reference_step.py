@@ -4,7 +4,7 @@
   positions, grouped-query attention with a causal mask, SwiGLU, tied or untied head), its
   parameters a plain dict with one dict per layer applied in a Python loop, and Optax's AdamW
   after global-norm clipping, with the config's shapes, dtypes and hyperparameters.
-- jaxlm: `jaxlm.setup.jit_train_step`, the step `jaxlm train` runs, built on the same device.
+- jaxlm: `jaxlm.training.setup.jit_train_step`, the step `jaxlm train` runs, built on the same device.
 
 Both run on the same device-resident batch of random tokens (one document per row, so the
 causal mask is all the masking either needs), after --warmup untimed calls (the first compiles).
@@ -45,7 +45,7 @@ from train_throughput import random_batch
 from jaxlm.config import Config, load_config
 from jaxlm.data import pipeline
 from jaxlm.model.llama import LlamaConfig
-from jaxlm.setup import build_train, count_params, jit_train_step
+from jaxlm.training.setup import build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
 

@@ -2,7 +2,7 @@
 backward pass, recomputed FLOPs and step time.
 
 For each policy (`model.remat=P`; every preset of `jaxlm.model.remat.PRESETS` but `custom` by
-default, or --policies), the train step `jaxlm train` runs (`jaxlm.setup.jit_train_step`) is
+default, or --policies), the train step `jaxlm train` runs (`jaxlm.training.setup.jit_train_step`) is
 traced and compiled on one device (mesh.fsdp=1), and one JSON line is printed:
 
 - memory: XLA's `compiled.memory_analysis()`: arguments (train state and batch), outputs,
@@ -18,8 +18,8 @@ traced and compiled on one device (mesh.fsdp=1), and one JSON line is printed:
   saved_by_name the bytes of the residuals the analysis calls by an activation's name (the rest
   are unnamed: the layer's input, softmax, SiLU, rotary, norm statistics; where a saved tensor is
   an op's output read after a name, as often under `none`, it counts as unnamed).
-- flops_ratio: `jaxlm.metrics.matmul_flops` of the traced step (recomputed forward passes
-  included) ÷ `jaxlm.metrics.model_flops_per_step`: 1.0 for no recomputation.
+- flops_ratio: `jaxlm.training.metrics.matmul_flops` of the traced step (recomputed forward passes
+  included) ÷ `jaxlm.training.metrics.model_flops_per_step`: 1.0 for no recomputation.
 - step_time_s: the median of the compiled step's times, each step waited for, on one batch of
   random tokens: every policy is compiled first, then --rounds rounds each run every policy in
   turn (--warmup untimed steps then --steps timed ones, from the same fresh state), so that load
@@ -61,10 +61,17 @@ from jaxlm.cli import setup_logging
 from jaxlm.config import Config, load_config
 from jaxlm.data import pipeline
 from jaxlm.errors import UserError
-from jaxlm.metrics import matmul_flops, model_flops_per_step
 from jaxlm.model import remat
-from jaxlm.setup import TrainSetup, abstract_inputs, build_model, build_train, count_params, jit_train_step
-from jaxlm.step import TrainState, next_token_loss
+from jaxlm.training.metrics import matmul_flops, model_flops_per_step
+from jaxlm.training.setup import (
+    TrainSetup,
+    abstract_inputs,
+    build_model,
+    build_train,
+    count_params,
+    jit_train_step,
+)
+from jaxlm.training.step import TrainState, next_token_loss
 
 log = logging.getLogger("jaxlm")
 GIB = 2**30

@@ -2,7 +2,7 @@
 
 Each variant (config overrides, and environment variables such as XLA_FLAGS) runs in its own
 process, so that one that runs out of memory or fails to compile is reported and the sweep goes
-on. The process builds the train step `jaxlm train` runs (`jaxlm.setup.jit_train_step`), times
+on. The process builds the train step `jaxlm train` runs (`jaxlm.training.setup.jit_train_step`), times
 its compile, then runs it on one device-resident batch of random tokens (one document per row):
 --warmup untimed steps, then --windows windows of train.log_every steps that block at their
 end. Figures are the median window's. Peak device memory is the allocator's (GPU, TPU).
@@ -29,7 +29,7 @@ from report import report  # bench/report.py: `python bench/<script>.py` puts be
 from train_throughput import BareStep
 
 from jaxlm.config import load_config
-from jaxlm.metrics import model_flops_per_step, peak_flops_per_device
+from jaxlm.training.metrics import model_flops_per_step, peak_flops_per_device
 
 
 def measure_one(config_path: str, overrides: list[str], warmup: int, windows: int) -> dict[str, Any]:

@@ -1,11 +1,11 @@
 """Training throughput of the whole framework against the bare jitted step, for one config.
 
-- train: `jaxlm.train.train` for --steps steps in a fresh temporary run dir, at the config's own
+- train: `jaxlm.training.train.train` for --steps steps in a fresh temporary run dir, at the config's own
   logging, eval and checkpoint cadence. Wall time runs from the end of the first step (both
   steps compile before it; `train` returns when that was) to the return of `train`: host batches, metrics, evals, checkpoint
   saves and the final wait for the last asynchronous save are all in it. The step time of the
   windows the framework logs (which leave eval time out) is reported too.
-- bare: the same jitted train step (`jaxlm.setup.jit_train_step`, as the loop uses it) on one
+- bare: the same jitted train step (`jaxlm.training.setup.jit_train_step`, as the loop uses it) on one
   device-resident batch of random tokens, in windows of train.log_every steps that block only
   at their end, as the framework's logging does.
 
@@ -43,9 +43,9 @@ from report import report  # bench/report.py: `python bench/<script>.py` puts be
 from jaxlm.config import Config, load_config
 from jaxlm.data import pipeline
 from jaxlm.errors import UserError
-from jaxlm.metrics import model_flops_per_step, peak_flops_per_device
-from jaxlm.setup import build_train, count_params, jit_train_step
-from jaxlm.train import train
+from jaxlm.training.metrics import model_flops_per_step, peak_flops_per_device
+from jaxlm.training.setup import build_train, count_params, jit_train_step
+from jaxlm.training.train import train
 
 log = logging.getLogger("jaxlm")
 

@@ -6,11 +6,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # `jaxlm.load` and `jaxlm.generate` without importing JAX for `import jaxlm` alone.
     if name == "load":
-        from jaxlm.loading import load
+        from jaxlm.inference.loading import load
 
         return load
     if name == "generate":
-        from jaxlm.generation import generate
+        from jaxlm.inference.generation import generate
 
         return generate
     raise AttributeError(f"module 'jaxlm' has no attribute {name!r}")

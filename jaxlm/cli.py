@@ -75,12 +75,9 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     _start(config)
-    from jaxlm.loading import apply_init_from
-    from jaxlm.train import train
+    from jaxlm.training.train import train
 
-    config = apply_init_from(config, given={override.partition("=")[0] for override in args.overrides})
-
-    result = train(config)
+    result = train(config, given={override.partition("=")[0] for override in args.overrides})
     return PREEMPTED if result.preempted else 0
 
 
@@ -98,12 +95,12 @@ def _plan(args: argparse.Namespace) -> int:
 
     # Compile-only TPU devices need no backend but the CPU; never open this host's accelerators.
     jax.config.update("jax_platforms", "cpu")
-    from jaxlm import plan
     from jaxlm.config import load_config
+    from jaxlm.planning import plan
 
     config = load_config(args.config, args.overrides)
     if args.sweep:
-        from jaxlm import plan_sweep
+        from jaxlm.planning import sweep as plan_sweep
 
         trials = plan_sweep.sweep(config, args.topology)
         print(plan_sweep.format_sweep(args.topology, trials))
@@ -122,11 +119,11 @@ def _export_hf(args: argparse.Namespace) -> int:
         raise UserError(f"export-hf takes only distributed.* overrides, not {' '.join(others)}")
     _start(load_config(None, args.overrides), cpu_devices=False)
     if args.adapter:
-        from jaxlm.hf.peft import export_adapter
+        from jaxlm.inference.export import export_adapter
 
         export_adapter(args.source, args.out, step=args.step, dtype=args.dtype)
         return 0
-    from jaxlm.hf.write import export
+    from jaxlm.inference.export import export
 
     export(args.source, args.out, step=args.step, dtype=args.dtype)
     return 0
@@ -139,8 +136,8 @@ def _generate(args: argparse.Namespace) -> int:
     import jax
 
     from jaxlm.config import load_config
-    from jaxlm.generation import complete, iter_completions, read_prompt_file
-    from jaxlm.loading import load
+    from jaxlm.inference.generation import complete, iter_completions, read_prompt_file
+    from jaxlm.inference.loading import load
 
     others = [override for override in args.overrides if not override.startswith("distributed.")]
     if others:
@@ -178,8 +175,8 @@ def _eval(args: argparse.Namespace) -> int:
     table, and write the whole report as JSON with --output."""
     import json
 
-    from jaxlm import evaluate
     from jaxlm.config import load_config
+    from jaxlm.evaluation import evaluate
 
     tasks = [task for task in (args.tasks or "").split(",") if task]
     if args.data is None and not tasks:
@@ -192,7 +189,7 @@ def _eval(args: argparse.Namespace) -> int:
     # Several processes (a model too large for one host) each run every request on their shards;
     # process 0 prints and writes the report.
     _start(load_config(None, [o for o in args.overrides if o.startswith(("mesh.", "distributed."))]))
-    from jaxlm.loading import load
+    from jaxlm.inference.loading import load
 
     report = evaluate.run_eval(
         load(args.path, overrides=args.overrides, step=args.step),

@@ -21,11 +21,11 @@ from test_multihost import SHARED, free_port, logged_steps, start, wait_for
 from test_prepare import bpe_tokenizer
 from test_train import tensorboard_events
 
-from jaxlm.checkpoint import Checkpointer
 from jaxlm.data import sources
 from jaxlm.data.prepare import prepare
 from jaxlm.errors import ConfigError, DataError, UserError
-from jaxlm.train import train
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.train import train
 
 
 class RefusingProxy(ThreadingHTTPServer):
@@ -291,7 +291,7 @@ def test_a_run_in_a_bucket_loads_exports_to_a_bucket_and_starts_another(bucket_d
     import numpy as np
 
     import jaxlm
-    from jaxlm.hf.write import export
+    from jaxlm.inference.export import export
 
     run = bucket_dir / "run"
     train(tiny_config(run, "train.steps=2", "checkpoint.every=2", "train.eval_every=0"))

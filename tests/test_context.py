@@ -21,8 +21,8 @@ from jaxlm.errors import ConfigError
 from jaxlm.model import llama
 from jaxlm.model.layers import attention_mask
 from jaxlm.model.llama import LlamaConfig
-from jaxlm.setup import build_model
-from jaxlm.train import train
+from jaxlm.training.setup import build_model
+from jaxlm.training.train import train
 
 ROWS = ["data.seq_len=512", "train.global_batch_size=4", "train.steps=4", "optim.schedule_steps=4"]
 

@@ -306,7 +306,7 @@ def test_bad_jsonl_names_the_line(tmp_path):
 
 
 def test_rows_with_more_documents_than_cudnn_slots_warn(caplog):
-    from jaxlm.train import _documents_fit
+    from jaxlm.training.train import _documents_fit
 
     batch = {"segment_ids": np.array([[1, 2, 3, 4], [5, 5, 5, 5]])}
     assert _documents_fit(batch, max_documents=4)

@@ -23,7 +23,7 @@ from flax import nnx
 from test_train import tensorboard_events
 
 import jaxlm
-from jaxlm import evaluate
+from jaxlm.evaluation import evaluate
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval's `datasets` reads the local files only
 adapter = evaluate.lm_eval_adapter()
@@ -181,7 +181,7 @@ def test_train_eval_tasks_log_task_scores_with_the_losses_and_jaxlm_eval_of_the_
 ):
     """With LoRA: training scores the tasks with the adapters beside the weights, `jaxlm eval`
     with them merged in."""
-    from jaxlm.train import train
+    from jaxlm.training.train import train
 
     config = tiny_config(
         tmp_path / "run", f"data.path={corpus}", "train.eval_every=2",
@@ -220,7 +220,7 @@ def test_train_eval_tasks_log_task_scores_with_the_losses_and_jaxlm_eval_of_the_
 
 def test_an_unknown_training_task_is_refused_before_anything_is_built(tmp_path, corpus, caplog):
     from jaxlm.errors import UserError
-    from jaxlm.train import train
+    from jaxlm.training.train import train
 
     config = tiny_config(
         tmp_path / "run", f"data.path={corpus}", "train.eval_every=2", "train.eval_tasks=[tiny_choice,no_such_task]",

@@ -20,11 +20,11 @@ from safetensors import safe_open
 
 import jaxlm
 from jaxlm.errors import ConfigError, UserError
-from jaxlm.generation import complete
-from jaxlm.hf.write import export
-from jaxlm.loading import apply_init_from
-from jaxlm.setup import build_model
-from jaxlm.train import train
+from jaxlm.inference.export import export
+from jaxlm.inference.generation import complete
+from jaxlm.inference.loading import apply_init_from
+from jaxlm.training.setup import build_model
+from jaxlm.training.train import train
 
 FIXTURES = REPO / "tests/fixtures/hf"
 FAMILIES = ["mistral", "qwen3", "gemma3", "gemma3_softcap"]

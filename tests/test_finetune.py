@@ -5,9 +5,10 @@ import re
 
 from conftest import REPO
 
-from jaxlm import evaluate, load
+from jaxlm import load
 from jaxlm.config import load_config
-from jaxlm.train import train
+from jaxlm.evaluation import evaluate
+from jaxlm.training.train import train
 
 PAGE = REPO / "docs/finetune.md"
 

@@ -17,11 +17,11 @@ import pytest
 from conftest import REPO, tiny_config
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm import generation
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.loading import Loaded
-from jaxlm.setup import build_model
-from jaxlm.text_stream import RowText
+from jaxlm.inference import generation
+from jaxlm.inference.loading import Loaded
+from jaxlm.inference.text_stream import RowText
+from jaxlm.training.setup import build_model
 
 PROMPTS = ["def main():", "import os", "x = [i * 2 for i in range(10)]\n"]
 CONTEXT = ["data.seq_len=64"]
@@ -217,7 +217,7 @@ def jaxlm_generate(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny run trained for 2 steps, with its checkpoint."""
-    from jaxlm.train import train
+    from jaxlm.training.train import train
 
     path = tmp_path_factory.mktemp("run")
     train(tiny_config(path, *CONTEXT, "train.steps=2", "checkpoint.every=2", "mesh.fsdp=8"))

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 import jaxlm
-from jaxlm import generation
+from jaxlm.inference import generation
 
 FIXTURES = REPO / "tests/fixtures/hf"
 MODELS = ["llama2", "llama3", "llama3_1", "llama3_2", "qwen2"]
@@ -40,7 +40,7 @@ def test_greedy_continuations_are_transformers(name):
 def test_text_streamed_token_by_token_is_the_text_decoded_at_once(name):
     # Multi-byte characters split over byte-level tokens, and word-initial spaces, come out whole.
     from jaxlm.data.tokenizers import HuggingFaceTokenizer
-    from jaxlm.text_stream import RowText
+    from jaxlm.inference.text_stream import RowText
 
     reference = np.load(FIXTURES / f"{name}.reference.npz")
     tokenizer = HuggingFaceTokenizer(str(FIXTURES / name / "tokenizer.json"), None)

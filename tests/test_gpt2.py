@@ -21,16 +21,17 @@ import jaxlm
 from jaxlm import parallel
 from jaxlm.config import load_config
 from jaxlm.errors import ConfigError, UserError
-from jaxlm.generation import complete
-from jaxlm.hf.peft import export_adapter
-from jaxlm.hf.write import export
-from jaxlm.loading import apply_init_from, open_source, source_config
+from jaxlm.hf.peft import read_adapter
+from jaxlm.inference.export import export, export_adapter
+from jaxlm.inference.generation import complete
+from jaxlm.inference.loading import open_source, source_config
 from jaxlm.model import gpt2, registry
-from jaxlm.model.lora import split_adapters
-from jaxlm.setup import build_model
-from jaxlm.train import train
+from jaxlm.model.lora import combine, split_adapters
+from jaxlm.training.setup import build_model
+from jaxlm.training.train import train
 
 FIXTURE = REPO / "tests/fixtures/hf/gpt2"
+PEFT_FIXTURE = REPO / "tests/fixtures/peft/gpt2_lora"
 REFERENCE = dict(np.load(REPO / "tests/fixtures/hf/gpt2.reference.npz"))
 ONE_DEVICE = jax.devices()[:1]
 # conftest's tiny model as a GPT-2 (which has no grouped-query attention).
@@ -127,6 +128,22 @@ def test_import_export_import_gives_back_the_same_tensors_bitwise(tmp_path):
     assert logit_error(jaxlm.load(tmp_path / "out", devices=ONE_DEVICE)) <= 1e-4
 
 
+def test_a_checkpoint_without_the_transformer_prefix_reads_the_same(tmp_path):
+    """The Hub's original GPT-2 files name their tensors `h.0.attn.c_attn.weight`, `wte.weight`
+    (no `transformer.`), and hold the attention's mask buffers besides: read all the same."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    bare = tmp_path / "bare"
+    shutil.copytree(FIXTURE, bare)
+    tensors = {name.removeprefix("transformer."): value for name, value in read_tensors(FIXTURE).items()}
+    tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 8, 8), np.float32))
+    (bare / "model.safetensors").unlink()
+    save_file(tensors, bare / "model.safetensors", metadata={"format": "pt"})
+    assert logit_error(jaxlm.load(bare, devices=ONE_DEVICE)) <= 1e-4
+
+
 def test_a_mesh_split_trains_to_the_single_device_losses(tmp_path):
     train(gpt2_config(tmp_path / "one", "train.steps=3", "mesh.fsdp=1"), devices=ONE_DEVICE)
     train(gpt2_config(tmp_path / "split", "train.steps=3", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
@@ -145,25 +162,46 @@ def test_a_context_length_shorter_than_the_rows_stops_the_run_in_one_line(tmp_pa
     )
 
 
-def test_lora_trains_only_the_fused_attention_adapters_which_have_no_peft_form(tmp_path):
+def test_lora_trains_the_fused_attention_adapters_and_exports_them_as_peft_conv1d_ones(tmp_path):
     run = tmp_path / "lora"
     overrides = [f"model.init_from={FIXTURE}", "optim.lora.rank=4", "train.steps=3", "checkpoint.every=3"]
-    train(apply_init_from(gpt2_config(run, *overrides, "optim.lr=1e-2")), ONE_DEVICE)
+    train(gpt2_config(run, *overrides, "optim.lr=1e-2"), ONE_DEVICE)
     assert all(math.isfinite(loss) for loss in train_losses(run).values())
     source = open_source(run)
     setup = build_model(source_config(source), ONE_DEVICE)
-    adapters, base = split_adapters(source.read_adapters(setup)[0])
-    assert list(adapters["blocks"]["attention"]["lora"]) == ["wqkv"]  # the family's default target
-    assert jnp.abs(adapters["blocks"]["attention"]["lora"]["wqkv"]["b"]).max() > 0  # B starts at zero
+    params, with_adapters = source.read_adapters(setup)
+    trained, base = split_adapters(params)
+    assert list(trained["blocks"]["attention"]["lora"]) == ["wqkv"]  # the family's default target
+    assert jnp.abs(trained["blocks"]["attention"]["lora"]["wqkv"]["b"]).max() > 0  # B starts at zero
     imported = open_source(FIXTURE).read_params(setup)
     assert jax.tree.all(jax.tree.map(jnp.array_equal, base, imported))
-    # PEFT adapts c_attn as a Conv1D [inputs, outputs] (fan_in_fan_out); jaxlm writes Linear adapters.
+    # PEFT adapts c_attn, a Conv1D [inputs, outputs], with fan_in_fan_out; read back, the same adapters.
+    export_adapter(run, tmp_path / "adapter", devices=ONE_DEVICE)
+    config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["target_modules"] == ["c_attn"]
+    read = read_adapter(tmp_path / "adapter", with_adapters)
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, split_adapters(read)[0], trained))
+
+
+def test_peft_conv1d_adapters_read_by_jaxlm_give_peft_logits():
+    """tests/fixtures/peft/gpt2_lora: PEFT's adapters of c_attn, c_fc and c_proj (which names the
+    attention's and the MLP's both) on the gpt2 fixture, as jaxlm's wqkv, w_up, wo and w_down."""
+    lora = ["optim.lora.rank=4", "optim.lora.alpha=8", "optim.lora.targets=[wqkv,wo,w_up,w_down]"]
+    source = open_source(FIXTURE)
+    setup = build_model(source_config(source, lora), ONE_DEVICE)
+    params = combine(read_adapter(PEFT_FIXTURE, setup), source.read_params(setup))
+    expected = dict(np.load(REPO / "tests/fixtures/peft/gpt2_lora.reference.npz"))
+    tokens = jnp.asarray(expected["prompt_ids"])[None]
+    logits = np.asarray(_forward(setup.graphdef, params, tokens))[expected["logit_positions"]]
+    assert np.abs(logits - expected["logits"]).max() / np.abs(expected["logits"]).max() <= 1e-4
+    # The same adapters asked for without the MLP's projection: PEFT's c_proj names it too.
+    fewer = build_model(source_config(source, [*lora[:2], "optim.lora.targets=[wqkv,wo,w_up]"]), ONE_DEVICE)
     with pytest.raises(
         UserError,
-        match=r"^transformer.h.\{layer\}.attn.c_attn.weight is not a Linear weight \[outputs, inputs\] of "
-        r"blocks.attention.wqkv; its adapter has no PEFT form$",
+        match=r"has target_modules=\['c_attn', 'c_fc', 'c_proj'\], and optim.lora asks "
+        r"for \['attn.c_proj', 'c_attn', 'c_fc'\]",
     ):
-        export_adapter(run, tmp_path / "adapter", devices=ONE_DEVICE)
+        read_adapter(PEFT_FIXTURE, fewer)
 
 
 def test_rows_laid_out_for_context_parallelism_give_the_hidden_states_of_their_own_order(one_device):

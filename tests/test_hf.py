@@ -24,11 +24,12 @@ from jaxlm.config import config_from_dict
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError, UserError
 from jaxlm.hf.read import read_block
-from jaxlm.hf.write import byte_tokenizer_json, export
-from jaxlm.loading import apply_init_from, open_source
+from jaxlm.hf.write import byte_tokenizer_json
+from jaxlm.inference.export import export
+from jaxlm.inference.loading import apply_init_from, open_source
 from jaxlm.model import registry
-from jaxlm.step import _loss_fn
-from jaxlm.train import _data, train
+from jaxlm.training.step import _loss_fn
+from jaxlm.training.train import _data, train
 
 FIXTURES = REPO / "tests/fixtures/hf"
 ARCHITECTURES = ["llama2", "llama3", "llama3_1", "llama3_2", "qwen2"]
@@ -45,7 +46,7 @@ def _forward(graphdef, params, tokens):  # tokens: [1, length]
     return logits[0]
 
 
-def logit_error(loaded: jaxlm.loading.Loaded, name: str) -> float:
+def logit_error(loaded: jaxlm.inference.loading.Loaded, name: str) -> float:
     """Largest difference from transformers' logits on the fixture's prompt, relative to the
     largest logit."""
     expected = reference(name)
@@ -54,7 +55,7 @@ def logit_error(loaded: jaxlm.loading.Loaded, name: str) -> float:
     return float(np.abs(logits - expected["logits"]).max() / np.abs(expected["logits"]).max())
 
 
-def assert_logits_equal_transformers(loaded: jaxlm.loading.Loaded, name: str) -> None:
+def assert_logits_equal_transformers(loaded: jaxlm.inference.loading.Loaded, name: str) -> None:
     assert logit_error(loaded, name) <= 1e-4, name
 
 

@@ -15,12 +15,13 @@ import pytest
 from conftest import REPO
 
 import jaxlm
-from jaxlm import cli, generation
+from jaxlm import cli
 from jaxlm.config import load_config
 from jaxlm.data.tokenizers import HuggingFaceTokenizer
 from jaxlm.errors import UserError
 from jaxlm.hf import files
-from jaxlm.loading import apply_init_from
+from jaxlm.inference import generation
+from jaxlm.inference.loading import apply_init_from
 
 FIXTURES = REPO / "tests/fixtures/hf"
 CUSTOM_EOS = "<｜end▁of▁sentence｜>"  # DeepSeek's, none of the names a bare tokenizer.json is searched for

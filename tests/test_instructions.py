@@ -20,7 +20,7 @@ from jaxlm.data.instructions import chat_example, prompt_completion_example
 from jaxlm.data.tokenizers import ByteTokenizer, load_tokenizer
 from jaxlm.errors import DataError
 from jaxlm.model.layers import attention_mask
-from jaxlm.train import train
+from jaxlm.training.train import train
 
 CHAT_FIXTURES = REPO / "tests" / "fixtures" / "chat"
 EXPECTED = json.loads((CHAT_FIXTURES / "expected.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY, tiny_config
 from test_multihost import SHARED, free_port, logged_steps, start, wait_for
 
-from jaxlm.train import train
+from jaxlm.training.train import train
 
 pytestmark = pytest.mark.multiprocess
 

@@ -19,12 +19,12 @@ from safetensors.numpy import load_file
 import jaxlm
 from jaxlm import cli
 from jaxlm.errors import ConfigError, UserError
-from jaxlm.hf.peft import export_adapter, read_adapter
-from jaxlm.hf.write import export
-from jaxlm.loading import apply_init_from, open_source, source_config
+from jaxlm.hf.peft import read_adapter
+from jaxlm.inference.export import export, export_adapter
+from jaxlm.inference.loading import open_source, source_config
 from jaxlm.model.lora import combine, split_adapters
-from jaxlm.setup import build_model, build_train
-from jaxlm.train import train
+from jaxlm.training.setup import build_model, build_train
+from jaxlm.training.train import train
 
 HF = REPO / "tests/fixtures/hf/llama3"
 PEFT = REPO / "tests/fixtures/peft/llama3_lora"
@@ -80,10 +80,10 @@ def resumed_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_runs")
     common = [f"model.init_from={HF}", "optim.lora.rank=4", "optim.lora.dropout=0.2", ALL_TARGETS]
     common += ["train.micro_batches=2", "checkpoint.every=2", "mesh.fsdp=2", "optim.lr=1e-2"]
-    train(apply_init_from(tiny_config(root / "whole", *common)), jax.devices()[:2])
+    train(tiny_config(root / "whole", *common), jax.devices()[:2])
     shutil.copytree(root / "whole", root / "resumed")
     shutil.rmtree(root / "resumed/checkpoints/4")
-    train(apply_init_from(tiny_config(root / "resumed", *common)), jax.devices()[:2])
+    train(tiny_config(root / "resumed", *common), jax.devices()[:2])
     return root
 
 
@@ -132,10 +132,7 @@ def peft_run(tmp_path_factory):
     holds the PEFT adapters as they were read."""
     run = tmp_path_factory.mktemp("peft_run") / "run"
     overrides = [f"model.init_from={HF}", f"optim.lora.init_from={PEFT}", *PEFT_LORA]
-    config = apply_init_from(
-        tiny_config(run, *overrides, "train.steps=1", "checkpoint.every=1", "data.seq_len=64")
-    )
-    train(config, ONE_DEVICE)
+    train(tiny_config(run, *overrides, "train.steps=1", "checkpoint.every=1", "data.seq_len=64"), ONE_DEVICE)
     return run
 
 
@@ -228,7 +225,7 @@ def test_an_adapter_export_of_a_run_without_lora_is_one_line_exit_2(resumed_run,
         export_adapter(run, tmp_path / "adapter", devices=ONE_DEVICE)
     # Resuming a LoRA run with other adapters is refused too, naming both.
     overrides = [f"model.init_from={HF}", "optim.lora.rank=8", "train.steps=6", "optim.schedule_steps=4"]
-    config = apply_init_from(tiny_config(resumed_run / "whole", *overrides))
+    config = tiny_config(resumed_run / "whole", *overrides)
     with pytest.raises(UserError, match=r"saved with optim.lora.rank=4 .* asks for optim.lora.rank=8"):
         train(config, jax.devices()[:2])
 
@@ -240,8 +237,8 @@ def test_a_peft_adapter_of_another_rank_is_one_line(tmp_path):
 
 
 def test_model_flops_leave_out_the_frozen_weights_gradients(tmp_path):
-    from jaxlm.metrics import model_flops_per_step
     from jaxlm.model.decoder import matmul_params
+    from jaxlm.training.metrics import model_flops_per_step
 
     full, adapted = tiny_config(tmp_path), tiny_config(tmp_path, "optim.lora.rank=2")
     tokens = full.train.global_batch_size * full.data.seq_len

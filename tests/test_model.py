@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxlm.model import registry
 from jaxlm.model.layers import Llama3RopeScaling
-from jaxlm.step import _loss_fn
+from jaxlm.training.step import _loss_fn
 
 
 def build(config):

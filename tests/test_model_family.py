@@ -17,15 +17,15 @@ from pydantic import Field
 import jaxlm
 from jaxlm.config import ModelConfig, load_config
 from jaxlm.errors import ConfigError
-from jaxlm.evaluate import run_eval
-from jaxlm.generation import complete
-from jaxlm.metrics import model_flops_per_step
+from jaxlm.evaluation.evaluate import run_eval
+from jaxlm.inference.generation import complete
 from jaxlm.model import registry
 from jaxlm.model.layers import attention_mask, dtype_of, param, xla_attention
-from jaxlm.optim import weight_decay_mask
 from jaxlm.parallel import constrain
-from jaxlm.setup import build_model
-from jaxlm.train import train
+from jaxlm.training.metrics import model_flops_per_step
+from jaxlm.training.optim import weight_decay_mask
+from jaxlm.training.setup import build_model
+from jaxlm.training.train import train
 
 
 class ToyGPTConfig(ModelConfig):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY, read_metrics, tiny_config, train_losses
 
-from jaxlm.train import train
+from jaxlm.training.train import train
 
 pytestmark = pytest.mark.multiprocess
 

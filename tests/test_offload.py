@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config, train_losses
 
-from jaxlm import plan
-from jaxlm.checkpoint import Checkpointer
 from jaxlm.data import pipeline
-from jaxlm.setup import HOST, build_train, jit_train_step
-from jaxlm.train import _data, _GlobalBatches, train
+from jaxlm.planning import plan
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.setup import HOST, build_train, jit_train_step
+from jaxlm.training.train import _data, _GlobalBatches, train
 
 RUN = ["train.steps=4", "optim.schedule_steps=4", "checkpoint.every=2", "mesh.fsdp=4", "mesh.data=2"]
 OFFLOAD = "optim.offload_state=true"

@@ -6,7 +6,7 @@ import pytest
 
 from jaxlm.config import load_config
 from jaxlm.model import registry
-from jaxlm.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
+from jaxlm.training.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 
 
 def schedule_of(*overrides):

@@ -12,8 +12,8 @@ from jax.sharding import PartitionSpec
 
 from jaxlm import parallel
 from jaxlm.errors import ConfigError
-from jaxlm.setup import build_train
-from jaxlm.train import train
+from jaxlm.training.setup import build_train
+from jaxlm.training.train import train
 
 STEPS = ["train.steps=3"]
 

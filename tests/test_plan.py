@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY, tiny_config
 
-from jaxlm import plan, plan_sweep
 from jaxlm.data import pipeline
 from jaxlm.devices import CHIPS
 from jaxlm.errors import ConfigError
-from jaxlm.metrics import matmul_flops
-from jaxlm.setup import jit_train_step
+from jaxlm.planning import plan
+from jaxlm.planning import sweep as plan_sweep
+from jaxlm.training.metrics import matmul_flops
+from jaxlm.training.setup import jit_train_step
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason='libtpu comes with pip install -e ".[test]"'

@@ -14,7 +14,7 @@ from conftest import REPO, TINY, tiny_config, train_losses
 from jaxlm.data import sources
 from jaxlm.data.prepare import prepare
 from jaxlm.errors import ConfigError, UserError
-from jaxlm.train import train
+from jaxlm.training.train import train
 
 
 def bpe_tokenizer(tmp_path, corpus):

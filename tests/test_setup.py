@@ -7,7 +7,7 @@ from conftest import tiny_config
 
 from jaxlm.data import pipeline
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.setup import build_model, build_train, jit_eval_step
+from jaxlm.training.setup import build_model, build_train, jit_eval_step
 
 
 def test_the_params_only_setup_builds_trainings_parameters_on_the_same_shardings(tmp_path):

@@ -18,10 +18,10 @@ from flax import nnx
 from jaxlm import parallel
 from jaxlm.config import MESH_AXES, default_rules
 from jaxlm.errors import ConfigError
-from jaxlm.metrics import matmul_flops
 from jaxlm.model import registry, splash
 from jaxlm.model.layers import attention_mask, xla_attention
-from jaxlm.setup import build_model
+from jaxlm.training.metrics import matmul_flops
+from jaxlm.training.setup import build_model
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 32
 
@@ -219,7 +219,7 @@ def test_splash_runs_where_asked_and_auto_keeps_xla_off_tpu(tmp_path):
     importlib.util.find_spec("libtpu") is None, reason='libtpu comes with pip install -e ".[test]"'
 )
 def test_auto_is_splash_on_tpu_for_rows_its_blocks_cut_and_xla_for_others(tmp_path):
-    from jaxlm.plan import topology_devices
+    from jaxlm.planning.plan import topology_devices
 
     devices = topology_devices("v5e:2x2")
     assert build_model(tiny_config(tmp_path, "data.seq_len=256"), devices).attention == "splash"

@@ -6,9 +6,9 @@ import pytest
 import yaml
 from conftest import read_metrics, tiny_config, train_losses
 
-from jaxlm.checkpoint import Checkpointer
 from jaxlm.errors import TrainingDiverged, UserError
-from jaxlm.train import train
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.train import train
 
 RESUMABLE = ["train.steps=8", "checkpoint.every=2", "optim.schedule_steps=8", "mesh.fsdp=4", "mesh.data=2"]
 
@@ -233,7 +233,7 @@ def test_pinning_host_memory_for_saves_copies_one_replica_and_leaves_the_state_i
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from jaxlm.checkpoint import orbax_pins_host_memory, pin_host_memory, shards_to_save
+    from jaxlm.training.checkpoint import orbax_pins_host_memory, pin_host_memory, shards_to_save
 
     mesh = jax.make_mesh((4, 2), ("fsdp", "data"))
     sharded = jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, PartitionSpec("fsdp")))
@@ -265,7 +265,7 @@ def test_a_checkpoint_saved_before_model_families_and_newer_model_keys_resumes_a
 
 
 def test_sigterm_to_an_in_process_run_saves_and_returns_without_killing_the_caller(tmp_path):
-    # A notebook or a test calling jaxlm.train: preemption saves and stops the run; the grace
+    # A notebook or a test calling jaxlm.training.train: preemption saves and stops the run; the grace
     # period (here far too short for any write) can only raise, never end the caller's process.
     import os
     import re

@@ -11,8 +11,6 @@ trains from it; a run whose tokenizer differs from the manifest's is refused.
 from __future__ import annotations
 
 import concurrent.futures
-import glob
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -24,103 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grain
-import numpy as np
-
 from jaxlm import storage
 from jaxlm.config import DataConfig
 from jaxlm.data import sources
+from jaxlm.data.sources import FORMAT, MANIFEST, SPLITS, is_prepared, tokenizer_identity
 from jaxlm.data.tokenizers import load_tokenizer
 from jaxlm.errors import ConfigError, DataError, cause
 
 log = logging.getLogger("jaxlm")
 
-MANIFEST = "manifest.json"
-FORMAT = "jaxlm-prepared/1"
-SPLITS = ("train", "validation")
 CHUNK = 256  # documents per task handed to a worker process
-
-
-def tokenizer_identity(config: DataConfig) -> dict[str, Any]:
-    """What makes two tokenizers the same for prepared data: the file's content, not its path, and
-    the end-of-document token it resolves to (data.eos_token, else the one its directory names,
-    else its guess), not how the config named it."""
-    if config.tokenizer == "byte":
-        return {"tokenizer": "byte"}
-    digest = hashlib.sha256(storage.read_bytes(config.tokenizer)).hexdigest()
-    eos_token = load_tokenizer(config).eos_token
-    return {"tokenizer": storage.path(config.tokenizer).name, "sha256": digest, "eos_token": eos_token}
-
-
-def is_prepared(path: str | None) -> bool:
-    if path is None or glob.has_magic(path):
-        return False
-    if storage.is_bucket(path):
-        storage.check_bucket(path, "data.path")
-    return (storage.path(path) / MANIFEST).is_file()
-
-
-def read_manifest(path: str) -> dict[str, Any]:
-    manifest_path = storage.path(path) / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except Exception as error:
-        raise DataError(f"{manifest_path} cannot be read ({cause(error)}); prepare the data again") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(
-            f"{manifest_path} is not a jaxlm prepared-data manifest ({FORMAT}); prepare the data again"
-        )
-    return manifest
-
-
-def check_tokenizer(path: str, config: DataConfig) -> None:
-    """Refuse prepared data whose tokens another tokenizer made."""
-    prepared, ours = read_manifest(path)["tokenizer"], tokenizer_identity(config)
-    if prepared.get("sha256") and prepared.get("eos_token") is None:
-        # Written before manifests held the resolved token: its data ends documents with the token
-        # the tokenizer resolves by itself.
-        prepared = {
-            **prepared,
-            "eos_token": tokenizer_identity(config.model_copy(update={"eos_token": None}))["eos_token"],
-        }
-    if prepared != ours:
-        raise ConfigError(
-            f"data.path={path} was prepared with tokenizer {_describe(prepared)} and this run's is "
-            f"{_describe(ours)}; set data.tokenizer to the one it was prepared with, or prepare it again"
-        )
-
-
-def _describe(identity: dict[str, Any]) -> str:
-    if identity["tokenizer"] == "byte":
-        return "byte"
-    eos = f", eos_token {identity['eos_token']}" if identity.get("eos_token") else ""
-    return f"{identity['tokenizer']} (sha256 {identity['sha256'][:12]}{eos})"
-
-
-class PreparedSource:
-    """One split of a prepared directory: index → the document's token ids (Grain random access)."""
-
-    def __init__(self, path: str, split: str):
-        directory = storage.path(path)
-        files = read_manifest(path)["splits"][split]["files"]
-        self._records = grain.sources.ArrayRecordDataSource([str(directory / name) for name in files])
-        self.kind = sources.TEXT
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return np.frombuffer(self._records[index], np.int32)
-
-
-def prepared_sources(path: str) -> tuple[PreparedSource, PreparedSource | None]:
-    splits = read_manifest(path)["splits"]
-    validation = PreparedSource(path, "validation") if splits["validation"]["documents"] else None
-    return PreparedSource(path, "train"), validation
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing.
 
 _worker: dict[str, Any] = {}
 

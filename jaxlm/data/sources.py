@@ -21,11 +21,16 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+import grain
+import numpy as np
 
 from jaxlm import storage
 from jaxlm.config import DataConfig
 from jaxlm.data import parquet
-from jaxlm.errors import DataError
+from jaxlm.data.tokenizers import load_tokenizer
+from jaxlm.errors import ConfigError, DataError, cause
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TEXT, PROMPT_COMPLETION, CHAT = "text", "prompt_completion", "chat"  # record kinds
@@ -335,11 +340,9 @@ def document_sources(
     config: DataConfig,
 ) -> tuple[DocumentSource | TfdsSource, DocumentSource | TfdsSource | None]:
     """The training and validation sources of a config (validation None when there is none)."""
-    from jaxlm.data import prepare  # it lists documents with this module
-
-    if prepare.is_prepared(config.path):
-        prepare.check_tokenizer(config.path, config)
-        return prepare.prepared_sources(config.path)
+    if is_prepared(config.path):
+        check_tokenizer(config.path, config)
+        return prepared_sources(config.path)
     if config.tfds:
         split = config.tfds_validation_split
         return TfdsSource(config, config.tfds_train_split), TfdsSource(config, split) if split else None
@@ -348,3 +351,89 @@ def document_sources(
     return DocumentSource(train, config.text_field), DocumentSource(
         validation, config.text_field
     ) if validation else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared data: the directories `jaxlm prepare` writes (jaxlm.data.prepare), read here.
+
+MANIFEST = "manifest.json"
+FORMAT = "jaxlm-prepared/1"
+SPLITS = ("train", "validation")
+
+
+def tokenizer_identity(config: DataConfig) -> dict[str, Any]:
+    """What makes two tokenizers the same for prepared data: the file's content, not its path, and
+    the end-of-document token it resolves to (data.eos_token, else the one its directory names,
+    else its guess), not how the config named it."""
+    if config.tokenizer == "byte":
+        return {"tokenizer": "byte"}
+    digest = hashlib.sha256(storage.read_bytes(config.tokenizer)).hexdigest()
+    eos_token = load_tokenizer(config).eos_token
+    return {"tokenizer": storage.path(config.tokenizer).name, "sha256": digest, "eos_token": eos_token}
+
+
+def is_prepared(path: str | None) -> bool:
+    if path is None or glob.has_magic(path):
+        return False
+    if storage.is_bucket(path):
+        storage.check_bucket(path, "data.path")
+    return (storage.path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    manifest_path = storage.path(path) / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except Exception as error:
+        raise DataError(f"{manifest_path} cannot be read ({cause(error)}); prepare the data again") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(
+            f"{manifest_path} is not a jaxlm prepared-data manifest ({FORMAT}); prepare the data again"
+        )
+    return manifest
+
+
+def check_tokenizer(path: str, config: DataConfig) -> None:
+    """Refuse prepared data whose tokens another tokenizer made."""
+    prepared, ours = read_manifest(path)["tokenizer"], tokenizer_identity(config)
+    if prepared.get("sha256") and prepared.get("eos_token") is None:
+        # Written before manifests held the resolved token: its data ends documents with the token
+        # the tokenizer resolves by itself.
+        prepared = {
+            **prepared,
+            "eos_token": tokenizer_identity(config.model_copy(update={"eos_token": None}))["eos_token"],
+        }
+    if prepared != ours:
+        raise ConfigError(
+            f"data.path={path} was prepared with tokenizer {_describe(prepared)} and this run's is "
+            f"{_describe(ours)}; set data.tokenizer to the one it was prepared with, or prepare it again"
+        )
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    if identity["tokenizer"] == "byte":
+        return "byte"
+    eos = f", eos_token {identity['eos_token']}" if identity.get("eos_token") else ""
+    return f"{identity['tokenizer']} (sha256 {identity['sha256'][:12]}{eos})"
+
+
+class PreparedSource:
+    """One split of a prepared directory: index → the document's token ids (Grain random access)."""
+
+    def __init__(self, path: str, split: str):
+        directory = storage.path(path)
+        files = read_manifest(path)["splits"][split]["files"]
+        self._records = grain.sources.ArrayRecordDataSource([str(directory / name) for name in files])
+        self.kind = TEXT
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.frombuffer(self._records[index], np.int32)
+
+
+def prepared_sources(path: str) -> tuple[PreparedSource, PreparedSource | None]:
+    splits = read_manifest(path)["splits"]
+    validation = PreparedSource(path, "validation") if splits["validation"]["documents"] else None
+    return PreparedSource(path, "train"), validation

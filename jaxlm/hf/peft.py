@@ -10,28 +10,25 @@ Hugging Face tensor (checked against the family's table). Tensor names follow th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from jaxlm.errors import UserError
 from jaxlm.hf.files import read_json
 from jaxlm.hf.read import view_groups
-from jaxlm.hf.write import gatherer, staging_directory
-from jaxlm.loading import open_source, source_config
-from jaxlm.model.lora import LoRASpec, adapter_path, lookup
+from jaxlm.model.lora import LoRASpec, adapter_path
 from jaxlm.model.registry import HFTensor, Projection
-from jaxlm.setup import ModelSetup, build_model
+
+if TYPE_CHECKING:
+    from jaxlm.training.setup import ModelSetup
 
 log = logging.getLogger("jaxlm")
 
@@ -39,92 +36,92 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # where PeftModel puts the transformers model
 
 
-def _linear(setup: ModelSetup, projection: Projection) -> HFTensor:
-    """The Hugging Face Linear weight of `projection`; a UserError if the family's table does not
-    lay it out as [outputs, inputs] flattened in the order of jaxlm's axes."""
+class Target(NamedTuple):
+    """A projection LoRA adapts and the Hugging Face weight it is: a Linear [outputs, inputs], or
+    a Conv1D [inputs, outputs] (GPT-2's; PEFT's fan_in_fan_out). PEFT's lora_A [r, inputs] and
+    lora_B [outputs, r] are the same for both."""
+
+    projection: Projection
+    tensor: HFTensor
+    conv1d: bool
+
+
+def _target(setup: ModelSetup, projection: Projection) -> Target:
+    """The Hugging Face weight of `projection`; a UserError if the family's table does not lay it
+    out as [outputs, inputs] or [inputs, outputs], each flattened in the order of jaxlm's axes."""
     table = {tensor.param: tensor for tensor in setup.family.hf.tensors(setup.model_config)}
     tensor = table[projection.param]
-    outputs, inputs = view_groups(tensor.hf_shape, tensor.view) if len(tensor.hf_shape) == 2 else ([], [])
+    first, second = view_groups(tensor.hf_shape, tensor.view) if len(tensor.hf_shape) == 2 else ([], [])
     axes = list(tensor.order)
-    if axes[: projection.inputs] != inputs or axes[projection.inputs :] != outputs:
-        raise UserError(
-            f"{tensor.name} is not a Linear weight [outputs, inputs] of {projection.param}; "
-            "its adapter has no PEFT form"
-        )
-    return tensor
+    inputs, outputs = axes[: projection.inputs], axes[projection.inputs :]
+    if (inputs, outputs) == (second, first):
+        return Target(projection, tensor, conv1d=False)
+    if (inputs, outputs) == (first, second):
+        return Target(projection, tensor, conv1d=True)
+    raise UserError(
+        f"{tensor.name} is neither a Linear weight [outputs, inputs] nor a Conv1D [inputs, outputs] of "
+        f"{projection.param}; its adapter has no PEFT form"
+    )
 
 
-def _module(tensor: HFTensor) -> str:
+def module_name(tensor: HFTensor) -> str:
     """'model.layers.{layer}.self_attn.q_proj' for 'model.layers.{layer}.self_attn.q_proj.weight'."""
     return tensor.name.removesuffix(".weight")
 
 
-def _targets(setup: ModelSetup, spec: LoRASpec) -> list[tuple[Projection, HFTensor]]:
+def lora_targets(setup: ModelSetup, spec: LoRASpec) -> list[Target]:
     return [
-        (projection, _linear(setup, projection))
+        _target(setup, projection)
         for projection in setup.family.projections
         if projection.name in spec.targets
     ]
 
 
-def export_adapter(
-    source_path: str | Path,
-    out_dir: str | Path,
-    *,
-    step: int | None = None,
-    dtype: str | None = None,
-    devices=None,
-) -> None:
-    """Write the LoRA adapters of the jaxlm run at `source_path` to `out_dir` in PEFT's format."""
-    out = Path(out_dir)
-    if str(out_dir).startswith("gs://") or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
-        raise UserError(
-            f"{out} must be a new (or empty) local directory; choose another OUT_DIR (nothing was written)"
+def _modules(setup: ModelSetup) -> list[str]:
+    """The module names of every projection of the family (what PEFT's target_modules select from)."""
+    table = {tensor.param: tensor for tensor in setup.family.hf.tensors(setup.model_config)}
+    return [module_name(table[projection.param]) for projection in setup.family.projections]
+
+
+def _selects(target: str, module: str) -> bool:
+    """PEFT's matching of one target_modules entry: the module's name, or its dotted suffix."""
+    return module == target or module.endswith("." + target)
+
+
+def target_modules(setup: ModelSetup, targets: list[Target]) -> list[str]:
+    """PEFT's target_modules for `targets`: each module's last name, or as many of its last names
+    as tell it from the family's other projections (GPT-2's attn.c_proj and mlp.c_proj)."""
+    others = _modules(setup)
+    names = []
+    for target in targets:
+        parts = module_name(target.tensor).split(".")
+        for count in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-count:])
+            if [module for module in others if _selects(suffix, module)] == [module_name(target.tensor)]:
+                break
+        names.append(suffix)
+    return sorted(names)
+
+
+def _selected(setup: ModelSetup, config_targets: Any) -> list[str]:
+    """The family's projection modules that a PEFT config's target_modules (a list of names, or a
+    regular expression over module names) adapts."""
+    if isinstance(config_targets, str):
+        return sorted(
+            module for module in _modules(setup) if re.fullmatch(config_targets, module.format(layer=0))
         )
-    source = open_source(source_path, step)
-    if source.hf is not None:
-        raise UserError(f"{source_path} is a Hugging Face model, not a jaxlm run that trained LoRA adapters")
-    config = source_config(source)
-    setup = build_model(config, devices)
-    params, adapters = source.read_adapters(setup)
-    spec = adapters.lora
-    targets = _targets(setup, spec)  # checked before anything is written
-    dtype = np.dtype(dtype or config.model.param_dtype)
-    gather = gatherer(adapters)
-    tensors: dict[str, np.ndarray] = {}
-    for projection, tensor in targets:
-        factors = lookup(params, adapter_path(projection))
-        for layer in range(setup.model_config.num_layers) if projection.stacked else [None]:
-            a, b = gather(factors["a"], layer), gather(factors["b"], layer)
-            if a is None:
-                continue  # not process 0
-            module = PREFIX + _module(tensor).format(layer=layer)
-            tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(
-                a.reshape(-1, spec.rank).T.astype(dtype)
-            )
-            tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(
-                b.reshape(spec.rank, -1).T.astype(dtype)
-            )
-    if jax.process_index() != 0:
-        return
-    staging = staging_directory(out)
-    try:
-        save_file(tensors, staging / WEIGHTS, metadata={"format": "pt"})
-        adapter_config = peft_config(spec, targets, source.model.get("init_from"))
-        (staging / CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    log.info(
-        "exported the LoRA adapters of %s to %s (PEFT format, %d tensors)", source_path, out, len(tensors)
+    return sorted(
+        module for module in _modules(setup) if any(_selects(t, module) for t in config_targets or [])
     )
 
 
-def peft_config(
-    spec: LoRASpec, targets: list[tuple[Projection, HFTensor]], base: str | None
-) -> dict[str, Any]:
+def peft_config(setup: ModelSetup, spec: LoRASpec, targets: list[Target], base: str | None) -> dict[str, Any]:
     """adapter_config.json: PEFT's LoraConfig of these adapters."""
+    if len({target.conv1d for target in targets}) > 1:
+        raise UserError(
+            f"optim.lora.targets={list(spec.targets)} adapt both Linear and Conv1D weights, and PEFT's "
+            "adapter_config.json has one fan_in_fan_out; export adapters of one kind"
+        )
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -132,9 +129,9 @@ def peft_config(
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": sorted(_module(tensor).rsplit(".", 1)[-1] for _, tensor in targets),
+        "target_modules": target_modules(setup, targets),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(targets) and targets[0].conv1d,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -153,16 +150,16 @@ def read_adapter(directory: str | Path, setup: ModelSetup) -> Any:
     directory = Path(directory)
     config = read_json(directory / CONFIG)
     spec = setup.lora
-    targets = _targets(setup, spec)
-    _check_config(directory, config, spec, targets)
+    targets = lora_targets(setup, spec)
+    _check_config(directory, config, setup, targets)
     adapters_abstract = {}
     with safe_open(directory / WEIGHTS, framework="numpy") as weights:
         names = set(weights.keys())
-        for projection, tensor in targets:
+        for projection, tensor, _ in targets:
             layers = range(setup.model_config.num_layers) if projection.stacked else [None]
             a, b = [], []
             for layer in layers:
-                module = PREFIX + _module(tensor).format(layer=layer)
+                module = PREFIX + module_name(tensor).format(layer=layer)
                 a.append(_tensor(weights, names, f"{module}.lora_A.weight", directory).T)  # [in, r]
                 b.append(_tensor(weights, names, f"{module}.lora_B.weight", directory).T)  # [r, out]
             owner = adapters_abstract
@@ -203,13 +200,15 @@ def _keys(path) -> tuple[str, ...]:
     return tuple(str(key.key) for key in path)
 
 
-def _check_config(directory: Path, config: dict[str, Any], spec: LoRASpec, targets) -> None:
-    """The PEFT config describes the adapters optim.lora asks for, in a form jaxlm computes."""
+def _check_config(directory: Path, config: dict[str, Any], setup: ModelSetup, targets: list[Target]) -> None:
+    """The PEFT config describes the adapters optim.lora asks for, in a form jaxlm computes
+    (fan_in_fan_out aside: it says how the base weight is stored, which PEFT sets per module)."""
+    spec = setup.lora
     if config.get("peft_type") != "LORA":
         raise UserError(
             f"{directory / CONFIG} has peft_type {config.get('peft_type')!r}; jaxlm reads LORA adapters"
         )
-    for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+    for key in ("use_dora", "use_rslora"):
         if config.get(key):
             raise UserError(f"{directory / CONFIG} has {key}=true, which jaxlm's LoRA does not compute")
     if config.get("bias", "none") != "none" or config.get("rank_pattern") or config.get("alpha_pattern"):
@@ -217,14 +216,17 @@ def _check_config(directory: Path, config: dict[str, Any], spec: LoRASpec, targe
             f"{directory / CONFIG} has adapter biases or per-module ranks/alphas; jaxlm reads bias none, one r and alpha"
         )
     modules = config.get("target_modules") or []
-    wanted = sorted(_module(tensor).rsplit(".", 1)[-1] for _, tensor in targets)
     found = {
-        "r": (config.get("r"), spec.rank),
-        "lora_alpha": (config.get("lora_alpha"), spec.alpha),
-        "target_modules": (sorted(modules) if isinstance(modules, list) else modules, wanted),
+        "r": (config.get("r"), spec.rank, config.get("r") == spec.rank),
+        "lora_alpha": (config.get("lora_alpha"), spec.alpha, config.get("lora_alpha") == spec.alpha),
+        "target_modules": (
+            sorted(modules) if isinstance(modules, list) else modules,
+            target_modules(setup, targets),
+            _selected(setup, modules) == sorted(module_name(target.tensor) for target in targets),
+        ),
     }
-    for key, (theirs, ours) in found.items():
-        if theirs != ours:
+    for key, (theirs, ours, same) in found.items():
+        if not same:
             raise UserError(
                 f"{directory / CONFIG} has {key}={theirs}, and optim.lora asks for {ours}; set optim.lora "
                 "rank, alpha and targets to the adapter's"

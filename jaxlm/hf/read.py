@@ -38,10 +38,25 @@ def layer_names(tensor: HFTensor, num_layers: int) -> list[str]:
     return [tensor.name]
 
 
-def check_tensors(directory: HFDirectory, tensors: Sequence[HFTensor], num_layers: int) -> None:
+def stored_names(
+    directory: HFDirectory, tensor: HFTensor, num_layers: int, optional_prefix: str = ""
+) -> list[str]:
+    """`layer_names` as the directory stores them: without the family's optional prefix where
+    its files lack it."""
+    names = layer_names(tensor, num_layers)
+    if optional_prefix and names[0] not in directory.shapes:
+        bare = [name.removeprefix(optional_prefix) for name in names]
+        if bare[0] in directory.shapes:
+            return bare
+    return names
+
+
+def check_tensors(
+    directory: HFDirectory, tensors: Sequence[HFTensor], num_layers: int, optional_prefix: str = ""
+) -> None:
     """Every tensor the model needs is in the directory with the shape its config.json implies."""
     for tensor in tensors:
-        for name in layer_names(tensor, num_layers):
+        for name in stored_names(directory, tensor, num_layers, optional_prefix):
             if name not in directory.shapes:
                 raise UserError(
                     f"{directory.path} has no tensor {name}, which its config.json's "
@@ -53,7 +68,9 @@ def check_tensors(directory: HFDirectory, tensors: Sequence[HFTensor], num_layer
                     f"tensor {name} in {directory.files[name]} has shape {list(found)}, expected "
                     f"{list(tensor.hf_shape)} from config.json; the weights and config.json disagree"
                 )
-    used = {name for tensor in tensors for name in layer_names(tensor, num_layers)}
+    used = {
+        name for tensor in tensors for name in stored_names(directory, tensor, num_layers, optional_prefix)
+    }
     unused = sorted(set(directory.shapes) - used)
     if unused:
         log.warning(
@@ -62,12 +79,13 @@ def check_tensors(directory: HFDirectory, tensors: Sequence[HFTensor], num_layer
 
 
 def read_params(directory: HFDirectory, setup) -> Any:
-    """The parameters of `setup` (a `jaxlm.setup.ModelSetup` of the directory's model keys; its
+    """The parameters of `setup` (a `jaxlm.training.setup.ModelSetup` of the directory's model keys; its
     base, without adapters) from its safetensors, each a jax.Array on its sharding in the model's
     param_dtype."""
     config = setup.model_config
     tensors = {tensor.param: tensor for tensor in setup.family.hf.tensors(config)}
-    check_tensors(directory, list(tensors.values()), config.num_layers)
+    prefix = setup.family.hf.optional_prefix
+    check_tensors(directory, list(tensors.values()), config.num_layers, prefix)
     dtype = np.dtype(config.param_dtype)
     with contextlib.ExitStack() as stack:
         handles = {
@@ -79,7 +97,7 @@ def read_params(directory: HFDirectory, setup) -> Any:
             tensor = tensors[jax.tree_util.keystr(path, simple=True, separator=".")]
             slices = [
                 handles[directory.files[name]].get_slice(name)
-                for name in layer_names(tensor, config.num_layers)
+                for name in stored_names(directory, tensor, config.num_layers, prefix)
             ]
             return _sharded_array(tensor, slices, abstract.shape, dtype, sharding)
 

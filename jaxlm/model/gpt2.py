@@ -486,6 +486,7 @@ FAMILY = ModelFamily(
         config_from_hf=config_from_hf,
         config_to_hf=config_to_hf,
         tensors=tensors,
+        optional_prefix="transformer.",
     ),
     projections=PROJECTIONS,
     lora_targets=("wqkv",),

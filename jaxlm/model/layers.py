@@ -21,7 +21,7 @@ from jaxlm.config import AttentionConfig
 @dataclass(frozen=True)
 class AttentionKernel:
     """How a model's attention runs in training and evaluation: the config's `attention` section
-    resolved for the devices (`jaxlm.setup.resolve_attention`). A cache always takes the XLA
+    resolved for the devices (`jaxlm.training.setup.resolve_attention`). A cache always takes the XLA
     einsums."""
 
     kind: str = "xla"  # xla, cudnn or splash
@@ -266,7 +266,7 @@ def runs_cudnn_attention(device: jax.Device) -> bool:
 def attention_kernel(setting: str, device: jax.Device) -> str:
     """The kernel attention.kernel picks for a mesh of `device`s: auto is splash on TPU, cudnn
     where `runs_cudnn_attention`, jaxlm's XLA einsums anywhere else (CPU, older GPUs).
-    `jaxlm.setup.build_model` resolves it (XLA for rows splash's blocks do not cut); a model
+    `jaxlm.training.setup.build_model` resolves it (XLA for rows splash's blocks do not cut); a model
     built with auto itself runs the XLA einsums."""
     if setting != "auto":
         return setting
@@ -284,7 +284,7 @@ def document_boundaries(
     """What attention needs to keep packed documents apart, built once per step for the layers
     of one kind: `document_spans` for the cudnn kernel, the segment ids and `order` for splash
     (its kernel takes them as they are), else `attention_mask`. order, window: as
-    `attention_mask`'s (the fused kernels have no window: `jaxlm.setup` gives them none)."""
+    `attention_mask`'s (the fused kernels have no window: `jaxlm.training.setup` gives them none)."""
     if window is not None and kernel.kind != "xla":
         raise ValueError(f"the {kernel.kind} kernel has no sliding window")
     if kernel.kind == "cudnn":

@@ -23,7 +23,7 @@ provides:
         its logit soft-capping, if any
     model.init_cache(batch, max_length) -> an empty cache for `max_length` tokens per row: a
         pytree whose `logical_axes()` is the same tree with each array's logical axes, so that
-        generation keeps it sharded like the model (jaxlm/generation.py). Segment id 0 marks
+        generation keeps it sharded like the model (jaxlm/inference/generation.py). Segment id 0 marks
         padding: generation left-pads prompts of different lengths with it, and no token of
         segment 1 attends to a padded slot.
 
@@ -127,6 +127,9 @@ class HuggingFace:
     # whose config may leave its own unset.
     config_to_hf: Callable[[ModelConfig, int], dict[str, Any]]
     tensors: Callable[[ModelConfig], list[HFTensor]]
+    # A prefix of the tensor names that older checkpoints store without: GPT-2's `transformer.`,
+    # which the Hub's original GPT-2 files lack. Read either way; written with it.
+    optional_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,6 @@ def parameter_keys_differ(
 def share_of_blocks_run(name_stack: str) -> float | None:
     """The share of its grid's blocks that a kernel traced under `name_stack` computes, where a
     kernel that skips blocks says so (splash attention, above the causal diagonal); None where
-    none does. FLOP counts (`jaxlm.metrics.matmul_flops`) read it."""
+    none does. FLOP counts (`jaxlm.training.metrics.matmul_flops`) read it."""
     scope = splash.BLOCKS_RUN.search(name_stack)
     return int(scope[1]) / int(scope[2]) if scope else None

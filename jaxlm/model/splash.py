@@ -190,7 +190,7 @@ def splash_attention(
             out_specs=layout.q,
             check_vma=False,
         )
-    with jax.named_scope(blocks_run_scope(kernel)):  # for `jaxlm.metrics.matmul_flops`
+    with jax.named_scope(blocks_run_scope(kernel)):  # for `jaxlm.training.metrics.matmul_flops`
         return attend(kernel, q, k, v, segment_ids, segment_ids).astype(q.dtype)
 
 
@@ -200,7 +200,7 @@ BLOCKS_RUN = re.compile(r"blocks_run_(\d+)_of_(\d+)")
 def blocks_run_scope(kernel) -> str:
     """A name scope saying how many of the kernel's blocks it runs, of all of its grid's: those
     of its mask's block map that are not empty (the backward kernels, with the same blocks, run
-    the same ones). Counting FLOPs, `jaxlm.metrics.matmul_flops` reads it: the grid runs its body
+    the same ones). Counting FLOPs, `jaxlm.training.metrics.matmul_flops` reads it: the grid runs its body
     in every cell, but skipped blocks do no matmul."""
     block_mask = np.asarray(kernel.fwd_mask_info.block_mask)  # [heads, q blocks, kv blocks]
     return f"blocks_run_{np.count_nonzero(block_mask)}_of_{block_mask.size}"

@@ -24,9 +24,9 @@ from jaxlm import parallel
 from jaxlm.config import MESH_AXES, Config, ModelConfig
 from jaxlm.devices import CHIPS, Chip, GiB, table_entry
 from jaxlm.errors import ConfigError, UserError
-from jaxlm.metrics import matmul_flops, model_flops_per_step, peak_flops_per_device
 from jaxlm.model import registry, remat
-from jaxlm.setup import abstract_inputs, build_train, count_params, jit_train_step
+from jaxlm.training.metrics import matmul_flops, model_flops_per_step, peak_flops_per_device
+from jaxlm.training.setup import abstract_inputs, build_train, count_params, jit_train_step
 
 log = logging.getLogger("jaxlm")
 

@@ -1,7 +1,7 @@
 """The pure core of training: the loss, the train step and the eval step, functions of pytrees.
 
-Nothing here touches devices, files or the clock; `jaxlm.setup` jits these onto a mesh and
-`jaxlm.train` runs them in its loop.
+Nothing here touches devices, files or the clock; `jaxlm.training.setup` jits these onto a mesh and
+`jaxlm.training.train` runs them in its loop.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxlm import lora, parallel
+from jaxlm import parallel
 from jaxlm.model.lora import combine
 from jaxlm.model.registry import OutputHead
+from jaxlm.training import lora
 
 
 @flax.struct.dataclass

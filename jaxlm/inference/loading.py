@@ -15,7 +15,7 @@ import yaml
 from etils import epath
 from flax import nnx
 
-from jaxlm import lora, storage
+from jaxlm import storage
 from jaxlm.config import (
     DEFAULT_FAMILY,
     Config,
@@ -29,7 +29,8 @@ from jaxlm.errors import ConfigError, UserError, cause
 from jaxlm.hf import files, read
 from jaxlm.model import registry
 from jaxlm.model.lora import LoRASpec, merge
-from jaxlm.setup import ModelSetup, build_model, model_setup, with_shardings
+from jaxlm.training import lora
+from jaxlm.training.setup import ModelSetup, build_model, model_setup, with_shardings
 
 log = logging.getLogger("jaxlm")
 
@@ -260,15 +261,21 @@ def load(
 
 
 def apply_init_from(config: Config, given: Collection[str] = ()) -> Config:
+    """`config` with model.init_from's architecture and tokenizer (`resolve_init_from`)."""
+    return resolve_init_from(config, given)[0]
+
+
+def resolve_init_from(config: Config, given: Collection[str] = ()) -> tuple[Config, Source | None]:
     """`config` with the architecture of model.init_from, and its tokenizer unless data.tokenizer
     is set. The source's keys that shape the parameters are taken as they are; its other family
     keys (RoPE, norms, windows) unless the run sets them (extending a model's context, say); the
     keys every family shares that do not shape parameters (dtypes, remat, ...) are the run's.
     `given`: the dotted keys set on the command line, which must agree with the source's shapes.
     A run with checkpoints of its own takes all that from its newest one, so a restart resumes
-    without needing the source again."""
+    without needing the source again. With it, the source opened (to read its parameters from),
+    or None where the run's own checkpoint stood in for it."""
     if not config.model.init_from:
-        return config
+        return config, None
     own_step = latest_step(config.checkpoint_dir)
     if own_step is None:
         source = open_source(config.model.init_from)
@@ -324,4 +331,4 @@ def apply_init_from(config: Config, given: Collection[str] = ()) -> Config:
                 f"model.init_from={config.model.init_from} has no tokenizer.json; set data.tokenizer to the model's tokenizer"
             )
         raw["data"].update(tokenizer=source.tokenizer, eos_token=config.data.eos_token or source.eos_token)
-    return config_from_dict(raw)
+    return config_from_dict(raw), source if own_step is None else None

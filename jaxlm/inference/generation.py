@@ -38,13 +38,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import parallel
 from jaxlm.errors import UserError
+from jaxlm.inference.text_stream import RowText
 from jaxlm.model import registry
 from jaxlm.model.lora import LoRASpec
-from jaxlm.text_stream import RowText
 
 if TYPE_CHECKING:
     from jaxlm.hf.files import SamplingDefaults
-    from jaxlm.loading import Loaded
+    from jaxlm.inference.loading import Loaded
 
 Prompt = str | Sequence[int]  # text, or token ids to continue as they are
 

@@ -1,5 +1,5 @@
 """The training loop: step, log, evaluate, save, stop. Everything it runs is built beforehand
-(`jaxlm.setup`), the step itself is pure (`jaxlm.step`), and each of the loop's side effects is
+(`jaxlm.training.setup`), the step itself is pure (`jaxlm.training.step`), and each of the loop's side effects is
 a component that owns its cadence: `StepLogger`, `Evaluator`, `Checkpointer`, `StepProfiler`,
 `PreemptionWatch`."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,16 +15,17 @@ from typing import Any
 import jax
 from etils import epath
 
-from jaxlm import loading, storage
-from jaxlm.checkpoint import Checkpointer
+from jaxlm import storage
 from jaxlm.config import Config
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import Tokenizer, load_tokenizer
 from jaxlm.distributed import PreemptionWatch
 from jaxlm.errors import ConfigError, DataError, cause
-from jaxlm.evaluate import Evaluator, check_eval_tasks
-from jaxlm.metrics import StepLogger, StepProfiler
-from jaxlm.setup import (
+from jaxlm.evaluation.evaluate import Evaluator, check_eval_tasks
+from jaxlm.inference import loading
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.metrics import StepLogger, StepProfiler
+from jaxlm.training.setup import (
     TrainSetup,
     abstract_inputs,
     build_train,
@@ -46,9 +47,13 @@ class TrainResult:
     loop_done_at: float | None = None  # and when the loop did, before waiting for the last save
 
 
-def train(config: Config, devices: Sequence[jax.Device] | None = None) -> TrainResult:
-    """Run (or resume) the experiment in `config`."""
-    config = loading.apply_init_from(config)
+def train(
+    config: Config, devices: Sequence[jax.Device] | None = None, *, given: Collection[str] = ()
+) -> TrainResult:
+    """Run (or resume) the experiment in `config`. With model.init_from, its source is opened once,
+    here: the config takes its architecture and tokenizer, and a fresh run its parameters. `given`:
+    the dotted keys set on the command line (`loading.resolve_init_from`)."""
+    config, source = loading.resolve_init_from(config, given)
     check_eval_tasks(config)
     setup, tokenizer, corpus, run_dir = _prepare(config, devices)
     shape = (config.train.global_batch_size, config.data.seq_len)
@@ -57,7 +62,7 @@ def train(config: Config, devices: Sequence[jax.Device] | None = None) -> TrainR
     # From here a SIGTERM (during restore or compilation too) stops the run after its next step.
     preemption = PreemptionWatch(config.distributed.preemption_grace_s)
     try:
-        state = checkpointer.restore_or_init(setup, data, _init_params(config, setup))
+        state = checkpointer.restore_or_init(setup, data, _init_params(source, setup))
         if jax.process_index() == 0:  # only once the checkpoint has accepted this config
             _write_config(config, run_dir)
         first_step = int(jax.device_get(state.step))
@@ -111,14 +116,14 @@ def _loop(
     return result
 
 
-def _init_params(config: Config, setup: TrainSetup) -> Callable[[], Any] | None:
+def _init_params(source: loading.Source | None, setup: TrainSetup) -> Callable[[], Any] | None:
     """What a run without checkpoints of its own starts from: model.init_from's parameters."""
-    if not config.model.init_from:
+    if source is None:
         return None
 
     def read() -> Any:
-        log.info("starting from the parameters of model.init_from=%s", config.model.init_from)
-        return loading.open_source(config.model.init_from).read_params(setup.model)
+        log.info("starting from the parameters of model.init_from=%s", source.path)
+        return source.read_params(setup.model)
 
     return read
 

@@ -24,11 +24,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import SingleDeviceSharding
 
-from jaxlm import lora, storage
+from jaxlm import storage
 from jaxlm.config import DEFAULT_FAMILY, Config, without_moved_keys
 from jaxlm.errors import PreemptionGraceExpired, TrainingDiverged, UserError, cause
 from jaxlm.model import registry
-from jaxlm.setup import TrainSetup, with_shardings
+from jaxlm.training import lora
+from jaxlm.training.setup import TrainSetup, with_shardings
 
 log = logging.getLogger("jaxlm")
 

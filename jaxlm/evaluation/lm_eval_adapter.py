@@ -12,7 +12,7 @@ with the end-of-document token, so its texts start with that token instead.
 Requests are sorted by length and scored `batch_size` rows at a time, each batch right-padded to
 the next of a few bucket lengths (powers of two up to `max_length`), so the forward compiles once
 per bucket, not once per request. This module imports lm-eval: only the `eval` extra installs
-it, and jaxlm imports this module only when tasks are asked for (`jaxlm.evaluate.lm_eval_adapter`).
+it, and jaxlm imports this module only when tasks are asked for (`jaxlm.evaluation.evaluate.lm_eval_adapter`).
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.tasks import TaskManager
 
-from jaxlm import generation, parallel, step
+from jaxlm import parallel
 from jaxlm.data import pipeline
 from jaxlm.errors import UserError
-from jaxlm.evaluate import progress_bar
-from jaxlm.loading import Loaded
+from jaxlm.evaluation.progress import progress_bar
+from jaxlm.inference import generation
+from jaxlm.inference.loading import Loaded
+from jaxlm.training import step
 
 SHORTEST_BUCKET = 16
 DEFAULT_MAX_GEN_TOKS = 256  # HFLM's, for tasks that do not say
@@ -124,7 +126,7 @@ class JaxlmLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or, with do_sample, sampled) continuations with jaxlm.generation, cut before
+        """Greedy (or, with do_sample, sampled) continuations with jaxlm.inference.generation, cut before
         the request's first `until` string, at most `max_gen_toks` tokens; requests with the same
         generation settings decoded together, longest prompts first."""
         groups: dict[str, list[int]] = {}

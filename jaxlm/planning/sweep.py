@@ -17,7 +17,7 @@ import jax
 from jaxlm.config import Config, apply_override, config_from_dict
 from jaxlm.devices import GiB
 from jaxlm.errors import ConfigError
-from jaxlm.plan import Plan, plan, remat_label, topology_devices
+from jaxlm.planning.plan import Plan, plan, remat_label, topology_devices
 
 log = logging.getLogger("jaxlm")
 

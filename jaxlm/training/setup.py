@@ -27,15 +27,16 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm import lora, parallel
+from jaxlm import parallel
 from jaxlm.config import Config, ModelConfig
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError
 from jaxlm.model import registry, remat, splash
 from jaxlm.model.layers import XLA_KERNEL, AttentionKernel, attention_kernel, runs_cudnn_attention
 from jaxlm.model.lora import LoRASpec, combine, split_adapters
-from jaxlm.optim import make_optimizer
-from jaxlm.step import TrainState, make_eval_step, make_train_step
+from jaxlm.training import lora
+from jaxlm.training.optim import make_optimizer
+from jaxlm.training.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger("jaxlm")
 

@@ -20,32 +20,17 @@ from jaxlm.config import Config
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import Tokenizer
 from jaxlm.errors import UserError
-from jaxlm.setup import ModelSetup, abstract_batch, compile_ahead, jit_eval_step, with_shardings
+from jaxlm.evaluation.progress import progress_bar
+from jaxlm.training.setup import ModelSetup, abstract_batch, compile_ahead, jit_eval_step, with_shardings
 
 if TYPE_CHECKING:
-    from jaxlm.loading import Loaded
+    from jaxlm.inference.loading import Loaded
 
 log = logging.getLogger("jaxlm")
 
 
-def progress_bar(show: bool = True):
-    """A rich progress bar on stderr (done/total, rate, time left), shown by process 0 only:
-    start it with `with`, add a task, advance it."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not show or jax.process_index() != 0,
-    )
-
-
 def lm_eval_adapter() -> ModuleType:
-    """jaxlm.lm_eval_adapter, or a UserError naming the extra that installs lm-eval."""
+    """jaxlm.evaluation.lm_eval_adapter, or a UserError naming the extra that installs lm-eval."""
     try:
         import lm_eval  # noqa: F401
     except ModuleNotFoundError as error:
@@ -54,7 +39,7 @@ def lm_eval_adapter() -> ModuleType:
         raise UserError(
             'lm-eval tasks need lm-eval, which jaxlm\'s eval extra installs: pip install -e ".[eval]"'
         ) from None
-    from jaxlm import lm_eval_adapter
+    from jaxlm.evaluation import lm_eval_adapter
 
     return lm_eval_adapter
 
@@ -113,7 +98,7 @@ class _TrainingTasks:
     at most data.seq_len tokens."""
 
     def __init__(self, config: Config, setup: ModelSetup, tokenizer: Tokenizer):
-        from jaxlm.loading import Loaded
+        from jaxlm.inference.loading import Loaded
 
         self.adapter = lm_eval_adapter()
         train = config.train
