@@ -167,16 +167,16 @@ def test_a_key_of_another_family_names_the_family_that_has_it(tmp_path):
         tiny_config(tmp_path, "model.sliding_window=8")
 
 
-def test_a_kernel_without_the_window_is_refused_in_one_line(tmp_path):
-    config = tiny_config(
-        tmp_path, *FAMILY_TINY["mistral"], "attention.kernel=splash", "attention.splash_interpret=true",
-        "data.seq_len=128",
-    )  # fmt: skip
+def test_splash_computes_the_window_and_a_kernel_without_the_soft_cap_is_refused_in_one_line(tmp_path):
+    splash = ["attention.kernel=splash", "attention.splash_interpret=true", "data.seq_len=128"]
+    windowed = tiny_config(tmp_path, *FAMILY_TINY["mistral"], *splash)
+    assert build_model(windowed, jax.devices()[:1]).attention == "splash"  # tests/test_splash.py: its numbers
     with pytest.raises(
         ConfigError,
-        match=r"^attention.kernel=splash does not compute the sliding window of 8 tokens model.family=mistral asks for; use attention.kernel=xla \(or auto\)$",
+        match=r"^attention.kernel=splash does not compute the soft-capping of attention scores at 50.0 "
+        r"model.family=gemma3 asks for; use attention.kernel=xla \(or auto\)$",
     ):
-        build_model(config, jax.devices()[:1])
+        build_model(tiny_config(tmp_path, *FAMILY_TINY["gemma3"], *splash), jax.devices()[:1])
 
 
 def test_a_checkpoint_of_one_family_resumes_as_no_other(tmp_path):

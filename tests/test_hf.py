@@ -25,6 +25,7 @@ from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError, UserError
 from jaxlm.hf.read import read_block
 from jaxlm.hf.write import byte_tokenizer_json
+from jaxlm.inference import loading
 from jaxlm.inference.export import export
 from jaxlm.inference.loading import apply_init_from, open_source
 from jaxlm.model import registry
@@ -296,15 +297,28 @@ def init_from_config(run_dir, source, *overrides):
     )
 
 
-def test_init_from_a_hugging_face_model_trains_from_its_parameters(tmp_path):
-    config = init_from_config(
-        tmp_path / "run", FIXTURES / "qwen2", "train.steps=1", "checkpoint.every=1", "mesh.fsdp=2"
-    )
+def test_init_from_a_hugging_face_model_trains_from_its_parameters(tmp_path, monkeypatch):
+    overrides = ["train.steps=1", "checkpoint.every=1", "mesh.fsdp=2"]
+    config = init_from_config(tmp_path / "run", FIXTURES / "qwen2", *overrides)
     assert config.model.qkv_bias and config.model.vocab_size == 320 and config.model.rope_theta == 1e6
     assert config.data.tokenizer == str(FIXTURES / "qwen2/tokenizer.json")
     imported = jaxlm.load(FIXTURES / "qwen2", devices=jax.devices()[:1])
     expected = first_batch_loss(config, imported.params, imported.setup.graphdef)
-    train(config, devices=jax.devices()[:2])
+    # One trip: given the config as written, the run opens model.init_from once, for its
+    # architecture, tokenizer and parameters.
+    opened, real_open = [], loading.open_source
+    monkeypatch.setattr(
+        loading, "open_source", lambda path, *rest: opened.append(path) or real_open(path, *rest)
+    )
+    as_written = tiny_config(
+        tmp_path / "run",
+        f"model.init_from={FIXTURES / 'qwen2'}",
+        "optim.lr=1e-3",
+        "data.seq_len=64",
+        *overrides,
+    )
+    train(as_written, devices=jax.devices()[:2])
+    assert opened == [str(FIXTURES / "qwen2")]
     assert train_losses(tmp_path / "run")[1] == pytest.approx(expected, rel=1e-5)
 
     export(tmp_path / "run", tmp_path / "out", devices=jax.devices()[:1])  # as Qwen2, with its ids

@@ -3,6 +3,7 @@ einsums compute: outputs and gradients, with packed documents, grouped-query hea
 length, and under context parallelism's load-balanced layout on a mesh; a model with it trains
 as one with XLA attention; the set-up refuses what it cannot run, in one line."""
 
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -19,7 +20,7 @@ from jaxlm import parallel
 from jaxlm.config import MESH_AXES, default_rules
 from jaxlm.errors import ConfigError
 from jaxlm.model import registry, splash
-from jaxlm.model.layers import attention_mask, xla_attention
+from jaxlm.model.layers import AttentionKernel, attention_mask, xla_attention
 from jaxlm.training.metrics import matmul_flops
 from jaxlm.training.setup import build_model
 
@@ -109,11 +110,49 @@ def test_under_context_parallelism_splash_in_the_balanced_layout_gives_xla_in_ro
     assert "shard_map" in str(jax.make_jaxpr(attend)(q, k, v))
 
 
+# A window that cuts blocks (100 of 128-token ones) and one of whole blocks; and under context
+# parallelism's balanced layout, whose query blocks are not in order.
+@pytest.mark.parametrize(("window", "context"), [(100, 1), (128, 1), (100, 2)])
+def test_splash_with_a_sliding_window_gives_xla_attention_with_that_window(window, context):
+    length = 512
+    segments = packed_segments(2, length, seed=window + context)
+    q, k, v = qkv(2, length)
+    mesh = jax.make_mesh((1, 1, context, 1), MESH_AXES, axis_types=parallel.AUTO_AXES)
+    order = None if context == 1 else parallel.load_balanced_order(length, context)
+    layout = np.arange(length) if order is None else order
+
+    def attend(q, k, v):
+        with parallel.activation_sharding(mesh, default_rules("mistral")):
+            rows = [x[:, layout] for x in (q, k, v)]
+            out = splash.splash_attention(
+                *rows, jnp.asarray(segments[:, layout]), order, 128, 128, True, window
+            )
+        return out[:, np.argsort(layout)]
+
+    def windowed(q, k, v):
+        return xla_attention(q, k, v, attention_mask(jnp.asarray(segments), window=window))
+
+    assert_close(
+        jax.jit(output_and_grads, static_argnums=0)(attend, q, k, v), output_and_grads(windowed, q, k, v)
+    )
+
+
+def test_a_window_skips_the_blocks_before_it():
+    """Of 4 × 4 blocks of 128 tokens, causal attention runs the 10 on and below the diagonal; a
+    128-token window the 4 on it and the 3 beside (a query sees its own block and the one before),
+    in a grid the kernel shrinks to the 2 key blocks a query block meets at most."""
+    blocks = splash.block_sizes(512, 512, 128, 128)
+    causal, windowed = (splash._kernel(1, 512, 1, None, blocks, True, window) for window in (None, 128))
+    assert splash.blocks_run_scope(causal) == "blocks_run_10_of_16"
+    assert splash.blocks_run_scope(windowed) == "blocks_run_7_of_8"
+
+
 def model_loss_and_grads(config, mesh=None):
-    """A tiny Llama's mean next-token loss on packed rows, and its gradients; with a mesh, under
-    its activation sharding, the rows laid out for its context parallelism as the train step
-    lays them out."""
-    model = registry.family_of(config.model).build(config.model, nnx.Rngs(0))
+    """A tiny model's mean next-token loss on packed rows, and its gradients, with the attention
+    kernel the config names (auto: XLA's); with a mesh, under its activation sharding, the rows
+    laid out for its context parallelism as the train step lays them out."""
+    kind = "xla" if config.attention.kernel == "auto" else config.attention.kernel
+    model = registry.build(config.model, nnx.Rngs(0), AttentionKernel.of(config.attention, kind))
     graphdef, params = nnx.split(model, nnx.Param)
     length = config.data.seq_len
     segments = jnp.asarray(packed_segments(2, length, seed=3))
@@ -131,10 +170,12 @@ def model_loss_and_grads(config, mesh=None):
         logits = nnx.merge(graphdef, params)(*rows[:3], order=order).logits
         return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), rows[3][..., None], axis=-1))
 
-    if mesh is None:
-        return jax.jit(jax.value_and_grad(loss))(params)
-    with parallel.activation_sharding(mesh, default_rules("llama")):
-        return jax.jit(jax.value_and_grad(loss))(params)
+    step = jax.jit(jax.value_and_grad(loss))
+    rules = default_rules(config.model.family)
+    with contextlib.nullcontext() if mesh is None else parallel.activation_sharding(mesh, rules):
+        # The kernel named runs: a Pallas call for splash, none for XLA's einsums.
+        assert ("pallas_call" in str(jax.make_jaxpr(step)(params))) == (kind == "splash")
+        return step(params)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +209,26 @@ def test_under_context_parallelism_the_model_with_splash_has_the_loss_and_gradie
         (2, 1, 2, 2), MESH_AXES, axis_types=parallel.AUTO_AXES
     )  # data, fsdp, context, tensor
     assert_close(model_loss_and_grads(tiny_config(tmp_path, *SPLASH), mesh), xla_model_reference)
+
+
+# Mistral's one window, unrolled; Gemma 3's local and global layers in a scan: a switch between
+# two kernels, each layer's chosen by its kind.
+@pytest.mark.parametrize(
+    "family",
+    [
+        ["model.family=mistral", "model.sliding_window=100", "model.scan_layers=false"],
+        [
+            "model.family=gemma3",
+            "model.sliding_window=100",
+            "model.sliding_window_pattern=2",
+            "model.scan_layers=true",
+        ],
+    ],
+    ids=["mistral", "gemma3"],
+)
+def test_a_windowed_family_with_splash_has_the_loss_and_gradients_of_xla_attention(tmp_path, family):
+    xla = model_loss_and_grads(tiny_config(tmp_path, *family, "data.seq_len=256", "attention.kernel=xla"))
+    assert_close(model_loss_and_grads(tiny_config(tmp_path, *family, *SPLASH)), xla)
 
 
 @pytest.mark.parametrize(

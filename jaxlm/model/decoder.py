@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from pydantic import Field, model_validator
 
 from jaxlm.config import ModelConfig
-from jaxlm.model import remat
+from jaxlm.model import remat, splash
 from jaxlm.model.layers import (
     XLA_KERNEL,
     AttentionKernel,
@@ -41,7 +41,6 @@ from jaxlm.model.layers import (
 )
 from jaxlm.model.lora import Adapters, LoRASpec, key_for
 from jaxlm.model.registry import LayerTraffic, ModelOutput, OutputHead, Projection
-from jaxlm.model.splash import splash_attention
 from jaxlm.parallel import constrain
 
 
@@ -220,7 +219,7 @@ class Attention(nnx.Module):
             out = cudnn_attention(q, k, v, documents)
         elif self.kernel.kind == "splash":
             blocks = self.kernel.splash_block_q, self.kernel.splash_block_kv, self.kernel.splash_interpret
-            out = splash_attention(q, k, v, *documents, *blocks)  # documents: segment ids, order
+            out = documents.attend(q, k, v, *blocks)  # splash.Documents
         else:
             # Context parallelism: each shard's queries meet the keys and values of the whole
             # row, gathered here (and their gradients reduce-scattered back in the backward).
@@ -376,16 +375,23 @@ class Decoder(nnx.Module):
 
     @staticmethod
     def _select(per_kind, kind_index):
-        """The layer's own of what `_per_kind` computed, in a scanned layer (kind_index traced)."""
+        """The layer's own of what `_per_kind` computed: picked for an unrolled layer (kind_index
+        an int), selected for a scanned one (kind_index traced)."""
         if kind_index is None:
             return per_kind
+        if isinstance(kind_index, int):
+            return per_kind[kind_index]
         return jax.tree.map(lambda *options: jnp.stack(options)[kind_index], *per_kind)
 
     def _blocks(self, x: jax.Array, positions, segment_ids, order, dropout_key=None) -> jax.Array:
         def shared(kind: LayerKind):
             rope = self._rope(kind, positions, positions.shape[1])
             documents = document_boundaries(self.kernel, segment_ids, order, kind.window)
-            if self.kernel.kind not in ("cudnn", "splash"):  # each context shard builds its queries' rows
+            if self.kernel.kind == "splash":  # a kernel per window, chosen by the layer's kind
+                windows = tuple(other.window for other in self.spec.kinds)
+                index = self.spec.kinds.index(kind)
+                documents = splash.Documents(documents.segment_ids, index, documents.order, windows)
+            elif self.kernel.kind != "cudnn":  # each context shard builds its queries' rows
                 documents = constrain(documents, ("batch", None, "length", None))
             return rope, documents
 

@@ -48,7 +48,6 @@ from jaxlm.model.registry import (
     OutputHead,
     Projection,
 )
-from jaxlm.model.splash import splash_attention
 from jaxlm.parallel import constrain
 
 ARCHITECTURE = "GPT2LMHeadModel"
@@ -141,7 +140,7 @@ class Attention(nnx.Module):
             out = cudnn_attention(q, k, v, documents)
         elif self.kernel.kind == "splash":
             blocks = self.kernel.splash_block_q, self.kernel.splash_block_kv, self.kernel.splash_interpret
-            out = splash_attention(q, k, v, *documents, *blocks)  # documents: segment ids, order
+            out = documents.attend(q, k, v, *blocks)  # splash.Documents
         else:
             # Context parallelism: each shard's queries meet the keys and values of the whole
             # row, gathered here (and their gradients reduce-scattered back in the backward).

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import AttentionConfig
+from jaxlm.model import splash
 
 
 @dataclass(frozen=True)
@@ -282,17 +283,18 @@ def document_boundaries(
     window: int | None = None,
 ):
     """What attention needs to keep packed documents apart, built once per step for the layers
-    of one kind: `document_spans` for the cudnn kernel, the segment ids and `order` for splash
-    (its kernel takes them as they are), else `attention_mask`. order, window: as
-    `attention_mask`'s (the fused kernels have no window: `jaxlm.training.setup` gives them none)."""
-    if window is not None and kernel.kind != "xla":
-        raise ValueError(f"the {kernel.kind} kernel has no sliding window")
+    of one kind: `document_spans` for the cudnn kernel, `splash.Documents` for splash (its kernel
+    takes the segment ids, `order` and window as they are), else `attention_mask`. order, window: as
+    `attention_mask`'s (cuDNN's here has no window: `jaxlm.training.setup` gives it none)."""
+    if window is not None and kernel.kind == "cudnn":
+        raise ValueError("the cudnn kernel has no sliding window")
     if kernel.kind == "cudnn":
         if order is not None:
             raise ValueError("cuDNN's packed attention takes rows in their own order only")
         return document_spans(segment_ids, kernel.max_documents)
     if kernel.kind == "splash":
-        return segment_ids, order
+        key = None if order is None else np.asarray(order, np.int32).tobytes()
+        return splash.Documents(segment_ids, 0, key, (window,))
     return attention_mask(segment_ids, order, window)
 
 

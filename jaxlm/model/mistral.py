@@ -1,6 +1,6 @@
 """The Mistral family: the rotary decoder (`decoder.py`) of Llama, every layer attending over a
 sliding window of the tokens before it (in training, in the KV cache and under context
-parallelism; XLA's attention only). Its config keys, its Hugging Face conversion
+parallelism; XLA's attention and splash). Its config keys, its Hugging Face conversion
 (`MistralForCausalLM`) and its registry entry."""
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 rows' original token order and never across packed documents, grouped-query, forward and backward.
 
 Scores are computed a [block_q, block_kv] tile at a time and never stored whole, so attention's
-memory grows with the length, not its square; tiles above the causal diagonal are skipped.
+memory grows with the length, not its square; tiles above the causal diagonal (and, with a
+sliding window, before it) are skipped.
 
 Under context parallelism (`parallel.activation_sharding` with a `length` rule) rows arrive in
 the load-balanced layout of `parallel.load_balanced_order`: each device keeps its queries and
@@ -94,35 +95,56 @@ def length_problem(seq_len: int, context: int, block_q: int | None, block_kv: in
 
 class CausalInOrder(splash_mask.CausalMask):
     """Causal over original positions: query row p (at original position `order[p]`) sees keys
-    0..order[p], with the keys in natural order. The kernel computes it per tile from each
-    query's position (its `q_sequence`), never storing a [length, length] mask."""
+    0..order[p], with the keys in natural order; with a `window`, only the `window` keys up to
+    its own (order[p] - window < key <= order[p]: Mistral's and Gemma's local attention). The
+    kernel computes it per tile from each query's position (its `q_sequence`), never storing a
+    [length, length] mask, and skips the blocks it leaves empty (above the diagonal, and before
+    the window)."""
 
-    def __init__(self, length: int, order: np.ndarray | None):
+    def __init__(self, length: int, order: np.ndarray | None, window: int | None = None):
         super().__init__((length, length))
+        self.window = window
         if order is not None:
             self.q_sequence = np.asarray(order, np.int32)
+        if window is not None:
+
+            def windowed(q_ids, kv_ids):  # NumPy views in the block map, traced ids in the kernel
+                return (q_ids >= kv_ids) & (q_ids - kv_ids < window)
+
+            self.mask_function = windowed
 
     def __getitem__(self, index) -> np.ndarray:
         """A block of the mask. The kernel's block map reads every block once per pass: blocks
-        wholly below or above the diagonal are filled without comparing each pair (at 128k
-        tokens that comparing took a minute)."""
+        wholly inside or outside what queries see are filled without comparing each pair (at
+        128k tokens that comparing took a minute)."""
         rows, columns = index
         positions = self.q_sequence[rows]
         first, stop, _ = columns.indices(self.shape[1])
         shape = (len(positions), stop - first)
-        if positions.min() >= stop - 1:
+        reach = self.shape[1] if self.window is None else self.window  # keys seen back, itself included
+        if positions.min() >= stop - 1 and positions.max() - first < reach:
             return np.ones(shape, np.bool_)
-        if positions.max() < first:
+        if positions.max() < first or positions.min() - (stop - 1) >= reach:
             return np.zeros(shape, np.bool_)
         return super().__getitem__(index)
 
+    def __eq__(self, other: object):
+        if not isinstance(other, CausalInOrder):
+            return NotImplemented
+        return super().__eq__(other) and self.window == other.window
+
+    def __hash__(self):
+        return hash((super().__hash__(), self.window))
+
 
 @functools.lru_cache(maxsize=32)
-def _kernel(heads: int, length: int, q_shards: int, order: bytes | None, blocks, interpret: bool):
+def _kernel(
+    heads: int, length: int, q_shards: int, order: bytes | None, blocks, interpret: bool, window: int | None
+):
     """The kernel for `heads` query heads of `length`-token rows whose queries are split
     `q_shards` ways, built once: its mask's block map is computed in NumPy on the host."""
     positions = None if order is None else np.frombuffer(order, np.int32)
-    mask = splash_mask.MultiHeadMask([CausalInOrder(length, positions)] * heads)
+    mask = splash_mask.MultiHeadMask([CausalInOrder(length, positions, window)] * heads)
     # The block map becomes device arrays at build time; built inside a trace they would be
     # tracers, which this cache would leak into the next trace.
     with jax.ensure_compile_time_eval():
@@ -147,13 +169,14 @@ def splash_attention(
     block_q: int | None = None,
     block_kv: int | None = None,
     interpret: bool = False,
+    window: int | None = None,
 ) -> jax.Array:
     """Grouped-query attention with the splash kernel: q [batch, length, heads, head_dim], k and v
     [batch, length, kv_heads, head_dim], segment_ids [batch, length] int32, all laid out by
     `order` ([length]: each position's original position; None = natural order) → like q.
 
-    Position p attends position r when order[r] <= order[p] and their segment ids are equal.
-    block_q, block_kv: the largest kernel blocks wanted (`block_size`); interpret: run the
+    Position p attends position r when order[r] <= order[p] and their segment ids are equal
+    (and, with a `window`, order[p] - order[r] < window). block_q, block_kv: the largest kernel blocks wanted (`block_size`); interpret: run the
     kernel in Pallas interpret mode (any backend, slow: for tests)."""
     _, length, heads, head_dim = q.shape
     context = parallel.activation_context()
@@ -165,7 +188,7 @@ def splash_attention(
             raise ValueError(
                 f"rows of {length} tokens in a context layout must split into {shards} × {LANES}"
             )
-        return _padded(q, k, v, segment_ids, padded, block_q, block_kv, interpret)
+        return _padded(q, k, v, segment_ids, padded, block_q, block_kv, interpret, window)
     q = q * jnp.asarray(head_dim**-0.5, q.dtype)
     inverse = None if order is None else np.argsort(order)
     blocks = block_sizes(_query_run(order, length // shards), length, block_q, block_kv, head_dim)
@@ -173,7 +196,7 @@ def splash_attention(
     heads_here = heads if layout is None else heads // layout.head_shards
     if layout is not None and layout.kv_repeats > 1:
         k, v = (jnp.repeat(x, layout.kv_repeats, axis=2) for x in (k, v))  # query groups stay whole
-    kernel = _kernel(heads_here, length, shards, order_key, blocks, interpret)
+    kernel = _kernel(heads_here, length, shards, order_key, blocks, interpret, window)
     attend = functools.partial(_attend, natural_order=inverse)
     if layout is not None:
         attend = jax.shard_map(
@@ -192,6 +215,37 @@ def splash_attention(
         )
     with jax.named_scope(blocks_run_scope(kernel)):  # for `jaxlm.training.metrics.matmul_flops`
         return attend(kernel, q, k, v, segment_ids, segment_ids).astype(q.dtype)
+
+
+@jax.tree_util.register_pytree_node_class
+class Documents:
+    """What splash attention keeps packed documents apart with, per kind of layer: the segment ids
+    [batch, length] and this layer's kind (leaves, so a scan over layers of several kinds selects
+    them as it selects the rotary tables), and, static, the rows' `order` and every kind's
+    window. Gemma 3's local and global layers run two kernels: one per window."""
+
+    def __init__(self, segment_ids, kind, order: bytes | None, windows: tuple[int | None, ...]):
+        self.segment_ids, self.kind, self.order, self.windows = segment_ids, kind, order, windows
+
+    def tree_flatten(self):
+        return (self.segment_ids, self.kind), (self.order, self.windows)
+
+    @classmethod
+    def tree_unflatten(cls, static, leaves):
+        return cls(*leaves, *static)
+
+    def attend(self, q, k, v, block_q: int | None, block_kv: int | None, interpret: bool) -> jax.Array:
+        """`splash_attention` with this layer's window; where the kind is traced (layers of
+        several windows in a scan), a switch between the kernels of each."""
+        order = None if self.order is None else np.frombuffer(self.order, np.int32)
+
+        def attend(window, q, k, v):
+            return splash_attention(q, k, v, self.segment_ids, order, block_q, block_kv, interpret, window)
+
+        if len(set(self.windows)) == 1 or isinstance(self.kind, int):
+            return attend(self.windows[0 if len(set(self.windows)) == 1 else self.kind], q, k, v)
+        branches = [functools.partial(attend, window) for window in self.windows]
+        return jax.lax.switch(self.kind, branches, q, k, v)
 
 
 BLOCKS_RUN = re.compile(r"blocks_run_(\d+)_of_(\d+)")
@@ -218,7 +272,7 @@ def _query_run(order: np.ndarray | None, per_shard: int) -> int:
     return aligned if aligned % LANES == 0 else per_shard
 
 
-def _padded(q, k, v, segment_ids, padded: int, block_q, block_kv, interpret) -> jax.Array:
+def _padded(q, k, v, segment_ids, padded: int, block_q, block_kv, interpret, window) -> jax.Array:
     """Rows padded to `padded` tokens (a segment of their own, after every real token, so no
     real query sees them), attended, and cut back."""
     length = q.shape[1]
@@ -227,7 +281,7 @@ def _padded(q, k, v, segment_ids, padded: int, block_q, block_kv, interpret) -> 
         return jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
 
     segments = pad(segment_ids, PADDING_SEGMENT)
-    out = splash_attention(pad(q), pad(k), pad(v), segments, None, block_q, block_kv, interpret)
+    out = splash_attention(pad(q), pad(k), pad(v), segments, None, block_q, block_kv, interpret, window)
     return out[:, :length]
 
 

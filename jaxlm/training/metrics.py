@@ -54,6 +54,8 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
     included; a shard_map body once per device it runs on, and a Pallas kernel's body once per
     cell of its grid that does work: a kernel that skips blocks (splash attention, above the
     causal diagonal) says under a name scope how many it runs (`registry.share_of_blocks_run`).
+    Of a switch's branches (splash's kernels of each window, in a scan over layers of several)
+    the dearest is counted, an upper bound.
 
     Unused results are dropped first, as the compiler drops them: a remat policy that keeps a
     custom-VJP kernel's residuals (splash's, by name) still leaves its forward call in the
@@ -76,8 +78,10 @@ def _matmul_flops(jaxpr: jax.extend.core.Jaxpr, blocks_run: float) -> float:
             repeats = math.prod(eqn.params["grid_mapping"].grid) * runs
         if eqn.primitive.name == "shard_map":
             repeats = math.prod(eqn.params["mesh"].shape[axis] for axis in eqn.params["newly_manual_axes"])
-        for inner in jax.extend.core.jaxprs_in_params(eqn.params):
-            total += repeats * _matmul_flops(inner, runs)
+        inner = [_matmul_flops(jaxpr, runs) for jaxpr in jax.extend.core.jaxprs_in_params(eqn.params)]
+        if eqn.primitive.name == "cond":  # one branch runs: counted as the dearest
+            inner = [max(inner)]
+        total += repeats * sum(inner)
     return total
 
 

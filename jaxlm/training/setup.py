@@ -158,7 +158,7 @@ def resolve_attention(config: Config, device: jax.Device, context: int) -> Atten
         )
     kind = attention_kernel(setting, device)
     needs = registry.family_of(config.model).attention(config.model)
-    unmet = _unmet_needs(needs)
+    unmet = _unmet_needs(needs, kind)
     if (kind == "cudnn" and context > 1) or (
         kind == "splash" and setting == "auto" and not splash.rows_fit(config.data.seq_len, context)
     ):
@@ -175,12 +175,13 @@ def resolve_attention(config: Config, device: jax.Device, context: int) -> Atten
     return AttentionKernel.of(attention, kind)
 
 
-def _unmet_needs(needs: registry.AttentionNeeds) -> str:
-    """What of `needs` only jaxlm's XLA attention computes, in words ('' for nothing)."""
+def _unmet_needs(needs: registry.AttentionNeeds, kind: str) -> str:
+    """What of `needs` the `kind` of kernel does not compute, in words ('' for nothing): XLA's
+    attention computes all of it, splash sliding windows but no soft-capping, cuDNN neither."""
     unmet = []
-    if needs.sliding_window is not None:
+    if needs.sliding_window is not None and kind == "cudnn":
         unmet.append(f"sliding window of {needs.sliding_window} tokens")
-    if needs.logit_softcap is not None:
+    if needs.logit_softcap is not None and kind != "xla":
         unmet.append(f"soft-capping of attention scores at {needs.logit_softcap}")
     return " and ".join(unmet)
 
