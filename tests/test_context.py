@@ -105,7 +105,7 @@ def test_each_shard_of_the_load_balanced_order_holds_the_same_causal_work():
 
 def test_rows_laid_out_with_their_order_give_the_hidden_states_of_the_row_in_its_own_order():
     config = LlamaConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
-    model = llama.build(config, nnx.Rngs(0))
+    model = llama.FAMILY.build(config, nnx.Rngs(0))
     length = 32
     tokens = jax.random.randint(jax.random.key(1), (2, length), 0, 64)
     segment_ids = jnp.asarray([[1] * 12 + [2] * 14 + [0] * 6] * 2)  # two documents, then padding

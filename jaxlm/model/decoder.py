@@ -11,6 +11,7 @@ their own base between global ones).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import flax
@@ -40,7 +41,15 @@ from jaxlm.model.layers import (
     xla_attention,
 )
 from jaxlm.model.lora import Adapters, LoRASpec, key_for
-from jaxlm.model.registry import LayerTraffic, ModelOutput, OutputHead, Projection
+from jaxlm.model.registry import (
+    AttentionNeeds,
+    HuggingFace,
+    LayerTraffic,
+    ModelFamily,
+    ModelOutput,
+    OutputHead,
+    Projection,
+)
 from jaxlm.parallel import constrain
 
 
@@ -533,3 +542,42 @@ SHAPE_KEYS = (
     *("vocab_size", "d_model", "num_layers", "tie_embeddings"),
     *("num_heads", "num_kv_heads", "head_dim", "mlp_dim"),
 )
+
+
+def family(
+    name: str,
+    config: type[DecoderConfig],
+    spec: Callable[[DecoderConfig], DecoderSpec],
+    hf: HuggingFace,
+    shape_keys: tuple[str, ...] = SHAPE_KEYS,
+) -> ModelFamily:
+    """The registry entry of a family of this decoder: its name, config section, `spec` (what the
+    decoder computes for a config) and Hugging Face conversion; the decoder answers the rest
+    (FLOPs, weight decay, logical axes and their rules, collective traffic, LoRA projections,
+    named activations), and what its attention needs follows from the spec's windows and cap."""
+
+    def build(
+        config: DecoderConfig, rngs, kernel: AttentionKernel = XLA_KERNEL, lora: LoRASpec | None = None
+    ):
+        return Decoder(config, spec(config), rngs, kernel, lora)
+
+    def attention(config: DecoderConfig) -> AttentionNeeds:
+        computed = spec(config)
+        windows = [kind.window for kind in computed.kinds if kind.window is not None]
+        return AttentionNeeds(sliding_window=max(windows, default=None), logit_softcap=computed.attn_softcap)
+
+    return ModelFamily(
+        name=name,
+        config=config,
+        build=build,
+        flops_per_token=flops_per_token,
+        decays=decays,
+        hf=hf,
+        projections=PROJECTIONS,
+        lora_targets=LORA_TARGETS,
+        shape_keys=shape_keys,
+        rules=RULES,
+        traffic=traffic,
+        attention=attention,
+        activations=NAMED_ACTIVATIONS,
+    )

@@ -15,10 +15,9 @@ from pydantic import Field, model_validator
 
 from jaxlm.errors import UserError
 from jaxlm.model import decoder, llama_hf
-from jaxlm.model.decoder import Decoder, DecoderConfig, DecoderSpec, LayerKind
-from jaxlm.model.layers import XLA_KERNEL, AttentionKernel, LinearRopeScaling
-from jaxlm.model.lora import LoRASpec
-from jaxlm.model.registry import AttentionNeeds, HFTensor, HuggingFace, ModelFamily
+from jaxlm.model.decoder import DecoderConfig, DecoderSpec, LayerKind
+from jaxlm.model.layers import LinearRopeScaling
+from jaxlm.model.registry import HFTensor, HuggingFace
 
 log = logging.getLogger("jaxlm")
 
@@ -97,17 +96,6 @@ def spec(config: Gemma3Config) -> DecoderSpec:
         attn_softcap=config.attn_logit_softcapping,
         final_softcap=config.final_logit_softcapping,
     )
-
-
-def build(
-    config: Gemma3Config, rngs, kernel: AttentionKernel = XLA_KERNEL, lora: LoRASpec | None = None
-) -> Decoder:
-    return Decoder(config, spec(config), rngs, kernel, lora)
-
-
-def attention(config: Gemma3Config) -> AttentionNeeds:
-    window = config.sliding_window if config.sliding_window_pattern > 1 else None
-    return AttentionNeeds(sliding_window=window, logit_softcap=config.attn_logit_softcapping)
 
 
 def _rope(parameters: dict[str, Any], layer: str) -> tuple[float | None, float | None]:
@@ -231,20 +219,11 @@ def tensors(config: Gemma3Config) -> list[HFTensor]:
     ]
 
 
-FAMILY = ModelFamily(
-    name="gemma3",
-    config=Gemma3Config,
-    build=build,
-    flops_per_token=decoder.flops_per_token,
-    decays=decoder.decays,
-    hf=HuggingFace(
+FAMILY = decoder.family(
+    "gemma3",
+    Gemma3Config,
+    spec,
+    HuggingFace(
         architectures=(GEMMA3,), config_from_hf=config_from_hf, config_to_hf=config_to_hf, tensors=tensors
     ),
-    projections=decoder.PROJECTIONS,
-    lora_targets=decoder.LORA_TARGETS,
-    shape_keys=decoder.SHAPE_KEYS,
-    rules=decoder.RULES,
-    traffic=decoder.traffic,
-    attention=attention,
-    activations=decoder.NAMED_ACTIVATIONS,
 )

@@ -10,10 +10,8 @@ from pydantic import Field, model_validator
 
 from jaxlm.config import Section
 from jaxlm.model import decoder, llama_hf
-from jaxlm.model.decoder import Decoder, DecoderConfig, DecoderSpec, LayerKind
-from jaxlm.model.layers import XLA_KERNEL, AttentionKernel, Llama3RopeScaling
-from jaxlm.model.lora import LoRASpec
-from jaxlm.model.registry import ModelFamily
+from jaxlm.model.decoder import DecoderConfig, DecoderSpec, LayerKind
+from jaxlm.model.layers import Llama3RopeScaling
 
 
 class RopeScaling(Section):
@@ -58,23 +56,4 @@ def spec(config: LlamaConfig) -> DecoderSpec:
     return DecoderSpec(kinds=(kind,), layer_kinds=(0,) * config.num_layers, qkv_bias=config.qkv_bias)
 
 
-def build(
-    config: LlamaConfig, rngs, kernel: AttentionKernel = XLA_KERNEL, lora: LoRASpec | None = None
-) -> Decoder:
-    return Decoder(config, spec(config), rngs, kernel, lora)
-
-
-FAMILY = ModelFamily(
-    name="llama",
-    config=LlamaConfig,
-    build=build,
-    flops_per_token=decoder.flops_per_token,
-    decays=decoder.decays,
-    hf=llama_hf.HUGGING_FACE,
-    projections=decoder.PROJECTIONS,
-    lora_targets=decoder.LORA_TARGETS,
-    shape_keys=(*decoder.SHAPE_KEYS, "qkv_bias"),
-    rules=decoder.RULES,
-    traffic=decoder.traffic,
-    activations=decoder.NAMED_ACTIVATIONS,
-)
+FAMILY = decoder.family("llama", LlamaConfig, spec, llama_hf.HUGGING_FACE, (*decoder.SHAPE_KEYS, "qkv_bias"))

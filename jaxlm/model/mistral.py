@@ -10,10 +10,8 @@ from typing import Any
 from pydantic import Field
 
 from jaxlm.model import decoder, llama_hf
-from jaxlm.model.decoder import Decoder, DecoderConfig, DecoderSpec, LayerKind
-from jaxlm.model.layers import XLA_KERNEL, AttentionKernel
-from jaxlm.model.lora import LoRASpec
-from jaxlm.model.registry import AttentionNeeds, HuggingFace, ModelFamily
+from jaxlm.model.decoder import DecoderConfig, DecoderSpec, LayerKind
+from jaxlm.model.registry import HuggingFace
 
 MISTRAL = "MistralForCausalLM"
 
@@ -29,16 +27,6 @@ class MistralConfig(DecoderConfig):
 def spec(config: MistralConfig) -> DecoderSpec:
     kind = LayerKind(window=config.sliding_window, rope_theta=config.rope_theta)
     return DecoderSpec(kinds=(kind,), layer_kinds=(0,) * config.num_layers)
-
-
-def build(
-    config: MistralConfig, rngs, kernel: AttentionKernel = XLA_KERNEL, lora: LoRASpec | None = None
-) -> Decoder:
-    return Decoder(config, spec(config), rngs, kernel, lora)
-
-
-def attention(config: MistralConfig) -> AttentionNeeds:
-    return AttentionNeeds(sliding_window=config.sliding_window)
 
 
 def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -60,23 +48,14 @@ def config_to_hf(config: MistralConfig, context_length: int) -> dict[str, Any]:
     }
 
 
-FAMILY = ModelFamily(
-    name="mistral",
-    config=MistralConfig,
-    build=build,
-    flops_per_token=decoder.flops_per_token,
-    decays=decoder.decays,
-    hf=HuggingFace(
+FAMILY = decoder.family(
+    "mistral",
+    MistralConfig,
+    spec,
+    HuggingFace(
         architectures=(MISTRAL,),
         config_from_hf=config_from_hf,
         config_to_hf=config_to_hf,
         tensors=llama_hf.decoder_tensors,
     ),
-    projections=decoder.PROJECTIONS,
-    lora_targets=decoder.LORA_TARGETS,
-    shape_keys=decoder.SHAPE_KEYS,
-    rules=decoder.RULES,
-    traffic=decoder.traffic,
-    attention=attention,
-    activations=decoder.NAMED_ACTIVATIONS,
 )

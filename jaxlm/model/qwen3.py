@@ -8,10 +8,8 @@ from typing import Any
 
 from jaxlm.errors import UserError
 from jaxlm.model import decoder, llama_hf
-from jaxlm.model.decoder import Decoder, DecoderConfig, DecoderSpec, LayerKind
-from jaxlm.model.layers import XLA_KERNEL, AttentionKernel
-from jaxlm.model.lora import LoRASpec
-from jaxlm.model.registry import HuggingFace, ModelFamily
+from jaxlm.model.decoder import DecoderConfig, DecoderSpec, LayerKind
+from jaxlm.model.registry import HuggingFace
 
 QWEN3 = "Qwen3ForCausalLM"
 
@@ -23,12 +21,6 @@ class Qwen3Config(DecoderConfig):
 def spec(config: Qwen3Config) -> DecoderSpec:
     kind = LayerKind(rope_theta=config.rope_theta)
     return DecoderSpec(kinds=(kind,), layer_kinds=(0,) * config.num_layers, qk_norm=True)
-
-
-def build(
-    config: Qwen3Config, rngs, kernel: AttentionKernel = XLA_KERNEL, lora: LoRASpec | None = None
-) -> Decoder:
-    return Decoder(config, spec(config), rngs, kernel, lora)
 
 
 def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -59,19 +51,11 @@ def tensors(config: Qwen3Config):
     return llama_hf.decoder_tensors(config, qk_norm=True)
 
 
-FAMILY = ModelFamily(
-    name="qwen3",
-    config=Qwen3Config,
-    build=build,
-    flops_per_token=decoder.flops_per_token,
-    decays=decoder.decays,
-    hf=HuggingFace(
+FAMILY = decoder.family(
+    "qwen3",
+    Qwen3Config,
+    spec,
+    HuggingFace(
         architectures=(QWEN3,), config_from_hf=config_from_hf, config_to_hf=config_to_hf, tensors=tensors
     ),
-    projections=decoder.PROJECTIONS,
-    lora_targets=decoder.LORA_TARGETS,
-    shape_keys=decoder.SHAPE_KEYS,
-    rules=decoder.RULES,
-    traffic=decoder.traffic,
-    activations=decoder.NAMED_ACTIVATIONS,
 )
