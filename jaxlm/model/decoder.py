@@ -34,10 +34,10 @@ from jaxlm.model.layers import (
     cudnn_attention,
     document_boundaries,
     dtype_of,
+    over_layers,
     param,
     rotary,
     rotary_angles,
-    unstack,
     xla_attention,
 )
 from jaxlm.model.lora import Adapters, LoRASpec, key_for
@@ -376,11 +376,11 @@ class Decoder(nnx.Module):
 
     def _per_kind(self, shared):
         """What every layer shares, computed once per kind of layer: `shared(kind)` for each, and
-        each layer's index into them (None where every layer is of one kind)."""
+        each layer's index into them, a list (None where every layer is of one kind)."""
         per_kind = [shared(kind) for kind in self.spec.kinds]
         if len(per_kind) == 1:
             return per_kind[0], None
-        return per_kind, jnp.asarray(self.spec.layer_kinds, jnp.int32)
+        return per_kind, list(self.spec.layer_kinds)
 
     @staticmethod
     def _select(per_kind, kind_index):
@@ -415,14 +415,7 @@ class Decoder(nnx.Module):
             return nnx.merge(block_def, layer_params)(x, rope, documents, dropout_key=key)[0], None
 
         apply_block = remat.checkpointed(apply_block, *self.remat)
-        if self.scan_layers:
-            x, _ = jax.lax.scan(apply_block, x, (block_params, keys, kinds))
-        else:
-            layer_keys = [None] * self.num_layers if keys is None else list(keys)
-            layer_kinds = [None] * self.num_layers if kinds is None else list(self.spec.layer_kinds)
-            for layer_params, key, kind in zip(unstack(block_params), layer_keys, layer_kinds, strict=True):
-                x, _ = apply_block(x, (layer_params, key, kind))
-        return x
+        return over_layers(apply_block, x, (block_params, keys, kinds), self.scan_layers)[0]
 
     def _blocks_with_cache(self, x, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """The blocks over tokens that continue the cache's rows, writing their keys and values
@@ -443,18 +436,7 @@ class Decoder(nnx.Module):
             return nnx.merge(block_def, layer_params)(x, rope, documents, (keys, values))
 
         read = (None, None) if cache.empty else (cache.keys, cache.values)
-        if self.scan_layers:
-            x, (keys, values) = jax.lax.scan(apply_block, x, (block_params, *read, kinds))
-        else:
-            written = []
-            read = [[None] * self.num_layers] * 2 if cache.empty else read
-            layer_kinds = [None] * self.num_layers if kinds is None else list(self.spec.layer_kinds)
-            for layer_params, keys, values, kind in zip(
-                unstack(block_params), *read, layer_kinds, strict=True
-            ):
-                x, kv = apply_block(x, (layer_params, keys, values, kind))
-                written.append(kv)
-            keys, values = (jnp.stack(part) for part in zip(*written, strict=True))
+        x, (keys, values) = over_layers(apply_block, x, (block_params, *read, kinds), self.scan_layers)
         return x, cache.appended(keys, values, segment_ids)
 
     def output_head(self) -> OutputHead:

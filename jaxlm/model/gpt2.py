@@ -34,8 +34,8 @@ from jaxlm.model.layers import (
     cudnn_attention,
     document_boundaries,
     dtype_of,
+    over_layers,
     param,
-    unstack,
     xla_attention,
 )
 from jaxlm.model.lora import Adapters, LoRASpec, key_for
@@ -274,13 +274,7 @@ class GPT2(nnx.Module):
             return nnx.merge(block_def, layer_params)(x, documents, dropout_key=key)[0], None
 
         apply_block = remat.checkpointed(apply_block, *self.remat)
-        if self.scan_layers:
-            x, _ = jax.lax.scan(apply_block, x, (block_params, keys))
-        else:
-            layer_keys = [None] * self.num_layers if keys is None else list(keys)
-            for layer in zip(unstack(block_params), layer_keys, strict=True):
-                x, _ = apply_block(x, layer)
-        return x
+        return over_layers(apply_block, x, (block_params, keys), self.scan_layers)[0]
 
     def _blocks_with_cache(self, x, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """The blocks over tokens that continue the cache's rows, writing their keys and values
@@ -294,15 +288,7 @@ class GPT2(nnx.Module):
             return nnx.merge(block_def, layer_params)(x, masks, (keys, values))
 
         read = (None, None) if cache.empty else (cache.keys, cache.values)
-        if self.scan_layers:
-            x, (keys, values) = jax.lax.scan(apply_block, x, (block_params, *read))
-        else:
-            written = []
-            read = [[None] * self.num_layers] * 2 if cache.empty else read
-            for layer in zip(unstack(block_params), *read, strict=True):
-                x, kv = apply_block(x, layer)
-                written.append(kv)
-            keys, values = (jnp.stack(part) for part in zip(*written, strict=True))
+        x, (keys, values) = over_layers(apply_block, x, (block_params, *read), self.scan_layers)
         return x, cache.appended(keys, values, segment_ids)
 
     def output_head(self) -> OutputHead:

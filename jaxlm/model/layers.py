@@ -366,3 +366,30 @@ def unstack(stacked):
     layers = leaves[0].shape[0]
     per_leaf = [[part[0] for part in jax.lax.split(leaf, [1] * layers)] for leaf in leaves]
     return [jax.tree.unflatten(treedef, [parts[i] for parts in per_leaf]) for i in range(layers)]
+
+
+def over_layers(apply_layer, x: jax.Array, layers: tuple, scan: bool):
+    """x through every layer: `apply_layer(x, layer) -> (x, written)`, where `layer` holds one
+    layer's part of each entry of `layers`: a tree stacked on a leading layers axis (parameters,
+    dropout keys, a cache), a list of one Python value per layer (each layer's kind), or None
+    (None for every layer). With `scan`, one `lax.scan` (the lists become arrays); else unrolled.
+    Returns x and what the layers wrote, stacked on a leading layers axis (None for nothing)."""
+    if scan:
+        return jax.lax.scan(
+            apply_layer, x, tuple(jnp.asarray(part) if isinstance(part, list) else part for part in layers)
+        )
+    count = next(
+        len(part) if isinstance(part, list) else jax.tree.leaves(part)[0].shape[0]
+        for part in layers
+        if part is not None
+    )
+    per_layer = [
+        [None] * count if part is None else part if isinstance(part, list) else unstack(part)
+        for part in layers
+    ]
+    written = []
+    for layer in zip(*per_layer, strict=True):
+        x, out = apply_layer(x, layer)
+        written.append(out)
+    stacked = None if written[0] is None else jax.tree.map(lambda *parts: jnp.stack(parts), *written)
+    return x, stacked
