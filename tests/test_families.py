@@ -27,7 +27,7 @@ from jaxlm.training.setup import build_model
 from jaxlm.training.train import train
 
 FIXTURES = REPO / "tests/fixtures/hf"
-FAMILIES = ["mistral", "qwen3", "gemma3", "gemma3_softcap"]
+FAMILIES = ["mistral", "qwen3", "gemma3", "gemma3_softcap", "mixtral"]
 
 
 def reference(name: str) -> dict[str, np.ndarray]:
@@ -91,7 +91,7 @@ def test_the_sliding_window_is_what_makes_mistral_agree():
 
 # gemma3_softcap runs gemma3's code; its logits, capped at 3, make float32's rounding on a mesh
 # (1.2e-4 of the largest, 4e-5 of the uncapped one) look larger than gemma3's (2e-5).
-@pytest.mark.parametrize("name", ["mistral", "qwen3", "gemma3"])
+@pytest.mark.parametrize("name", ["mistral", "qwen3", "gemma3", "mixtral"])
 def test_transformers_logits_on_a_tensor_and_fsdp_mesh(name):
     loaded = jaxlm.load(FIXTURES / name, overrides=["mesh.tensor=2", "mesh.fsdp=4"])
     assert len(loaded.params["blocks"]["attention"]["wq"].sharding.device_set) == 8
@@ -119,6 +119,9 @@ def test_import_export_import_gives_back_the_same_tensors_bitwise(name, tmp_path
     )
     keys = ("architectures", "head_dim", "num_key_value_heads", "tie_word_embeddings", "sliding_window")
     keys += ("layer_types", "query_pre_attn_scalar", "rope_parameters", "final_logit_softcapping")
+    keys += ("num_local_experts", "num_experts_per_tok")
+    if given.get("head_dim") is None:  # Mixtral's null: hidden_size / heads, written out
+        assert written.pop("head_dim") == given["hidden_size"] // given["num_attention_heads"]
     for key in keys:  # transformers' config classes check types too: 24.0 is no query_pre_attn_scalar
         assert written.get(key) == given.get(key) and type(written.get(key)) is type(given.get(key)), key
     assert logit_error(jaxlm.load(tmp_path / "out", devices=jax.devices()[:1]), name) <= 1e-4
@@ -136,6 +139,7 @@ FAMILY_TINY = {
         ),
         "model.attn_logit_softcapping=50",
     ],
+    "mixtral": ["model.family=mixtral", "model.num_experts=4", "model.router_z_weight=0.001"],
 }
 
 
@@ -147,7 +151,14 @@ SPLITS = {
 
 # Context parallelism lays rows out in load-balanced order: the windows must hold in it.
 @pytest.mark.parametrize(
-    ("name", "split"), [("mistral", "data"), ("mistral", "context"), ("qwen3", "data"), ("gemma3", "context")]
+    ("name", "split"),
+    [
+        ("mistral", "data"),
+        ("mistral", "context"),
+        ("qwen3", "data"),
+        ("gemma3", "context"),
+        ("mixtral", "data"),
+    ],
 )
 def test_a_mesh_split_trains_to_the_single_device_losses(tmp_path, name, split):
     steps = ["train.steps=3", *FAMILY_TINY[name]]
@@ -177,6 +188,14 @@ def test_splash_computes_the_window_and_a_kernel_without_the_soft_cap_is_refused
         r"model.family=gemma3 asks for; use attention.kernel=xla \(or auto\)$",
     ):
         build_model(tiny_config(tmp_path, *FAMILY_TINY["gemma3"], *splash), jax.devices()[:1])
+
+
+def test_more_experts_per_token_than_experts_is_one_line(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.experts_per_token=5 is more than model.num_experts=4; choose at most 4",
+    ):
+        tiny_config(tmp_path, "model.family=mixtral", "model.num_experts=4", "model.experts_per_token=5")
 
 
 def test_a_checkpoint_of_one_family_resumes_as_no_other(tmp_path):

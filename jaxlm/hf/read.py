@@ -32,10 +32,8 @@ def model_keys(directory: HFDirectory) -> dict[str, Any]:
 
 
 def layer_names(tensor: HFTensor, num_layers: int) -> list[str]:
-    """The Hugging Face names holding `tensor`: one per layer for a stacked parameter."""
-    if tensor.stacked:
-        return [tensor.name.format(layer=layer) for layer in range(num_layers)]
-    return [tensor.name]
+    """The Hugging Face names holding `tensor`: one per layer (and expert) for a stacked parameter."""
+    return [name for _, name in tensor.names(num_layers)]
 
 
 def stored_names(
@@ -108,14 +106,26 @@ def _sharded_array(
     tensor: HFTensor, slices: list, shape: tuple[int, ...], dtype: np.dtype, sharding
 ) -> jax.Array:
     """A global array of `shape` whose shards are read, each once, from the safetensors `slices`
-    (one per layer for a stacked parameter)."""
+    (one per layer, or per layer and expert, for a stacked parameter)."""
     blocks: dict[tuple, np.ndarray] = {}  # devices holding the same shard share one read
 
     def block(index: tuple[slice, ...]) -> np.ndarray:
         bounds = tuple(part.indices(size)[:2] for part, size in zip(index, shape, strict=True))
         if bounds not in blocks:
             ranges = [slice(start, stop) for start, stop in bounds]
-            if tensor.stacked:
+            if tensor.experts:  # slices: each layer's experts in turn
+                read = np.stack(
+                    [
+                        np.stack(
+                            [
+                                read_block(slices[layer * tensor.experts + e], tensor, ranges[2:])
+                                for e in range(*bounds[1])
+                            ]
+                        )
+                        for layer in range(*bounds[0])
+                    ]
+                )
+            elif tensor.stacked:
                 layers = range(*bounds[0])
                 read = np.stack([read_block(slices[layer], tensor, ranges[1:]) for layer in layers])
             else:

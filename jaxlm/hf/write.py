@@ -54,17 +54,17 @@ def staging_directory(out: Path) -> Path:
 
 
 def shard_plan(tensors: list[HFTensor], num_layers: int, itemsize: int, max_bytes: int) -> list[list[tuple]]:
-    """(tensor, layer) pairs in Hugging Face order, cut into files of at most `max_bytes` (a
-    larger tensor gets a file of its own)."""
+    """(tensor, index, name) of each Hugging Face tensor in order (`HFTensor.names`), cut into
+    files of at most `max_bytes` (a larger tensor gets a file of its own)."""
     shards: list[list[tuple]] = [[]]
     size = 0
     for tensor in tensors:
-        for layer in range(num_layers) if tensor.stacked else [None]:
+        for index, name in tensor.names(num_layers):
             nbytes = math.prod(tensor.hf_shape) * itemsize
             if shards[-1] and size + nbytes > max_bytes:
                 shards.append([])
                 size = 0
-            shards[-1].append((tensor, layer))
+            shards[-1].append((tensor, index, name))
             size += nbytes
     return shards
 
@@ -87,11 +87,10 @@ def write_tensors(
     for number, shard in enumerate(shards, start=1):
         file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         arrays = {}
-        for tensor, layer in shard:
-            block = gather(_param(params, tensor.param), layer)
+        for tensor, index, name in shard:
+            block = gather(_param(params, tensor.param), index)
             if staging is None:
                 continue
-            name = tensor.name.format(layer=layer)
             arrays[name] = np.ascontiguousarray(
                 block.astype(dtype).transpose(np.argsort(tensor.order)).reshape(tensor.hf_shape)
             )
@@ -111,17 +110,17 @@ def _param(params: Any, path: str) -> jax.Array:
 
 
 def gatherer(mesh: Mesh):
-    """(parameter, layer or None) → that layer of it (or all of it) on process 0's host. Within
+    """(parameter, layer or (layer, expert) or None) → that layer of it (or all of it) on process 0's host. Within
     one process the host assembles it from the devices' shards; across processes it is gathered
     onto every device first (one tensor at a time)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     one_process = jax.process_count() == 1
-    select = jax.jit(lambda stacked, layer: stacked[layer], out_shardings=None if one_process else replicated)
+    select = jax.jit(lambda stacked, index: stacked[index], out_shardings=None if one_process else replicated)
     whole = jax.jit(lambda array: array, out_shardings=replicated)
 
-    def gather(param: jax.Array, layer: int | None) -> np.ndarray | None:
-        if layer is not None:
-            param = select(param, layer)
+    def gather(param: jax.Array, layer: int | tuple[int, ...] | None) -> np.ndarray | None:
+        if layer is not None:  # a layer, or (layer, expert)
+            param = select(param, layer if isinstance(layer, tuple) else (layer,))
         elif not one_process:
             param = whole(param)
         if jax.process_index() != 0:

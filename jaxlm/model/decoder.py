@@ -41,6 +41,7 @@ from jaxlm.model.layers import (
     xla_attention,
 )
 from jaxlm.model.lora import Adapters, LoRASpec, key_for
+from jaxlm.model.moe import MoE, MoESpec
 from jaxlm.model.registry import (
     AttentionNeeds,
     HuggingFace,
@@ -115,6 +116,9 @@ class DecoderSpec:
     query_scale: float | None = None  # scores' scale; None: head_dim ** -0.5
     attn_softcap: float | None = None  # scores → cap · tanh(scores / cap)
     final_softcap: float | None = None  # logits → cap · tanh(logits / cap)
+    moe: MoESpec | None = None  # every layer's MLP a mixture of experts (model/moe.py)
+    # The weights of its auxiliary losses in the objective: load balance, router z-loss.
+    moe_loss_weights: tuple[float, float] = (0.0, 0.0)
 
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -284,21 +288,34 @@ class Block(nnx.Module):
         self.attention_norm = _norm(config, spec, config.d_model)
         self.attention = Attention(config, spec, rngs, kernel, lora)
         self.mlp_norm = _norm(config, spec, config.d_model)
-        self.mlp = MLP(config, spec, rngs, lora)
+        if spec.moe is None:
+            self.mlp = MLP(config, spec, rngs, lora)
+        else:
+            out_std = config.init_std / (2 * config.num_layers) ** 0.5
+            pdt = dtype_of(config.param_dtype)
+            self.mlp = MoE(config.d_model, spec.moe, rngs, config.init_std, out_std, pdt)
         if spec.post_norms:
             self.attention_post_norm = _norm(config, spec, config.d_model)
             self.mlp_post_norm = _norm(config, spec, config.d_model)
 
     def __call__(self, x: jax.Array, rope, documents, cache=None, dropout_key=None):
+        """x, its keys and values with a cache (else None), and the MoE layer's auxiliary losses
+        and statistics (`moe.MoEOutput` without y; None for a dense MLP)."""
         normed = checkpoint_name(self.attention_norm(x), "attention_norm")
         attended, cache = self.attention(normed, rope, documents, cache, key_for(dropout_key, 0))
         if hasattr(self, "attention_post_norm"):
             attended = self.attention_post_norm(attended)
         x = x + attended
-        transformed = self.mlp(checkpoint_name(self.mlp_norm(x), "mlp_norm"), key_for(dropout_key, 1))
+        normed = checkpoint_name(self.mlp_norm(x), "mlp_norm")
+        routed = None
+        if isinstance(self.mlp, MoE):
+            routed = self.mlp(normed)
+            transformed, routed = routed.y, routed._replace(y=None)
+        else:
+            transformed = self.mlp(normed, key_for(dropout_key, 1))
         if hasattr(self, "mlp_post_norm"):
             transformed = self.mlp_post_norm(transformed)
-        return constrain(x + transformed, ("batch", "length", "act_embed")), cache
+        return constrain(x + transformed, ("batch", "length", "act_embed")), cache, routed
 
 
 class Decoder(nnx.Module):
@@ -361,15 +378,27 @@ class Decoder(nnx.Module):
         if self.spec.embed_scale:
             x = x * jnp.asarray(self.d_model**0.5, self.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
+        aux_losses = {}
         if cache is None:
-            x = self._blocks(x, positions, segment_ids, order, dropout_key)
+            x, routed = self._blocks(x, positions, segment_ids, order, dropout_key)
+            aux_losses = self._moe_losses(routed)
         else:
             x, cache = self._blocks_with_cache(x, positions, segment_ids, cache)
         hidden = self.final_norm(x)
         if return_hidden:
-            return ModelOutput(hidden=hidden, cache=cache)
+            return ModelOutput(hidden=hidden, cache=cache, aux_losses=aux_losses)
         logits = constrain(self.output_head().logits(hidden), ("batch", "length", "act_vocab"))
-        return ModelOutput(logits=logits, cache=cache)
+        return ModelOutput(logits=logits, cache=cache, aux_losses=aux_losses)
+
+    def _moe_losses(self, routed) -> dict[str, jax.Array]:
+        """The MoE layers' auxiliary losses, each the mean over layers times its weight (those of
+        weight 0 left out)."""
+        if routed is None:
+            return {}
+        weights = dict(zip(("load_balance", "router_z"), self.spec.moe_loss_weights, strict=True))
+        return {
+            name: weight * jnp.mean(routed.aux_losses[name]) for name, weight in weights.items() if weight
+        }
 
     def _rope(self, kind: LayerKind, positions: jax.Array, table_length: int):
         return rotary_angles(positions, self.head_dim, kind.rope_theta, table_length, kind.rope_scaling)
@@ -392,7 +421,9 @@ class Decoder(nnx.Module):
             return per_kind[kind_index]
         return jax.tree.map(lambda *options: jnp.stack(options)[kind_index], *per_kind)
 
-    def _blocks(self, x: jax.Array, positions, segment_ids, order, dropout_key=None) -> jax.Array:
+    def _blocks(self, x: jax.Array, positions, segment_ids, order, dropout_key=None):
+        """x through the blocks, and what the MoE layers report, stacked over layers (None for dense)."""
+
         def shared(kind: LayerKind):
             rope = self._rope(kind, positions, positions.shape[1])
             documents = document_boundaries(self.kernel, segment_ids, order, kind.window)
@@ -412,10 +443,11 @@ class Decoder(nnx.Module):
         def apply_block(x, layer):
             layer_params, key, kind = layer
             rope, documents = self._select(per_kind, kind)
-            return nnx.merge(block_def, layer_params)(x, rope, documents, dropout_key=key)[0], None
+            x, _, routed = nnx.merge(block_def, layer_params)(x, rope, documents, dropout_key=key)
+            return x, routed
 
         apply_block = remat.checkpointed(apply_block, *self.remat)
-        return over_layers(apply_block, x, (block_params, keys, kinds), self.scan_layers)[0]
+        return over_layers(apply_block, x, (block_params, keys, kinds), self.scan_layers)
 
     def _blocks_with_cache(self, x, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """The blocks over tokens that continue the cache's rows, writing their keys and values
@@ -433,7 +465,7 @@ class Decoder(nnx.Module):
         def apply_block(x, layer):
             layer_params, keys, values, kind = layer
             rope, documents = self._select(per_kind, kind)
-            return nnx.merge(block_def, layer_params)(x, rope, documents, (keys, values))
+            return nnx.merge(block_def, layer_params)(x, rope, documents, (keys, values))[:2]
 
         read = (None, None) if cache.empty else (cache.keys, cache.values)
         x, (keys, values) = over_layers(apply_block, x, (block_params, *read, kinds), self.scan_layers)
@@ -463,10 +495,13 @@ def bias(shape: tuple[int, ...], logical_axes: tuple[str, ...], dtype: jnp.dtype
 
 
 def matmul_params(config: DecoderConfig) -> int:
-    """Parameters that take part in a matmul per token (the embedding lookup does not)."""
+    """Parameters that take part in a matmul per token (the embedding lookup does not); of a
+    mixture of experts, those of the experts a token goes through (its active parameters)."""
     d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
     attention = d * h * hd + 2 * d * k * hd + h * hd * d
     mlp = 3 * d * config.mlp_dim
+    if getattr(config, "num_experts", None):  # active parameters: the router and the chosen experts
+        mlp = d * config.num_experts + config.experts_per_token * mlp
     return config.num_layers * (attention + mlp) + d * config.vocab_size
 
 
@@ -506,6 +541,10 @@ RULES = {
     "act_mlp": ("tensor",),
 }
 
+# A mixture of experts' axes: the experts replicated until expert parallelism splits them, and
+# each expert's hidden width split by tensor parallelism as the dense MLP's.
+MOE_RULES = {"expert": None, "expert_mlp": ("tensor",)}
+
 PROJECTIONS = (
     Projection("blocks.attention.wq", inputs=1),  # [embed | heads, head_dim]
     Projection("blocks.attention.wk", inputs=1),  # [embed | kv_heads, head_dim]
@@ -532,11 +571,13 @@ def family(
     spec: Callable[[DecoderConfig], DecoderSpec],
     hf: HuggingFace,
     shape_keys: tuple[str, ...] = SHAPE_KEYS,
+    moe: bool = False,
 ) -> ModelFamily:
     """The registry entry of a family of this decoder: its name, config section, `spec` (what the
     decoder computes for a config) and Hugging Face conversion; the decoder answers the rest
     (FLOPs, weight decay, logical axes and their rules, collective traffic, LoRA projections,
-    named activations), and what its attention needs follows from the spec's windows and cap."""
+    named activations), and what its attention needs follows from the spec's windows and cap.
+    `moe`: its MLPs are mixtures of experts (the experts' axes, and LoRA on attention only)."""
 
     def build(
         config: DecoderConfig, rngs, kernel: AttentionKernel = XLA_KERNEL, lora: LoRASpec | None = None
@@ -555,10 +596,10 @@ def family(
         flops_per_token=flops_per_token,
         decays=decays,
         hf=hf,
-        projections=PROJECTIONS,
+        projections=PROJECTIONS[:4] if moe else PROJECTIONS,  # LoRA adapts no expert (yet)
         lora_targets=LORA_TARGETS,
         shape_keys=shape_keys,
-        rules=RULES,
+        rules={**RULES, **MOE_RULES} if moe else RULES,
         traffic=traffic,
         attention=attention,
         activations=NAMED_ACTIVATIONS,

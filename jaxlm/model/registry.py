@@ -103,8 +103,9 @@ class AttentionNeeds:
 @dataclass(frozen=True)
 class HFTensor:
     """Where one parameter lives in a Hugging Face checkpoint. The tensor `name` ("{layer}" in it
-    for each layer of a parameter stacked on a leading `layers` axis), of shape `hf_shape`,
-    reshaped to `view` and transposed by `order`, is the parameter (one layer of it)."""
+    for each layer of a parameter stacked on a leading `layers` axis, and "{expert}" for each
+    expert of one stacked on an `experts` axis after it), of shape `hf_shape`, reshaped to `view`
+    and transposed by `order`, is the parameter (one layer, or one layer's expert, of it)."""
 
     param: str  # path of the parameter in the module: "blocks.attention.wq"
     name: str  # "model.layers.{layer}.self_attn.q_proj.weight"
@@ -112,6 +113,20 @@ class HFTensor:
     view: tuple[int, ...]
     order: tuple[int, ...]
     stacked: bool  # the parameter has a leading `layers` axis, one Hugging Face tensor per layer
+    experts: int = 0  # and then an `experts` axis of this many, one tensor per expert (0: none)
+
+    def names(self, num_layers: int) -> list[tuple[tuple[int, ...] | None, str]]:
+        """(index of the leading axes it fills, or None for the whole parameter; its name) of
+        each Hugging Face tensor that holds the parameter."""
+        if not self.stacked:
+            return [(None, self.name)]
+        if not self.experts:
+            return [((layer,), self.name.format(layer=layer)) for layer in range(num_layers)]
+        return [
+            ((layer, expert), self.name.format(layer=layer, expert=expert))
+            for layer in range(num_layers)
+            for expert in range(self.experts)
+        ]
 
 
 @dataclass(frozen=True)
