@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config, train_losses
+from conftest import REPO, read_metrics, tiny_config, train_losses
 from flax import nnx
 from safetensors import safe_open
 
@@ -168,6 +168,10 @@ def test_a_mesh_split_trains_to_the_single_device_losses(tmp_path, name, split):
     assert one.keys() == split.keys() == {1, 2, 3}
     for step, loss in split.items():
         assert abs(loss - one[step]) / one[step] < 1e-5, step
+    if name == "mixtral":  # its auxiliary losses and the experts' load, in every step's record
+        for record in (r for r in read_metrics(tmp_path / "split") if "loss" in r):
+            assert record["aux/load_balance"] > 0 and record["aux/router_z"] > 0
+            assert record["moe/load_max"] >= 1 >= record["moe/load_min"] >= 0 and record["moe/dropped"] == 0
 
 
 def test_a_key_of_another_family_names_the_family_that_has_it(tmp_path):

@@ -287,7 +287,7 @@ def first_batch_loss(config, params, graphdef) -> float:
         batch = {field: jnp.asarray(value) for field, value in next(data).items()}
     finally:
         data.close()
-    loss_sum, count, _ = jax.jit(_loss_fn, static_argnums=0)(graphdef, params, batch)
+    loss_sum, count, *_ = jax.jit(_loss_fn, static_argnums=0)(graphdef, params, batch)
     return float(loss_sum / count)
 
 

@@ -35,7 +35,7 @@ def loss_and_grads(config):
     params = nnx.to_pure_dict(params)
 
     def mean_loss(params):
-        loss_sum, count, _ = _loss_fn(graphdef, params, batch_of(config), config.train.loss_chunk)
+        loss_sum, count, *_ = _loss_fn(graphdef, params, batch_of(config), config.train.loss_chunk)
         return loss_sum / count
 
     return jax.jit(jax.value_and_grad(mean_loss))(params)
@@ -110,8 +110,8 @@ def test_a_trained_target_counts_only_where_the_loss_mask_is_set(tmp_path):
     graphdef, params = nnx.split(build(config), nnx.Param)
     batch = batch_of(config)
     half = batch["loss_mask"].at[:, ::2].set(0)
-    _, count, _ = _loss_fn(graphdef, params, batch)
-    masked_sum, masked_count, _ = _loss_fn(graphdef, params, {**batch, "loss_mask": half})
+    _, count, *_ = _loss_fn(graphdef, params, batch)
+    masked_sum, masked_count, *_ = _loss_fn(graphdef, params, {**batch, "loss_mask": half})
     assert float(count) == half.size and float(masked_count) == half.size / 2
     logits = build(config)(batch["tokens"], batch["positions"], batch["segment_ids"]).logits
     token_losses = (

@@ -378,27 +378,36 @@ class Decoder(nnx.Module):
         if self.spec.embed_scale:
             x = x * jnp.asarray(self.d_model**0.5, self.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
-        aux_losses = {}
+        reported = {}
         if cache is None:
             x, routed = self._blocks(x, positions, segment_ids, order, dropout_key)
-            aux_losses = self._moe_losses(routed)
+            reported = self._moe_report(routed)
         else:
             x, cache = self._blocks_with_cache(x, positions, segment_ids, cache)
         hidden = self.final_norm(x)
         if return_hidden:
-            return ModelOutput(hidden=hidden, cache=cache, aux_losses=aux_losses)
+            return ModelOutput(hidden=hidden, cache=cache, **reported)
         logits = constrain(self.output_head().logits(hidden), ("batch", "length", "act_vocab"))
-        return ModelOutput(logits=logits, cache=cache, aux_losses=aux_losses)
+        return ModelOutput(logits=logits, cache=cache, **reported)
 
-    def _moe_losses(self, routed) -> dict[str, jax.Array]:
+    def _moe_report(self, routed) -> dict[str, dict[str, jax.Array]]:
         """The MoE layers' auxiliary losses, each the mean over layers times its weight (those of
-        weight 0 left out)."""
+        weight 0 left out), and their load: `moe/load_max` and `moe/load_min`, the most and least
+        loaded expert of any layer as a multiple of an even share (1 when balanced), and
+        `moe/dropped`, the share of assignments the capacity dropped (0 dropless)."""
         if routed is None:
             return {}
         weights = dict(zip(("load_balance", "router_z"), self.spec.moe_loss_weights, strict=True))
-        return {
+        losses = {
             name: weight * jnp.mean(routed.aux_losses[name]) for name, weight in weights.items() if weight
         }
+        experts = routed.load.shape[-1]
+        metrics = {
+            "moe/load_max": jnp.max(routed.load) * experts,
+            "moe/load_min": jnp.min(routed.load) * experts,
+            "moe/dropped": jnp.mean(routed.dropped),
+        }
+        return {"aux_losses": losses, "metrics": metrics}
 
     def _rope(self, kind: LayerKind, positions: jax.Array, table_length: int):
         return rotary_angles(positions, self.head_dim, kind.rope_theta, table_length, kind.rope_scaling)

@@ -58,6 +58,8 @@ class ModelOutput:
     # Name → scalar loss the train step adds to the loss and logs by name (a mixture of experts'
     # load balancing, say); empty for dense families.
     aux_losses: dict[str, jax.Array] = field(default_factory=dict)
+    # Name → scalar the train step logs as it is, not trained on (a mixture of experts' load).
+    metrics: dict[str, jax.Array] = field(default_factory=dict)
 
 
 @flax.struct.dataclass

@@ -172,8 +172,8 @@ def context_layout(batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], n
 
 
 def _loss_fn(graphdef: nnx.GraphDef, params, batch, loss_chunk: int = 0, dropout_key=None):
-    """The batch's summed token losses, its count of trained targets, and the model's auxiliary
-    losses (name → scalar)."""
+    """The batch's summed token losses, its count of trained targets, the model's auxiliary
+    losses and its metrics (each name → scalar)."""
     model = nnx.merge(graphdef, params)
     dropout = {} if dropout_key is None else {"dropout_key": dropout_key}  # LoRA's, in training
     batch, order = context_layout(batch)
@@ -184,7 +184,7 @@ def _loss_fn(graphdef: nnx.GraphDef, params, batch, loss_chunk: int = 0, dropout
     loss_sum, count = next_token_loss(
         output.hidden, model.output_head(), batch["targets"], batch["loss_mask"], loss_chunk
     )
-    return loss_sum, count, output.aux_losses
+    return loss_sum, count, output.aux_losses, output.metrics
 
 
 def _all_trained(params):
@@ -216,12 +216,16 @@ def make_train_step(
 
     def objective(trained, frozen, batch, denominator, key):
         """What is differentiated: this (micro-)batch's share of the mean token loss plus its share
-        of the auxiliary losses; with (token loss, auxiliary losses) as its aux."""
-        loss_sum, _, aux_losses = _loss_fn(graphdef, combine(trained, frozen), batch, loss_chunk, key)
+        of the auxiliary losses; with (token loss, auxiliary losses and metrics) as its aux (each
+        of those a share, so that the micro-batches' sum is their mean)."""
+        loss_sum, _, aux_losses, metrics = _loss_fn(
+            graphdef, combine(trained, frozen), batch, loss_chunk, key
+        )
         loss = loss_sum / denominator
         aux_losses = {name: value / micro_batches for name, value in aux_losses.items()}
         total = loss + sum(aux_losses.values()) if aux_losses else loss
-        return total, (loss, aux_losses)
+        metrics = {name: value / micro_batches for name, value in metrics.items()}
+        return total, (loss, (aux_losses, metrics))
 
     objective_and_grad = jax.value_and_grad(objective, has_aux=True)
 
@@ -260,7 +264,9 @@ def make_train_step(
         trained, frozen = trainable(state.params)
         key = None if dropout_seed is None else lora.dropout_key(dropout_seed, state.step)
         with parallel.activation_sharding(mesh, rules):
-            (loss, aux_losses), grads = loss_and_grads(trained, frozen, batch, denominator, key)
+            (loss, (aux_losses, model_metrics)), grads = loss_and_grads(
+                trained, frozen, batch, denominator, key
+            )
         grad_norm = optax.tree.norm(grads)
         if offloaded_opt_state is None:
             trained, opt_state = _optimizer_step(optimizer, grads, state.opt_state, trained)
@@ -275,6 +281,7 @@ def make_train_step(
             "lr": schedule(state.step),
             "trained_tokens": trained_tokens,
             **{f"aux/{name}": value for name, value in aux_losses.items()},
+            **model_metrics,
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -311,7 +318,7 @@ def make_eval_step(graphdef, token_bytes: np.ndarray, mesh: Mesh, rules, loss_ch
 
     def eval_step(params, batch):
         with parallel.activation_sharding(mesh, rules):
-            loss_sum, count, _ = _loss_fn(graphdef, params, batch, loss_chunk)
+            loss_sum, count, *_ = _loss_fn(graphdef, params, batch, loss_chunk)
         byte_count = jnp.sum(token_bytes[batch["targets"]] * batch["loss_mask"])
         return loss_sum, count, byte_count
 
