@@ -23,11 +23,12 @@ from jaxlm.errors import ConfigError, UserError
 from jaxlm.inference.export import export
 from jaxlm.inference.generation import complete
 from jaxlm.inference.loading import apply_init_from
+from jaxlm.model import qwen3_moe
 from jaxlm.training.setup import build_model
 from jaxlm.training.train import train
 
 FIXTURES = REPO / "tests/fixtures/hf"
-FAMILIES = ["mistral", "qwen3", "gemma3", "gemma3_softcap", "mixtral"]
+FAMILIES = ["mistral", "qwen3", "gemma3", "gemma3_softcap", "mixtral", "qwen3_moe"]
 
 
 def reference(name: str) -> dict[str, np.ndarray]:
@@ -91,7 +92,7 @@ def test_the_sliding_window_is_what_makes_mistral_agree():
 
 # gemma3_softcap runs gemma3's code; its logits, capped at 3, make float32's rounding on a mesh
 # (1.2e-4 of the largest, 4e-5 of the uncapped one) look larger than gemma3's (2e-5).
-@pytest.mark.parametrize("name", ["mistral", "qwen3", "gemma3", "mixtral"])
+@pytest.mark.parametrize("name", ["mistral", "qwen3", "gemma3", "mixtral", "qwen3_moe"])
 def test_transformers_logits_on_a_tensor_and_fsdp_mesh(name):
     loaded = jaxlm.load(FIXTURES / name, overrides=["mesh.tensor=2", "mesh.fsdp=4"])
     assert len(loaded.params["blocks"]["attention"]["wq"].sharding.device_set) == 8
@@ -119,7 +120,7 @@ def test_import_export_import_gives_back_the_same_tensors_bitwise(name, tmp_path
     )
     keys = ("architectures", "head_dim", "num_key_value_heads", "tie_word_embeddings", "sliding_window")
     keys += ("layer_types", "query_pre_attn_scalar", "rope_parameters", "final_logit_softcapping")
-    keys += ("num_local_experts", "num_experts_per_tok")
+    keys += ("num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob")
     if given.get("head_dim") is None:  # Mixtral's null: hidden_size / heads, written out
         assert written.pop("head_dim") == given["hidden_size"] // given["num_attention_heads"]
     for key in keys:  # transformers' config classes check types too: 24.0 is no query_pre_attn_scalar
@@ -200,6 +201,15 @@ def test_more_experts_per_token_than_experts_is_one_line(tmp_path):
         match=r"model.experts_per_token=5 is more than model.num_experts=4; choose at most 4",
     ):
         tiny_config(tmp_path, "model.family=mixtral", "model.num_experts=4", "model.experts_per_token=5")
+
+
+def test_a_qwen3_moe_with_dense_layers_among_the_mixtures_is_one_line():
+    given = json.loads((FIXTURES / "qwen3_moe/config.json").read_text())
+    assert qwen3_moe.config_from_hf(given)["num_experts"] == 8
+    with pytest.raises(
+        UserError, match=r"has decoder_sparse_step=2 and mlp_only_layers=\[1\]; jaxlm reads Qwen3-MoE"
+    ):
+        qwen3_moe.config_from_hf({**given, "decoder_sparse_step": 2, "mlp_only_layers": [1]})
 
 
 def test_a_checkpoint_of_one_family_resumes_as_no_other(tmp_path):

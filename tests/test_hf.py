@@ -415,7 +415,7 @@ def test_bad_hugging_face_directories_are_one_line_naming_the_problem(tmp_path):
     refused(
         model,
         r"architecture FalconForCausalLM is not supported; jaxlm reads .*LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
-        r"Qwen2ForCausalLM, Qwen3ForCausalLM",
+        r"Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM",
     )
     model = broken_copy(tmp_path / "b")
     (model / "model-00002-of-00003.safetensors").unlink()

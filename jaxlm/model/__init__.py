@@ -1,6 +1,14 @@
 """Model families (Flax NNX). `registry` says what a family provides; each family registers here."""
 
-from jaxlm.model import gemma3, gpt2, llama, mistral, mixtral, qwen3, registry
+from jaxlm.model import gemma3, gpt2, llama, mistral, mixtral, qwen3, qwen3_moe, registry
 
-for family in (llama.FAMILY, mistral.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gpt2.FAMILY, mixtral.FAMILY):
+for family in (
+    llama.FAMILY,
+    mistral.FAMILY,
+    qwen3.FAMILY,
+    gemma3.FAMILY,
+    gpt2.FAMILY,
+    mixtral.FAMILY,
+    qwen3_moe.FAMILY,
+):
     registry.register(family)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import flax
 import jax
@@ -90,6 +91,58 @@ class DecoderConfig(ModelConfig):
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
         return self
+
+
+class MoEConfig(DecoderConfig):
+    """The keys of a decoder whose MLPs are mixtures of experts (`moe.py`); `mlp_dim` is each
+    routed expert's hidden width."""
+
+    num_experts: int = Field(8, gt=0, description="Routed experts in each layer (num_local_experts).")
+    experts_per_token: int = Field(
+        2, gt=0, description="Experts each token goes through (num_experts_per_tok): the router's top k."
+    )
+    capacity_factor: float | None = Field(
+        None,
+        gt=0,
+        description="Null: dropless (every token reaches its experts). A number: each expert takes at most capacity_factor × tokens × experts_per_token / num_experts tokens per step and drops the rest.",
+    )
+    moe_kernel: Literal["auto", "ragged_dot", "megablox"] = Field(
+        "auto",
+        description="Grouped matmuls of the dropless experts: ragged_dot (jax.lax.ragged_dot, any device), megablox (the Pallas TPU kernel), auto (megablox on TPU, else ragged_dot).",
+    )
+    load_balance_weight: float = Field(
+        0.01,
+        ge=0,
+        description="Weight of the load-balancing auxiliary loss (router_aux_loss_coef), averaged over layers.",
+    )
+    router_z_weight: float = Field(
+        0.0, ge=0, description="Weight of the router z-loss (ST-MoE), averaged over layers."
+    )
+
+    @model_validator(mode="after")
+    def _experts(self) -> MoEConfig:
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"model.experts_per_token={self.experts_per_token} is more than model.num_experts="
+                f"{self.num_experts}; choose at most {self.num_experts}"
+            )
+        return self
+
+
+def moe_spec(config: MoEConfig, **router) -> MoESpec:
+    """The MoE layer of `config` (moe_kernel auto resolved for these devices); `router`: the
+    family's router settings (`MoESpec` fields)."""
+    kernel = config.moe_kernel
+    if kernel == "auto":
+        kernel = "megablox" if jax.devices()[0].platform == "tpu" else "ragged_dot"
+    return MoESpec(
+        num_experts=config.num_experts,
+        top_k=config.experts_per_token,
+        expert_dim=config.mlp_dim,
+        capacity_factor=config.capacity_factor,
+        kernel=kernel,
+        **router,
+    )
 
 
 @dataclass(frozen=True)

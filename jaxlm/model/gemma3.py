@@ -130,7 +130,7 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         raise UserError(
             f"config.json has hidden_activation={activation}; jaxlm's Gemma 3 MLP is GeGLU (tanh)"
         )
-    num_layers = llama_hf._required(hf, "num_hidden_layers")
+    num_layers = llama_hf.required(hf, "num_hidden_layers")
     pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
     types = hf.get("layer_types") or [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers)]
     pattern, local = _pattern(types)

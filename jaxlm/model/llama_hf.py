@@ -14,7 +14,7 @@ LLAMA, QWEN2 = "LlamaForCausalLM", "Qwen2ForCausalLM"
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def _required(hf: dict[str, Any], key: str) -> Any:
+def required(hf: dict[str, Any], key: str) -> Any:
     if hf.get(key) is None:
         raise UserError(f"config.json has no {key}, which a {hf['architectures'][0]} needs; is it complete?")
     return hf[key]
@@ -42,15 +42,15 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 def decoder_keys(hf: dict[str, Any]) -> dict[str, Any]:
     """The rotary decoder's keys (`decoder.DecoderConfig`) of a config.json."""
-    heads, d_model = _required(hf, "num_attention_heads"), _required(hf, "hidden_size")
+    heads, d_model = required(hf, "num_attention_heads"), required(hf, "hidden_size")
     return {
-        "vocab_size": _required(hf, "vocab_size"),
+        "vocab_size": required(hf, "vocab_size"),
         "d_model": d_model,
-        "num_layers": _required(hf, "num_hidden_layers"),
+        "num_layers": required(hf, "num_hidden_layers"),
         "num_heads": heads,
         "num_kv_heads": hf.get("num_key_value_heads") or heads,
         "head_dim": hf.get("head_dim") or d_model // heads,
-        "mlp_dim": _required(hf, "intermediate_size"),
+        "mlp_dim": required(hf, "intermediate_size"),
         "norm_eps": hf.get("rms_norm_eps", 1e-6),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "context_length": hf.get("max_position_embeddings"),
@@ -201,3 +201,31 @@ HUGGING_FACE = HuggingFace(
     config_to_hf=config_to_hf,
     tensors=tensors,
 )
+
+
+def expert_tensors(config, module: str, names: tuple[str, str, str], qk_norm: bool = False) -> list[HFTensor]:
+    """`decoder_tensors` with each layer's MLP a mixture of experts: the router
+    `model.layers.{layer}.<module>.gate.weight` [experts, embed] and, per expert,
+    `<module>.experts.{expert}.<name>.weight` for the (gate, up, down) `names`: [mlp, embed],
+    [mlp, embed], [embed, mlp], as transformers saves them."""
+    d, m, e = config.d_model, config.mlp_dim, config.num_experts
+    prefix = f"model.layers.{{layer}}.{module}"
+
+    def expert(param: str, name: str, rows: int, columns: int) -> HFTensor:
+        shape = (rows, columns)
+        return HFTensor(
+            f"blocks.mlp.{param}", f"{prefix}.experts.{{expert}}.{name}.weight", shape, shape, (1, 0), True, e
+        )
+
+    gate, up, down = names
+    return [
+        *(
+            tensor
+            for tensor in decoder_tensors(config, qk_norm=qk_norm)
+            if not tensor.param.startswith("blocks.mlp.")
+        ),
+        HFTensor("blocks.mlp.router", f"{prefix}.gate.weight", (e, d), (e, d), (1, 0), stacked=True),
+        expert("w_gate", gate, m, d),
+        expert("w_up", up, m, d),
+        expert("w_down", down, d, m),
+    ]
