@@ -196,3 +196,16 @@ def test_remat_bench_orders_the_policies_by_memory_and_recomputation():
     assert all(row["step_time_s"] > 0 for row in rows.values())
     # The same gradients under every policy: the same loss at step 2, after one update.
     assert full["last_loss"] == pytest.approx(none["last_loss"], rel=1e-5)
+
+
+def test_moe_bench_times_each_path_and_the_dispatch_share():
+    result = subprocess.run(
+        [sys.executable, "bench/moe.py", "--tokens", "256", "--d-model", "32", "--expert-dim", "64",
+         "--experts", "4", "--capacity-factor", "1.0", "--steps", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = {line["path"]: line for line in map(json.loads, result.stdout.splitlines())}
+    assert list(lines) == ["experts_only", "ragged_dot", "capacity", "dense"]
+    assert all(line["fwd_bwd_s"] > 0 and line["temp_bytes"] > 0 for line in lines.values())
+    assert 0 <= lines["ragged_dot"]["dispatch_share"] < 1 and 0 <= lines["capacity"]["dropped"] < 1

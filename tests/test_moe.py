@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from jaxlm.model import moe
+from jaxlm.training.metrics import matmul_flops
 
 TOKENS, D, M, E, K = 48, 16, 24, 8, 2
 
@@ -215,3 +216,17 @@ def test_the_layer_adds_its_shared_experts_and_names_the_expert_axis():
         and len(jax.tree.leaves(nnx.state(layer, moe.RouterBias))) == 1
     )
     assert len(jax.tree.leaves(nnx.state(layer, nnx.Param))) == 7
+
+
+def test_flop_counts_take_each_row_through_its_own_expert_only(inputs):
+    """`matmul_flops` (plans, MFU checks) counts a grouped matmul as its rows times their own
+    expert's matrix, forward and backward: 3 × the forward's 3 matmuls, plus the weighing."""
+    x, w, logits = inputs
+    routing = moe.route(logits, SOFTMAX)
+
+    def loss(x, w):
+        return jnp.sum(moe.dropless(x, routing, *w, SOFTMAX) ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr
+    expected = 3 * 3 * 2 * TOKENS * K * D * M + 2 * 2 * TOKENS * K * D
+    assert matmul_flops(jaxpr) == expected

@@ -49,7 +49,8 @@ def model_flops_per_step(config: Config) -> float:
 
 
 def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
-    """FLOPs of every matmul in a jaxpr (2 per multiply-add) whose result is used, each scan body
+    """FLOPs of every matmul in a jaxpr (2 per multiply-add; a grouped `ragged_dot` counted as the
+    rows times their own group's matrix) whose result is used, each scan body
     counted as many times as it runs, so rematerialised forward passes and micro-batches are
     included; a shard_map body once per device it runs on, and a Pallas kernel's body once per
     cell of its grid that does work: a kernel that skips blocks (splash attention, above the
@@ -72,6 +73,14 @@ def _matmul_flops(jaxpr: jax.extend.core.Jaxpr, blocks_run: float) -> float:
             lhs_shape = eqn.invars[0].aval.shape
             contracted = math.prod(lhs_shape[dim] for dim in contracting)
             total += 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
+        if eqn.primitive.name == "ragged_dot_general":  # a mixture of experts' grouped matmuls
+            numbers = eqn.params["ragged_dot_dimension_numbers"]
+            (contracting, _), _ = numbers.dot_dimension_numbers
+            contracted = math.prod(eqn.invars[0].aval.shape[dim] for dim in contracting)
+            flops = 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
+            # Each row meets one group's matrix; where the groups are the output's (the weights'
+            # gradient, contracting the ragged rows), each row adds to one group's block only.
+            total += flops if numbers.rhs_group_dimensions else flops / eqn.invars[2].aval.shape[0]
         runs = registry.share_of_blocks_run(str(eqn.source_info.name_stack)) or blocks_run
         repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
         if eqn.primitive.name == "pallas_call":
