@@ -20,10 +20,12 @@ from safetensors import safe_open
 
 import jaxlm
 from jaxlm.errors import ConfigError, UserError
-from jaxlm.inference.export import export
+from jaxlm.hf.peft import read_adapter
+from jaxlm.inference.export import export, export_adapter
 from jaxlm.inference.generation import complete
-from jaxlm.inference.loading import apply_init_from
+from jaxlm.inference.loading import apply_init_from, open_source, source_config
 from jaxlm.model import qwen3_moe
+from jaxlm.model.lora import split_adapters
 from jaxlm.training.setup import build_model
 from jaxlm.training.train import train
 
@@ -193,6 +195,22 @@ def test_splash_computes_the_window_and_a_kernel_without_the_soft_cap_is_refused
         r"model.family=gemma3 asks for; use attention.kernel=xla \(or auto\)$",
     ):
         build_model(tiny_config(tmp_path, *FAMILY_TINY["gemma3"], *splash), jax.devices()[:1])
+
+
+def test_lora_fine_tunes_a_mixture_of_experts_on_its_attention_and_exports_peft_adapters(tmp_path):
+    run = tmp_path / "lora"
+    overrides = [f"model.init_from={FIXTURES / 'mixtral'}", "optim.lora.rank=4", "optim.lr=1e-2"]
+    train(tiny_config(run, *overrides, "train.steps=2", "checkpoint.every=2"), devices=jax.devices()[:1])
+    source = open_source(run)
+    params, with_adapters = source.read_adapters(build_model(source_config(source), jax.devices()[:1]))
+    trained, base = split_adapters(params)
+    assert sorted(trained["blocks"]["attention"]["lora"]) == ["wk", "wo", "wq", "wv"]
+    assert "lora" not in base["blocks"]["mlp"]  # the experts are frozen, and have no adapters
+    export_adapter(run, tmp_path / "adapter", devices=jax.devices()[:1])
+    config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    read = read_adapter(tmp_path / "adapter", with_adapters)
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, split_adapters(read)[0], trained))
 
 
 def test_more_experts_per_token_than_experts_is_one_line(tmp_path):
