@@ -11,6 +11,7 @@ their own base between global ones).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -108,7 +109,7 @@ class MoEConfig(DecoderConfig):
     )
     moe_kernel: Literal["auto", "ragged_dot", "megablox"] = Field(
         "auto",
-        description="Grouped matmuls of the dropless experts: ragged_dot (jax.lax.ragged_dot, any device), megablox (the Pallas TPU kernel), auto (megablox on TPU, else ragged_dot).",
+        description="Grouped matmuls of the dropless experts: ragged_dot (jax.lax.ragged_dot, any device and mesh), megablox (the Pallas TPU kernel; one device only until expert parallelism's shard_map), auto (ragged_dot).",
     )
     load_balance_weight: float = Field(
         0.01,
@@ -130,17 +131,14 @@ class MoEConfig(DecoderConfig):
 
 
 def moe_spec(config: MoEConfig, **router) -> MoESpec:
-    """The MoE layer of `config` (moe_kernel auto resolved for these devices); `router`: the
-    family's router settings (`MoESpec` fields)."""
-    kernel = config.moe_kernel
-    if kernel == "auto":
-        kernel = "megablox" if jax.devices()[0].platform == "tpu" else "ragged_dot"
+    """The MoE layer of `config` (moe_kernel auto is resolved where the model is built, for its
+    devices); `router`: the family's router settings (`MoESpec` fields)."""
     return MoESpec(
         num_experts=config.num_experts,
         top_k=config.experts_per_token,
         expert_dim=config.mlp_dim,
         capacity_factor=config.capacity_factor,
-        kernel=kernel,
+        kernel=config.moe_kernel,
         **router,
     )
 
@@ -346,7 +344,12 @@ class Block(nnx.Module):
         else:
             out_std = config.init_std / (2 * config.num_layers) ** 0.5
             pdt = dtype_of(config.param_dtype)
-            self.mlp = MoE(config.d_model, spec.moe, rngs, config.init_std, out_std, pdt)
+            moe = spec.moe
+            if moe.kernel == "auto":
+                # ragged_dot: XLA partitions it over any mesh. The megablox Pallas kernel cannot be
+                # partitioned automatically (it needs the shard_map that expert parallelism brings).
+                moe = dataclasses.replace(moe, kernel="ragged_dot")
+            self.mlp = MoE(config.d_model, moe, rngs, config.init_std, out_std, pdt)
         if spec.post_norms:
             self.attention_post_norm = _norm(config, spec, config.d_model)
             self.mlp_post_norm = _norm(config, spec, config.d_model)
