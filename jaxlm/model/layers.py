@@ -30,20 +30,16 @@ class AttentionKernel:
     splash_block_kv: int | None = None
     splash_interpret: bool = False
     max_documents: int = 8  # cuDNN's document slots per packed row
-    # The devices' platform (tpu, gpu, cpu; "" unknown), for kernels a family picks by it.
-    platform: str = ""
 
     @classmethod
-    def of(cls, attention: AttentionConfig, kind: str, platform: str = "") -> AttentionKernel:
-        """The `attention` section's settings for the kernel `kind` (xla, cudnn or splash) on
-        devices of `platform`."""
+    def of(cls, attention: AttentionConfig, kind: str) -> AttentionKernel:
+        """The `attention` section's settings for the kernel `kind` (xla, cudnn or splash)."""
         return cls(
             kind,
             attention.splash_block_q,
             attention.splash_block_kv,
             attention.splash_interpret,
             attention.max_documents,
-            platform,
         )
 
 

@@ -172,7 +172,7 @@ def resolve_attention(config: Config, device: jax.Device, context: int) -> Atten
         )
     if kind == "splash":
         splash.check_config(attention, config.data.seq_len, device, context)
-    return AttentionKernel.of(attention, kind, device.platform)
+    return AttentionKernel.of(attention, kind)
 
 
 def _unmet_needs(needs: registry.AttentionNeeds, kind: str) -> str:
