@@ -49,11 +49,11 @@ def write_random_hf_directory(config: Config, directory: Path, shard_bytes: int)
     rng = np.random.default_rng(0)
     shards, weight_map, total = [{}], {}, 0
     for tensor in hf.tensors(model):
-        for layer in range(model.num_layers) if tensor.stacked else [None]:
+        for _, name in tensor.names(model.num_layers):
             value = (0.02 * rng.standard_normal(tensor.hf_shape, np.float32)).astype(dtype)
             if shards[-1] and sum(v.nbytes for v in shards[-1].values()) + value.nbytes > shard_bytes:
                 shards.append({})
-            shards[-1][tensor.name.format(layer=layer)] = value
+            shards[-1][name] = value
             total += value.nbytes
     for number, shard in enumerate(shards, start=1):
         file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
