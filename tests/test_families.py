@@ -30,7 +30,7 @@ from jaxlm.training.setup import build_model
 from jaxlm.training.train import train
 
 FIXTURES = REPO / "tests/fixtures/hf"
-FAMILIES = ["mistral", "qwen3", "gemma3", "gemma3_softcap", "mixtral", "qwen3_moe"]
+FAMILIES = ["mistral", "qwen3", "gemma3", "gemma3_softcap", "mixtral", "qwen3_moe", "olmoe"]
 
 
 def reference(name: str) -> dict[str, np.ndarray]:
@@ -94,7 +94,7 @@ def test_the_sliding_window_is_what_makes_mistral_agree():
 
 # gemma3_softcap runs gemma3's code; its logits, capped at 3, make float32's rounding on a mesh
 # (1.2e-4 of the largest, 4e-5 of the uncapped one) look larger than gemma3's (2e-5).
-@pytest.mark.parametrize("name", ["mistral", "qwen3", "gemma3", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["mistral", "qwen3", "gemma3", "mixtral", "qwen3_moe", "olmoe"])
 def test_transformers_logits_on_a_tensor_and_fsdp_mesh(name):
     loaded = jaxlm.load(FIXTURES / name, overrides=["mesh.tensor=2", "mesh.fsdp=4"])
     assert len(loaded.params["blocks"]["attention"]["wq"].sharding.device_set) == 8

@@ -414,7 +414,7 @@ def test_bad_hugging_face_directories_are_one_line_naming_the_problem(tmp_path):
     edit_json(model / "config.json", architectures=["FalconForCausalLM"])
     refused(
         model,
-        r"architecture FalconForCausalLM is not supported; jaxlm reads .*LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+        r"architecture FalconForCausalLM is not supported; jaxlm reads .*LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, OlmoeForCausalLM, "
         r"Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM",
     )
     model = broken_copy(tmp_path / "b")

@@ -1,6 +1,6 @@
 """Model families (Flax NNX). `registry` says what a family provides; each family registers here."""
 
-from jaxlm.model import gemma3, gpt2, llama, mistral, mixtral, qwen3, qwen3_moe, registry
+from jaxlm.model import gemma3, gpt2, llama, mistral, mixtral, olmoe, qwen3, qwen3_moe, registry
 
 for family in (
     llama.FAMILY,
@@ -10,5 +10,6 @@ for family in (
     gpt2.FAMILY,
     mixtral.FAMILY,
     qwen3_moe.FAMILY,
+    olmoe.FAMILY,
 ):
     registry.register(family)

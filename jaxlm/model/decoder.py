@@ -160,6 +160,7 @@ class DecoderSpec:
     layer_kinds: tuple[int, ...]  # each layer's, an index into `kinds`
     qkv_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each head's queries and keys, before rotary positions
+    qk_norm_all_heads: bool = False  # the q and k norms span all heads together (OLMoE)
     norm_plus_one: bool = False  # norms scale by 1 + w, w born 0 (Gemma)
     post_norms: bool = False  # norms of attention's and the MLP's outputs, before the residual (Gemma)
     activation: str = "silu"  # of the gated MLP: silu (SwiGLU) or gelu_tanh (GeGLU)
@@ -208,7 +209,7 @@ class KVCache:
         return KVCache(keys, values, segments, self.length + segment_ids.shape[1])
 
 
-def _norm(config: DecoderConfig, spec: DecoderSpec, dim: int, axis: str = "embed") -> RMSNorm:
+def _norm(config: DecoderConfig, spec: DecoderSpec, dim, axis="embed") -> RMSNorm:
     return RMSNorm(dim, config.norm_eps, dtype_of(config.param_dtype), spec.norm_plus_one, axis)
 
 
@@ -237,7 +238,10 @@ class Attention(nnx.Module):
             self.bq = bias((h, hd), ("heads", "head_dim"), pdt)
             self.bk = bias((k, hd), ("kv_heads", "head_dim"), pdt)
             self.bv = bias((k, hd), ("kv_heads", "head_dim"), pdt)
-        if spec.qk_norm:
+        if spec.qk_norm_all_heads:
+            self.q_norm = _norm(config, spec, (h, hd), ("heads", "head_dim"))
+            self.k_norm = _norm(config, spec, (k, hd), ("kv_heads", "head_dim"))
+        elif spec.qk_norm:
             self.q_norm = _norm(config, spec, hd, "head_dim")
             self.k_norm = _norm(config, spec, hd, "head_dim")
         weights = {"wq": (self.wq, 1), "wk": (self.wk, 1), "wv": (self.wv, 1), "wo": (self.wo, 2)}

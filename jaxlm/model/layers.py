@@ -63,19 +63,27 @@ def param(
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm over the last axis, scaled by w, or by 1 + w with `plus_one` (Gemma's, w born 0)."""
+    """RMSNorm over the last axis (or, with a tuple `dim`, the last axes together: OLMoE's norm of
+    all heads' queries), scaled by w, or by 1 + w with `plus_one` (Gemma's, w born 0)."""
 
     def __init__(
-        self, dim: int, eps: float, param_dtype: jnp.dtype, plus_one: bool = False, axis: str = "embed"
+        self,
+        dim: int | tuple[int, ...],
+        eps: float,
+        param_dtype: jnp.dtype,
+        plus_one: bool = False,
+        axis: str | tuple[str, ...] = "embed",
     ):
         self.eps, self.plus_one = eps, plus_one
+        shape, axes = (dim, axis) if isinstance(dim, tuple) else ((dim,), (axis,))
+        self.over = tuple(range(-len(shape), 0))
         initial = jnp.zeros if plus_one else jnp.ones
-        self.scale = nnx.Param(initial((dim,), param_dtype), out_sharding=(axis,), eager_sharding=False)
+        self.scale = nnx.Param(initial(shape, param_dtype), out_sharding=axes, eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Normalise in float32 whatever the compute dtype: bf16 mean-of-squares loses too much.
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=self.over, keepdims=True) + self.eps)
         scale = self.scale[...].astype(jnp.float32)
         return (normed * (1 + scale if self.plus_one else scale)).astype(x.dtype)
 
