@@ -139,6 +139,8 @@ def moe_spec(config: MoEConfig, **router) -> MoESpec:
         expert_dim=config.mlp_dim,
         capacity_factor=config.capacity_factor,
         kernel=config.moe_kernel,
+        balance_weight=config.load_balance_weight,
+        z_weight=config.router_z_weight,
         **router,
     )
 
@@ -169,8 +171,6 @@ class DecoderSpec:
     attn_softcap: float | None = None  # scores → cap · tanh(scores / cap)
     final_softcap: float | None = None  # logits → cap · tanh(logits / cap)
     moe: MoESpec | None = None  # every layer's MLP a mixture of experts (model/moe.py)
-    # The weights of its auxiliary losses in the objective: load balance, router z-loss.
-    moe_loss_weights: tuple[float, float] = (0.0, 0.0)
 
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -457,7 +457,7 @@ class Decoder(nnx.Module):
         `moe/dropped`, the share of assignments the capacity dropped (0 dropless)."""
         if routed is None:
             return {}
-        weights = dict(zip(("load_balance", "router_z"), self.spec.moe_loss_weights, strict=True))
+        weights = {"load_balance": self.spec.moe.balance_weight, "router_z": self.spec.moe.z_weight}
         losses = {
             name: weight * jnp.mean(routed.aux_losses[name]) for name, weight in weights.items() if weight
         }
@@ -569,7 +569,7 @@ def matmul_params(config: DecoderConfig) -> int:
     d, h, k, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
     attention = d * h * hd + 2 * d * k * hd + h * hd * d
     mlp = 3 * d * config.mlp_dim
-    if getattr(config, "num_experts", None):  # active parameters: the router and the chosen experts
+    if isinstance(config, MoEConfig):  # active parameters: the router and the chosen experts
         mlp = d * config.num_experts + config.experts_per_token * mlp
     return config.num_layers * (attention + mlp) + d * config.vocab_size
 

@@ -229,3 +229,23 @@ def expert_tensors(config, module: str, names: tuple[str, str, str], qk_norm: bo
         expert("w_up", up, m, d),
         expert("w_down", down, d, m),
     ]
+
+
+def moe_keys(hf: dict[str, Any], aux_loss_coef: float) -> dict[str, Any]:
+    """A mixture-of-experts config.json's keys of `decoder.MoEConfig`: the experts
+    (num_local_experts, or num_experts as older files name it), the router's top k and the
+    load-balancing weight (router_aux_loss_coef; `aux_loss_coef` where it is absent)."""
+    return {
+        "num_experts": hf.get("num_local_experts") or required(hf, "num_experts"),
+        "experts_per_token": required(hf, "num_experts_per_tok"),
+        "load_balance_weight": hf.get("router_aux_loss_coef", aux_loss_coef),
+    }
+
+
+def moe_config_to_hf(config) -> dict[str, Any]:
+    """The keys every mixture-of-experts config.json has, from `decoder.MoEConfig`."""
+    return {
+        "num_experts_per_tok": config.experts_per_token,
+        "router_aux_loss_coef": config.load_balance_weight,
+        "output_router_logits": False,
+    }

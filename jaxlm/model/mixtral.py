@@ -28,7 +28,6 @@ def spec(config: MixtralConfig) -> DecoderSpec:
         kinds=(kind,),
         layer_kinds=(0,) * config.num_layers,
         moe=decoder.moe_spec(config),
-        moe_loss_weights=(config.load_balance_weight, config.router_z_weight),
     )
 
 
@@ -39,9 +38,7 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         **llama_hf.decoder_keys(hf),
         **llama_hf.default_rope_from_hf(hf),
         "sliding_window": hf.get("sliding_window"),
-        "num_experts": hf.get("num_local_experts", 8),
-        "experts_per_token": hf.get("num_experts_per_tok", 2),
-        "load_balance_weight": hf.get("router_aux_loss_coef", 0.001),
+        **llama_hf.moe_keys(hf, aux_loss_coef=0.001),
     }
 
 
@@ -52,9 +49,7 @@ def config_to_hf(config: MixtralConfig, context_length: int) -> dict[str, Any]:
         **llama_hf.decoder_config_to_hf(config, context_length),
         "sliding_window": config.sliding_window,
         "num_local_experts": config.num_experts,
-        "num_experts_per_tok": config.experts_per_token,
-        "router_aux_loss_coef": config.load_balance_weight,
-        "output_router_logits": False,
+        **llama_hf.moe_config_to_hf(config),
         "router_jitter_noise": 0.0,
     }
 

@@ -55,6 +55,9 @@ class MoESpec:
     kernel: str = "ragged_dot"  # ragged_dot or megablox (a resolved `KERNELS` entry)
     activation: str = "silu"
     interpret: bool = False  # megablox in Pallas interpret mode (any backend; slow: for tests)
+    # The weights of its auxiliary losses in the training objective.
+    balance_weight: float = 0.0
+    z_weight: float = 0.0
 
     def capacity(self, tokens: int) -> int:
         """Assignments each expert takes at most, with a capacity factor."""

@@ -34,7 +34,6 @@ def spec(config: OlmoeConfig) -> DecoderSpec:
         layer_kinds=(0,) * config.num_layers,
         qk_norm_all_heads=True,
         moe=decoder.moe_spec(config, norm_top_k=config.norm_top_k),
-        moe_loss_weights=(config.load_balance_weight, config.router_z_weight),
     )
 
 
@@ -51,10 +50,8 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         "family": "olmoe",
         **llama_hf.decoder_keys(hf),
         **llama_hf.default_rope_from_hf(hf),
-        "num_experts": hf.get("num_local_experts") or llama_hf.required(hf, "num_experts"),
-        "experts_per_token": llama_hf.required(hf, "num_experts_per_tok"),
+        **llama_hf.moe_keys(hf, aux_loss_coef=0.01),
         "norm_top_k": bool(hf.get("norm_topk_prob", False)),
-        "load_balance_weight": hf.get("router_aux_loss_coef", 0.01),
     }
 
 
@@ -64,10 +61,8 @@ def config_to_hf(config: OlmoeConfig, context_length: int) -> dict[str, Any]:
         "model_type": "olmoe",
         **llama_hf.decoder_config_to_hf(config, context_length),
         "num_experts": config.num_experts,
-        "num_experts_per_tok": config.experts_per_token,
+        **llama_hf.moe_config_to_hf(config),
         "norm_topk_prob": config.norm_top_k,
-        "router_aux_loss_coef": config.load_balance_weight,
-        "output_router_logits": False,
         "attention_bias": False,
         "clip_qkv": None,
     }

@@ -31,7 +31,6 @@ def spec(config: Qwen3MoeConfig) -> DecoderSpec:
         layer_kinds=(0,) * config.num_layers,
         qk_norm=True,
         moe=decoder.moe_spec(config, norm_top_k=config.norm_top_k),
-        moe_loss_weights=(config.load_balance_weight, config.router_z_weight),
     )
 
 
@@ -53,10 +52,8 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         **llama_hf.decoder_keys(hf),
         **llama_hf.default_rope_from_hf(hf),
         "mlp_dim": llama_hf.required(hf, "moe_intermediate_size"),
-        "num_experts": hf.get("num_local_experts") or llama_hf.required(hf, "num_experts"),
-        "experts_per_token": llama_hf.required(hf, "num_experts_per_tok"),
+        **llama_hf.moe_keys(hf, aux_loss_coef=0.001),
         "norm_top_k": bool(hf.get("norm_topk_prob", False)),
-        "load_balance_weight": hf.get("router_aux_loss_coef", 0.001),
     }
 
 
@@ -68,12 +65,10 @@ def config_to_hf(config: Qwen3MoeConfig, context_length: int) -> dict[str, Any]:
         "moe_intermediate_size": config.mlp_dim,
         "num_experts": config.num_experts,
         "num_local_experts": config.num_experts,
-        "num_experts_per_tok": config.experts_per_token,
+        **llama_hf.moe_config_to_hf(config),
         "norm_topk_prob": config.norm_top_k,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
-        "router_aux_loss_coef": config.load_balance_weight,
-        "output_router_logits": False,
         "attention_bias": False,
         "use_sliding_window": False,
         "sliding_window": None,
