@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from jaxlm.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "context", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 # The family `model.family` names when a config names none; checkpoints saved before families
 # existed hold this family's models too.
@@ -210,6 +210,10 @@ class MeshConfig(Section):
         -1,
         description="Fully sharded data parallelism within a slice: shards parameters and optimizer state (-1 = the remaining devices).",
     )
+    expert: int = Field(
+        1,
+        description="Expert parallelism within a slice: splits a mixture of experts' experts, and its tokens go to their experts' devices and back by all-to-all; the rest of the model treats it as fsdp (-1 = the remaining devices). Families with experts only.",
+    )
     context: int = Field(
         1,
         description="Context parallelism within a slice: splits every row's sequence (load-balanced for the causal mask); attention gathers keys and values over it. Parameters are sharded over it as over fsdp (-1 = the remaining devices).",
@@ -224,6 +228,11 @@ class MeshConfig(Section):
     )
     dcn_fsdp: int = Field(
         1, gt=0, description="FSDP across slices; multiplies mesh.fsdp. Rarely worth the DCN traffic."
+    )
+    dcn_expert: int = Field(
+        1,
+        gt=0,
+        description="Expert parallelism across slices; multiplies mesh.expert. Its all-to-all then crosses the DCN.",
     )
     dcn_context: int = Field(
         1, gt=0, description="Context parallelism across slices; multiplies mesh.context. Rarely wise."
@@ -243,7 +252,7 @@ class MeshConfig(Section):
             if size == 0 or size < -1:
                 raise ValueError(f"mesh.{axis}={size} must be a positive device count or -1")
         if list(sizes.values()).count(-1) > 1:
-            raise ValueError("only one of mesh.data, mesh.fsdp, mesh.context, mesh.tensor may be -1")
+            raise ValueError(f"only one of {', '.join(f'mesh.{axis}' for axis in MESH_AXES)} may be -1")
         for logical, mesh_axes in self.rules.items():
             for mesh_axis in mesh_axes or ():
                 if mesh_axis not in MESH_AXES:
@@ -540,6 +549,20 @@ class Config(Section):
                     f"{_did_you_mean(logical, defaults)}"
                 )
         self.mesh.rules = {**defaults, **self.mesh.rules}
+        expert = self.mesh.expert * self.mesh.dcn_expert
+        if expert != 1 and not any("expert" in (axes or ()) for axes in self.mesh.rules.values()):
+            raise ValueError(
+                f"mesh.expert={self.mesh.expert} mesh.dcn_expert={self.mesh.dcn_expert}: no logical axis of "
+                f"model.family={self.model.family} maps to the expert mesh axis (its models have no "
+                "experts); put those devices in mesh.data or mesh.fsdp"
+            )
+        experts = getattr(self.model, "num_experts", None)
+        if experts and expert > 0 and experts % expert and "expert" in (self.mesh.rules.get("expert") or ()):
+            raise ValueError(
+                f"model.num_experts={experts} does not split over mesh.expert={self.mesh.expert} × "
+                f"mesh.dcn_expert={self.mesh.dcn_expert} devices; use an expert split that divides "
+                f"{experts} ({', '.join(str(d) for d in range(1, experts + 1) if experts % d == 0)})"
+            )
         return self
 
     @model_validator(mode="after")

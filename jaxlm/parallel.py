@@ -48,7 +48,7 @@ def mesh_shape(mesh_config: MeshConfig, device_count: int) -> dict[str, int]:
 
 
 def make_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The (data, fsdp, context, tensor) mesh over `devices` (default: all devices of all processes).
+    """The (data, fsdp, expert, context, tensor) mesh over `devices` (default: all devices of all processes).
 
     With `mesh.dcn_*` > 1 the devices form slices joined by the data-center network: each mesh
     axis is the DCN size (major) times the within-slice (ICI) size, so collectives over the
@@ -188,7 +188,8 @@ def check_batch(config: Config, mesh: Mesh) -> None:
         raise ConfigError(
             f"train.global_batch_size={rows} with train.micro_batches={config.train.micro_batches} gives "
             f"{per_micro} rows per micro-batch, not divisible by the {dp} data-parallel devices "
-            f"(mesh.data × mesh.fsdp); use a multiple of {dp * config.train.micro_batches}"
+            f"({' × '.join(f'mesh.{axis}' for axis in config.mesh.rules.get('batch') or ())}); "
+            f"use a multiple of {dp * config.train.micro_batches}"
         )
     if rows % jax.process_count():
         raise ConfigError(

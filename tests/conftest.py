@@ -70,6 +70,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 # keeps one worker from starting a long module while the other idles at the end.
 LONGEST_FIRST = (
     "test_bench", "test_context", "test_multihost", "test_buckets", "test_families", "test_eval", "test_train",
+    "test_expert_parallel",
     "test_finetune", "test_interrupt", "test_generate", "test_parallel", "test_splash", "test_model",
     "test_cli", "test_hf", "test_gpt2", "test_lora", "test_generate_hf", "test_plan", "test_offload",
     "test_tiny_losses", "test_remat", "test_instructions",

@@ -52,7 +52,7 @@ def test_cli_trains_the_tiny_config_on_the_built_in_corpus(tmp_path):
     ("args", "expected"),
     [
         (["data.path=/nonexistent/corpus"], "data.path=/nonexistent/corpus does not exist"),
-        (["mesh.fsdp=3"], "mesh data=1 fsdp=3 context=1 tensor=1 uses 3 devices but there are 8"),
+        (["mesh.fsdp=3"], "mesh data=1 fsdp=3 expert=1 context=1 tensor=1 uses 3 devices but there are 8"),
         (["train.global_batch_size=12", "mesh.fsdp=8"], "not divisible by the 8 data-parallel devices"),
         (["model.num_layer=2"], "model.num_layer is not a config key; did you mean model.num_layers?"),
         (["optim.lr=1e30", "optim.clip_norm=0", "train.steps=6"], "loss is nan at step"),

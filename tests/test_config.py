@@ -59,7 +59,7 @@ def test_override_values_are_parsed_as_yaml():
         ),
         (
             ["mesh.fsdp=-1", "mesh.data=-1"],
-            r"only one of mesh\.data, mesh\.fsdp, mesh\.context, mesh\.tensor may be -1",
+            r"only one of mesh\.data, mesh\.fsdp, mesh\.expert, mesh\.context, mesh\.tensor may be -1",
         ),
         (
             ["mesh.rules.embedd=[fsdp]"],

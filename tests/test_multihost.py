@@ -86,7 +86,7 @@ def run_processes(command: list[str], devices: int = 2, env=None) -> list[tuple[
     return outputs
 
 
-def local_sh(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+def local_sh(run_dir: Path, *args: str, shared: list[str] = SHARED) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "JAXLM": f"{sys.executable} -m jaxlm.cli",
@@ -94,7 +94,7 @@ def local_sh(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
         "JAX_PLATFORMS": "cpu",
     }
     return subprocess.run(
-        ["bash", "launch/local.sh", "2", "configs/tiny.yaml", *SHARED, f"run.dir={run_dir}", *args],
+        ["bash", "launch/local.sh", "2", "configs/tiny.yaml", *shared, f"run.dir={run_dir}", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -154,6 +154,19 @@ def test_multiprocess_resume_matches_the_uninterrupted_run(tmp_path, two_process
     expected, resumed = train_losses(two_process_run[0]), train_losses(tmp_path)
     for step in range(1, 9):
         assert abs(resumed[step] - expected[step]) <= 1e-6
+
+
+def test_two_processes_sharing_an_expert_axis_log_the_losses_of_one(tmp_path):
+    """A Mixtral whose 8 experts split over both processes' devices (mesh.expert=8): the
+    all-to-all crosses processes."""
+    moe = [*TINY, "model.family=mixtral", "model.num_experts=8", "mesh.expert=8", "mesh.fsdp=1"]
+    train(tiny_config(tmp_path / "one", *moe[len(TINY) :]))
+    result = local_sh(tmp_path / "two", shared=moe)
+    assert result.returncode == 0, result.stderr
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert one.keys() == two.keys() == {1, 2, 3, 4}
+    for step, loss in two.items():
+        assert abs(loss - one[step]) / one[step] < 1e-5
 
 
 def test_sigterm_to_one_process_saves_at_an_agreed_step_and_all_exit_as_preempted(

@@ -46,7 +46,7 @@ def test_every_mesh_split_gives_the_single_device_losses(tmp_path, single_device
 def test_simulated_slices_over_dcn_give_the_same_losses(tmp_path, single_device_losses):
     config = tiny_config(tmp_path, *STEPS, "mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=4")
     mesh = parallel.make_mesh(config)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "context": 1, "tensor": 1}
     # Each slice (here: a block of 4 devices standing in for one) is one index of the DCN axis.
     assert {d.id for d in mesh.devices[0].flat} == {0, 1, 2, 3}
     train(config)
@@ -137,7 +137,7 @@ def test_init_is_sharded_inside_jit_not_gathered_on_one_device(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["mesh.fsdp=3"], r"mesh data=1 fsdp=3 context=1 tensor=1 uses 3 devices but there are 8"),
+        (["mesh.fsdp=3"], r"mesh data=1 fsdp=3 expert=1 context=1 tensor=1 uses 3 devices but there are 8"),
         (
             ["mesh.fsdp=-1", "mesh.tensor=3"],
             r"needs a multiple of 3 devices for mesh.fsdp=-1, but there are 8",
@@ -171,6 +171,7 @@ def test_logical_rules_map_to_partition_specs():
     assert parallel.mesh_shape(tiny_config(".", "mesh.tensor=2").mesh, 8) == {
         "data": 1,
         "fsdp": 4,
+        "expert": 1,
         "context": 1,
         "tensor": 2,
     }

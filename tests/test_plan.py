@@ -2,6 +2,7 @@
 compiler, compile-only devices), its memory verdict, its figures and the sweep."""
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def test_a_tiny_model_compiles_for_a_v5e_2x2_and_fits(tmp_path):
     result = plan.plan(config, "v5e:2x2")
     assert result.fits and result.refusal is None
     assert result.chips == 4 and result.chip.name == "TPU v5e"
-    assert result.mesh == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
+    assert result.mesh == {"data": 1, "fsdp": 4, "expert": 1, "context": 1, "tensor": 1}
     assert result.argument_bytes > 0 and result.peak_bytes < result.hbm_bytes
     assert result.param_bytes * result.chips == result.param_count * 4  # float32, sharded 4 ways
     speed = result.speed
@@ -131,10 +132,35 @@ def test_a_policy_that_recomputes_a_weight_matmul_gathers_its_weights_again(
     keys = [f"model.remat={remat}", f"model.remat_save={save}", f"model.remat_offload={offload}"]
     config = tiny_config(tmp_path, *keys)
     assert plan.recomputes_weight_matmuls(config.model) is gathers_again
-    mesh = {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
+    mesh = {"data": 1, "fsdp": 4, "expert": 1, "context": 1, "tensor": 1}
     chip = CHIPS["TPU v5e"]
     without = plan.collective_seconds(tiny_config(tmp_path), mesh, 10**6, chip)
     assert (plan.collective_seconds(config, mesh, 10**6, chip) > without) is gathers_again
+
+
+def test_expert_parallelism_trades_gathering_the_experts_for_sending_the_tokens(tmp_path):
+    """Split four ways over `expert` rather than `fsdp`, a chip gathers a quarter of the experts'
+    weights but sends every token's copies to other chips by all-to-all: cheaper with few tokens
+    per chip, dearer with many."""
+    moe = ["model.family=mixtral", "model.num_experts=8", "model.d_model=1024", "model.mlp_dim=4096"]
+    over_fsdp = {"data": 1, "fsdp": 4, "expert": 1, "context": 1, "tensor": 1}
+    over_expert = {**over_fsdp, "fsdp": 1, "expert": 4}
+    chip = CHIPS["TPU v5e"]
+
+    def seconds(rows: int, mesh) -> float:
+        config = tiny_config(tmp_path, *moe, f"train.global_batch_size={rows}", "data.seq_len=1024")
+        return plan.collective_seconds(config, mesh, 10**9, chip)
+
+    assert seconds(4, over_expert) < seconds(4, over_fsdp)
+    assert seconds(256, over_expert) > seconds(256, over_fsdp)
+    assert plan.all_to_all_hops(1) == 0 and plan.all_to_all_hops(2) == 0.5 and plan.all_to_all_hops(8) == 1.75
+
+
+@pytest.mark.parametrize("experts", [0, 8])
+def test_the_sweep_splits_experts_only_for_a_model_with_experts(experts):
+    splits = plan_sweep.mesh_splits(8, experts=experts)
+    assert all(math.prod(split) == 8 for split in splits)
+    assert {split[2] for split in splits} == ({1, 2, 4, 8} if experts else {1})
 
 
 def test_matmul_flops_counts_a_scan_body_once_per_iteration():
@@ -206,7 +232,7 @@ def candidate(remat: str, micro_batches: int, peak_gib: float, step_s: float = 1
         topology="v5e:2x2",
         chip=V5E,
         chips=4,
-        mesh={"data": 1, "fsdp": 4, "context": 1, "tensor": 1},
+        mesh={"data": 1, "fsdp": 4, "expert": 1, "context": 1, "tensor": 1},
         remat=remat,
         param_count=0,
         param_bytes=0,

@@ -117,7 +117,7 @@ def test_splash_with_a_sliding_window_gives_xla_attention_with_that_window(windo
     length = 512
     segments = packed_segments(2, length, seed=window + context)
     q, k, v = qkv(2, length)
-    mesh = jax.make_mesh((1, 1, context, 1), MESH_AXES, axis_types=parallel.AUTO_AXES)
+    mesh = jax.make_mesh((1, 1, 1, context, 1), MESH_AXES, axis_types=parallel.AUTO_AXES)
     order = None if context == 1 else parallel.load_balanced_order(length, context)
     layout = np.arange(length) if order is None else order
 
@@ -206,8 +206,8 @@ def test_under_context_parallelism_the_model_with_splash_has_the_loss_and_gradie
     tmp_path, xla_model_reference
 ):
     mesh = jax.make_mesh(
-        (2, 1, 2, 2), MESH_AXES, axis_types=parallel.AUTO_AXES
-    )  # data, fsdp, context, tensor
+        (2, 1, 1, 2, 2), MESH_AXES, axis_types=parallel.AUTO_AXES
+    )  # data, fsdp, expert, context, tensor
     assert_close(model_loss_and_grads(tiny_config(tmp_path, *SPLASH), mesh), xla_model_reference)
 
 
@@ -295,7 +295,7 @@ def test_plans_count_the_kernels_matmuls_in_the_blocks_it_runs_on_every_device()
     # device, run once per grid cell that the causal mask leaves work in, in a shard_map body run
     # once per device.
     rows, length = 2, 512
-    mesh = jax.make_mesh((1, 2, 2, 2), MESH_AXES, axis_types=parallel.AUTO_AXES)
+    mesh = jax.make_mesh((1, 2, 1, 2, 2), MESH_AXES, axis_types=parallel.AUTO_AXES)
     order = parallel.load_balanced_order(length, 2)
     q, k, v = qkv(rows, length)
 

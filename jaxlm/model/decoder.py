@@ -109,7 +109,7 @@ class MoEConfig(DecoderConfig):
     )
     moe_kernel: Literal["auto", "ragged_dot", "megablox"] = Field(
         "auto",
-        description="Grouped matmuls of the dropless experts: ragged_dot (jax.lax.ragged_dot, any device and mesh), megablox (the Pallas TPU kernel; one device only until expert parallelism's shard_map), auto (ragged_dot).",
+        description="Grouped matmuls of the dropless experts: ragged_dot (jax.lax.ragged_dot, any device and mesh), megablox (the Pallas TPU kernel, in the experts' shard_map on a mesh), auto (ragged_dot).",
     )
     load_balance_weight: float = Field(
         0.01,
@@ -349,9 +349,7 @@ class Block(nnx.Module):
             out_std = config.init_std / (2 * config.num_layers) ** 0.5
             pdt = dtype_of(config.param_dtype)
             moe = spec.moe
-            if moe.kernel == "auto":
-                # ragged_dot: XLA partitions it over any mesh. The megablox Pallas kernel cannot be
-                # partitioned automatically (it needs the shard_map that expert parallelism brings).
+            if moe.kernel == "auto":  # megablox is not yet measured against it on a TPU
                 moe = dataclasses.replace(moe, kernel="ragged_dot")
             self.mlp = MoE(config.d_model, moe, rngs, config.init_std, out_std, pdt)
         if spec.post_norms:
@@ -587,7 +585,11 @@ def flops_per_token(config: DecoderConfig, seq_len: int, frozen_weights: bool = 
 def traffic(config: DecoderConfig) -> LayerTraffic:
     """Two all-reduces of the residual stream per block under tensor parallelism (after attention
     and after the MLP); under context parallelism each layer gathers every token's keys and values."""
-    return LayerTraffic(tensor_reductions=2, context_gathered=2 * config.num_kv_heads * config.head_dim)
+    gathered = 2 * config.num_kv_heads * config.head_dim
+    if isinstance(config, MoEConfig):  # every token's copies to its experts' devices and back
+        experts = config.num_layers * config.num_experts * 3 * config.d_model * config.mlp_dim
+        return LayerTraffic(2, gathered, routed_copies=config.experts_per_token, expert_params=experts)
+    return LayerTraffic(tensor_reductions=2, context_gathered=gathered)
 
 
 def decays(path: str, decay_embeddings: bool) -> bool:
@@ -610,9 +612,15 @@ RULES = {
     "act_mlp": ("tensor",),
 }
 
-# A mixture of experts' axes: the experts replicated until expert parallelism splits them, and
-# each expert's hidden width split by tensor parallelism as the dense MLP's.
-MOE_RULES = {"expert": None, "expert_mlp": ("tensor",)}
+# A mixture of experts' axes: experts over `expert` (expert parallelism), each expert's hidden
+# width over `tensor` as the dense MLP's; the rest of the model uses `expert` as FSDP: rows and
+# the residual stream's parameters split over it too.
+MOE_RULES = {
+    "expert": ("expert",),
+    "expert_mlp": ("tensor",),
+    "batch": ("data", "fsdp", "expert"),
+    "embed": ("fsdp", "context", "expert"),
+}
 
 PROJECTIONS = (
     Projection("blocks.attention.wq", inputs=1),  # [embed | heads, head_dim]

@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh, PartitionSpec
 
+from jaxlm import parallel
 from jaxlm.model.layers import param
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -133,27 +135,86 @@ def _grouped(kernel: str, interpret: bool):
     return lambda lhs, rhs, sizes: jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=lhs.dtype)
 
 
-def dropless(x: jax.Array, routing: Routing, w_gate, w_up, w_down, spec: MoESpec) -> jax.Array:
+def _expert_mlps(rows: jax.Array, w_gate, w_up, w_down, sizes: jax.Array, spec: MoESpec) -> jax.Array:
+    """rows [m, embed] sorted by expert, `sizes[e]` of them expert e's (rows past their sum give
+    zeros) → each row through its expert's gated MLP, [m, embed]."""
+    grouped = _grouped(spec.kernel, spec.interpret)
+    gate = checkpoint_name(grouped(rows, w_gate, sizes), "mlp_gate")
+    up = checkpoint_name(grouped(rows, w_up, sizes), "mlp_up")
+    return grouped(ACTIVATIONS[spec.activation](gate) * up, w_down, sizes)
+
+
+def dropless(
+    x: jax.Array, routing: Routing, w_gate, w_up, w_down, spec: MoESpec, layout: _Layout | None = None
+) -> jax.Array:
     """Every assignment computed: x [tokens, embed] → [tokens, embed]. The tokens' copies are
-    sorted by expert, run through grouped matmuls, and put back."""
+    sorted by expert, run through grouped matmuls, and put back. Inside the layer's shard_map
+    (`layout`), with experts split over devices, the copies go to their experts' devices and
+    back (`_exchanged`)."""
     tokens, k = routing.experts.shape
     flat = routing.experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=spec.num_experts).astype(jnp.int32)
-    grouped = _grouped(spec.kernel, spec.interpret)
     rows = jnp.take(x, order // k, axis=0)  # [tokens·k, embed], grouped by expert
-    gate = checkpoint_name(grouped(rows, w_gate, sizes), "mlp_gate")
-    up = checkpoint_name(grouped(rows, w_up, sizes), "mlp_up")
-    out = grouped(ACTIVATIONS[spec.activation](gate) * up, w_down, sizes)
+    if layout is None or layout.shards == 1:
+        out = _expert_mlps(rows, w_gate, w_up, w_down, sizes, spec)
+    else:
+        out = _exchanged(rows, jnp.take(flat, order), sizes, w_gate, w_up, w_down, spec, layout)
     unsorted = jnp.zeros_like(out).at[order].set(out).reshape(tokens, k, -1)
     return jnp.einsum("tkd,tk->td", unsorted, routing.weights.astype(x.dtype))
 
 
+def _exchanged(rows, experts, sizes, w_gate, w_up, w_down, spec: MoESpec, layout: _Layout) -> jax.Array:
+    """Dropless expert parallelism on one device of the shard_map: rows [a, embed] sorted by
+    their `experts` [a] (`sizes` per expert) → their experts' outputs, computed where the
+    experts live.
+
+    Each device sends every other the block of rows for its experts, and receives the blocks of
+    rows for its own one source after another, in a buffer for the worst case (every row of
+    every device to it: shards × a rows, the tail unused); it groups them by its local expert,
+    runs the grouped matmuls, and sends the outputs back, which land in the rows' sorted order.
+    The blocks' sizes and places come from the matrix of row counts, all-gathered first."""
+    assigned, width = rows.shape
+    shards, here = layout.shards, spec.num_experts // layout.shards
+    me = jax.lax.axis_index(layout.expert_axes)
+    per_shard = sizes.reshape(shards, here)  # my rows for each device's experts
+    counts = layout.exchange(per_shard)  # [source, here]: the rows each device sends me, per expert
+    matrix = jax.lax.all_gather(jnp.sum(per_shard, axis=1), layout.expert_axes, tiled=False)  # [from, to]
+    sent, received = matrix[me], matrix[:, me]
+    start = jnp.cumsum(sent) - sent  # where each device's block starts in my rows
+    placed = (jnp.cumsum(matrix, axis=0) - matrix)[me]  # where my block lands on each device
+    arrived = jnp.cumsum(received) - received  # where each source's block lands on me
+    buffer = layout.ragged_exchange(
+        rows, jnp.zeros((shards * assigned, width), rows.dtype), start, sent, placed, received
+    )
+    # The local expert of each received row (sorted within each source's block); `here`: unused.
+    place = jnp.arange(shards * assigned)
+    source = jnp.minimum(jnp.searchsorted(jnp.cumsum(received), place, side="right"), shards - 1)
+    within = place - arrived[source]
+    local = jnp.sum(within[:, None] >= jnp.cumsum(counts, axis=1)[source], axis=1)
+    local = jnp.where(place < jnp.sum(received), local, here)
+    by_expert = jnp.argsort(local, stable=True)
+    out = _expert_mlps(
+        jnp.take(buffer, by_expert, axis=0),
+        w_gate,
+        w_up,
+        w_down,
+        jnp.sum(counts, axis=0).astype(jnp.int32),
+        spec,
+    )
+    out = jnp.zeros_like(out).at[by_expert].set(out)
+    # Back: each source's block from where it arrived to where it started.
+    back_to = (jnp.cumsum(matrix, axis=1) - matrix)[:, me]  # where my experts' rows started on each source
+    return layout.ragged_exchange(out, jnp.zeros_like(rows), arrived, received, back_to, sent)
+
+
 def with_capacity(
-    x: jax.Array, routing: Routing, w_gate, w_up, w_down, spec: MoESpec
+    x: jax.Array, routing: Routing, w_gate, w_up, w_down, spec: MoESpec, layout: _Layout | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """At most `spec.capacity(tokens)` assignments per expert, first choices first, then by
-    token: x [tokens, embed] → ([tokens, embed], the share of assignments dropped)."""
+    token: x [tokens, embed] → ([tokens, embed], the share of assignments dropped). Inside the
+    layer's shard_map (`layout`) the capacity is each device's, of its own tokens (as GShard's
+    groups), and the [experts, capacity] buffer goes to the experts' devices by all-to-all."""
     tokens, k = routing.experts.shape
     capacity = spec.capacity(tokens)
     by_choice = routing.experts.T.reshape(-1)  # [k·tokens]: every first choice, then every second
@@ -165,13 +226,114 @@ def with_capacity(
     slots = jnp.where(kept, slot, capacity)
     buffer = jnp.zeros((spec.num_experts, capacity, x.shape[-1]), x.dtype)
     buffer = buffer.at[by_choice, slots].set(jnp.take(x, token, axis=0), mode="drop")
+    shards = 1 if layout is None else layout.shards
+    if shards > 1:  # [experts, capacity] → [local experts, shards · capacity], and back after
+        exchange = layout.exchange
+        here = spec.num_experts // shards
+        buffer = exchange(buffer.reshape(shards, here, capacity, -1)).transpose(1, 0, 2, 3)
+        buffer = buffer.reshape(here, shards * capacity, -1)
     gate = checkpoint_name(jnp.einsum("ecd,edm->ecm", buffer, w_gate), "mlp_gate")
     up = checkpoint_name(jnp.einsum("ecd,edm->ecm", buffer, w_up), "mlp_up")
     out = jnp.einsum("ecm,emd->ecd", ACTIVATIONS[spec.activation](gate) * up, w_down)
+    if shards > 1:
+        out = out.reshape(here, shards, capacity, -1).transpose(1, 0, 2, 3)
+        out = exchange(out).reshape(spec.num_experts, capacity, -1)
     taken = out.at[by_choice, slots].get(mode="fill", fill_value=0)  # [k·tokens, embed]
     weights = routing.weights.T.reshape(-1).astype(x.dtype) * kept
     y = jnp.zeros_like(x).at[token].add(taken * weights[:, None])
     return y, 1.0 - jnp.mean(kept.astype(jnp.float32))
+
+
+class _Layout:
+    """How the routed experts split over the mesh inside their shard_map, by the logical-axis
+    rules: tokens [batch, length, ...] as the activations (a dimension its axes do not divide
+    stays whole, as `parallel.constrain` leaves it), the experts' weights by `expert` and their
+    hidden width by `expert_mlp` (partial sums, added over those axes at the end)."""
+
+    def __init__(self, x_shape, spec: MoESpec, mesh: Mesh, rules: parallel.Rules):
+        self.mesh = mesh
+        batch, length, _ = parallel.logical_to_spec(("batch", "length", None), rules)
+        batch, length = self._dividing(batch, x_shape[0]), self._dividing(length, x_shape[1])
+        expert, _, mlp = parallel.logical_to_spec(("expert", None, "expert_mlp"), rules)
+        expert, mlp = self._dividing(expert, spec.num_experts), self._dividing(mlp, spec.expert_dim)
+        self.token_axes = _names(batch) + _names(length)
+        if set(_names(mlp)) & set(self.token_axes):  # a width split where tokens are too: gather it
+            mlp = None
+        self.expert_axes, self.mlp_axes = _names(expert), _names(mlp)
+        self.shards = self._size(expert)
+        self.tokens = PartitionSpec(batch, length, None)
+        self.w_in = PartitionSpec(expert, None, mlp)
+        self.w_out = PartitionSpec(expert, mlp, None)
+
+    def exchange(self, blocks: jax.Array) -> jax.Array:
+        """All-to-all over the expert axes: block i [shards, ...] to device i, which gets each
+        device's block in order."""
+        return jax.lax.all_to_all(blocks, self.expert_axes, 0, 0, tiled=True)
+
+    def ragged_exchange(self, rows, output, offsets, sizes, output_offsets, receive_sizes) -> jax.Array:
+        """`jax.lax.ragged_all_to_all` over the expert axes: rows[offsets[i]:][:sizes[i]] to
+        device i, at output_offsets[i] of its `output`. XLA:CPU has no ragged all-to-all: there,
+        blocks of the worst case's size (every row) travel by plain all-to-all, the same result."""
+        if self.mesh.devices.flat[0].platform in ("gpu", "cuda", "rocm", "tpu"):
+            return jax.lax.ragged_all_to_all(
+                rows, output, offsets, sizes, output_offsets, receive_sizes, axis_name=self.expert_axes
+            )
+        count = rows.shape[0]
+        place = jnp.arange(count)
+        blocks = jnp.take(rows, jnp.minimum(offsets[:, None] + place, count - 1), axis=0)
+        blocks = jnp.where((place < sizes[:, None])[..., None], blocks, 0)  # [shards, count, ...]
+        arrived, at = self.exchange(blocks), self.exchange(output_offsets[:, None])[:, 0]
+        index = jnp.where(place < receive_sizes[:, None], at[:, None] + place, output.shape[0])
+        return output.at[index.reshape(-1)].set(arrived.reshape(-1, *rows.shape[1:]), mode="drop")
+
+    def _size(self, axes) -> int:
+        return math.prod(self.mesh.shape[axis] for axis in _names(axes))
+
+    def _dividing(self, axes, dim: int):
+        return axes if dim % self._size(axes) == 0 else None
+
+
+def _names(axes) -> tuple[str, ...]:
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def sharded_experts(
+    x: jax.Array, routing: Routing, w_gate, w_up, w_down, spec: MoESpec, mesh: Mesh, rules: parallel.Rules
+) -> tuple[jax.Array, jax.Array]:
+    """`dropless` or `with_capacity` on a mesh: x [batch, length, embed] and its routing
+    ([batch, length, k]) → (y like x, the share of assignments dropped), in a shard_map where
+    each device routes its own tokens and, with `expert` split over devices, exchanges them with
+    the experts' devices by all-to-all."""
+    layout = _Layout(x.shape, spec, mesh, rules)
+    routed = PartitionSpec(*layout.tokens[:2], None)
+
+    def local(x, weights, experts, w_gate, w_up, w_down):
+        batch, length, d = x.shape
+        routing = Routing(weights.reshape(batch * length, -1), experts.reshape(batch * length, -1), None)
+        flat = x.reshape(batch * length, d)
+        if spec.capacity_factor is None:
+            y, dropped = (
+                dropless(flat, routing, w_gate, w_up, w_down, spec, layout),
+                jnp.zeros((), jnp.float32),
+            )
+        else:
+            y, dropped = with_capacity(flat, routing, w_gate, w_up, w_down, spec, layout)
+            if layout.token_axes:
+                dropped = jax.lax.pmean(dropped, layout.token_axes)
+        if layout.mlp_axes:
+            y = jax.lax.psum(y, layout.mlp_axes)
+        return y.reshape(batch, length, d), dropped
+
+    run = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(layout.tokens, routed, routed, layout.w_in, layout.w_in, layout.w_out),
+        out_specs=(layout.tokens, PartitionSpec()),
+        check_vma=False,
+    )
+    batch, length, _ = x.shape
+    weights, experts = (a.reshape(batch, length, -1) for a in (routing.weights, routing.experts))
+    return run(x, weights.astype(x.dtype), experts, w_gate, w_up, w_down)
 
 
 class MoEOutput(NamedTuple):
@@ -213,7 +375,11 @@ class MoE(nnx.Module):
         bias = self.router_bias[...] if spec.router == "sigmoid" else None
         routing = route(logits, spec, bias)
         weights = [getattr(self, name)[...].astype(dt) for name in ("w_gate", "w_up", "w_down")]
-        if spec.capacity_factor is None:
+        context = parallel.activation_context()
+        if context is not None and context[0].size > 1:
+            y, dropped = sharded_experts(x, routing, *weights, spec, *context)
+            y = y.reshape(batch * length, d)
+        elif spec.capacity_factor is None:
             y, dropped = dropless(flat, routing, *weights, spec), jnp.zeros((), jnp.float32)
         else:
             y, dropped = with_capacity(flat, routing, *weights, spec)

@@ -90,6 +90,11 @@ class LayerTraffic:
     # Key and value elements per token that attention gathers under context parallelism; None: the
     # family does not lay its rows out for context parallelism (mesh.context > 1 is refused).
     context_gathered: int | None = None
+    # Mixtures of experts: copies of each token's residual sent to its experts' devices (and
+    # back) per layer, averaged over layers, under expert parallelism; and the routed experts'
+    # parameters, which `expert` splits and FSDP gathers only over its other axes.
+    routed_copies: float = 0.0
+    expert_params: int = 0
 
 
 @dataclass(frozen=True)

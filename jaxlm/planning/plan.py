@@ -116,11 +116,13 @@ def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: 
     gradients; tensor parallelism all-reduces the activations of every block as often forward and
     backward as the family's `LayerTraffic` says (twice each for a dense block); context
     parallelism gathers the keys and values the family names forward and reduce-scatters their
-    gradients backward, and shards the weights as FSDP does.
+    gradients backward, and shards the weights as FSDP does. Expert parallelism shards the
+    weights as FSDP does too, except the routed experts' (split over `expert`, gathered over the
+    other axes), and sends each token's copies to its experts' devices and back by all-to-all,
+    forward and backward (`all_to_all_hops`).
     """
     model, train = config.model, config.train
-    data, fsdp, context, tensor = (mesh_sizes[axis] for axis in MESH_AXES)
-    fsdp *= context  # `embed` takes both axes
+    data, fsdp, expert, context, tensor = (mesh_sizes[axis] for axis in MESH_AXES)
     compute_bytes = jnp.dtype(model.dtype).itemsize
     param_bytes = jnp.dtype(model.param_dtype).itemsize
     forwards = 2 if recomputes_weight_matmuls(model) else 1
@@ -130,7 +132,10 @@ def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: 
 
     traffic = registry.family_of(model).traffic(model)
     weights = param_count / tensor  # this chip's tensor slice of the model
-    volume = share(fsdp) * weights * ((forwards + 1) * compute_bytes + param_bytes)
+    experts = traffic.expert_params / tensor
+    gathered = share(fsdp * context * expert) * (weights - experts) + share(fsdp * context) * experts / expert
+    volume = gathered * ((forwards + 1) * compute_bytes + param_bytes)
+    fsdp *= context * expert  # `embed` (and `batch`, less context) take the three axes
     volume += 2 * share(data) * weights / fsdp * param_bytes
     rows_per_chip = train.global_batch_size / train.micro_batches / (data * fsdp / context)
     activation = rows_per_chip * config.data.seq_len / context * model.d_model * compute_bytes
@@ -139,7 +144,17 @@ def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: 
     kv_width = gathered / tensor if gathered else 0  # none gathered without context
     keys_values = rows_per_chip * config.data.seq_len * kv_width * compute_bytes
     volume += (forwards + 1) * model.num_layers * share(context) * keys_values
+    tokens_per_chip = rows_per_chip * config.data.seq_len / context
+    copies = tokens_per_chip * traffic.routed_copies * model.d_model * compute_bytes
+    volume += 2 * (forwards + 1) * model.num_layers * all_to_all_hops(expert) * copies
     return train.micro_batches * volume / (2 * chip.ici_link_bandwidth)
+
+
+def all_to_all_hops(size: int) -> float:
+    """Of a chip's all-to-all over a ring of `size` chips, the bytes that cross a link, per byte
+    sent: the (size − 1)/size that leaves the chip, a quarter of the ring away on average over
+    both directions (at least one hop)."""
+    return (size - 1) / size * max(1.0, size / 4)
 
 
 @dataclass

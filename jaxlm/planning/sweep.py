@@ -56,23 +56,27 @@ class Trial:
         return self.plan is not None and self.plan.fits
 
 
-def mesh_splits(chips: int, seq_len: int = 0) -> list[tuple[int, int, int, int]]:
-    """(data, fsdp, context, tensor) sizes whose product is `chips`: tensor at most MAX_TENSOR,
-    and context 1 unless rows are LONG_SEQUENCE tokens or more (then up to MAX_CONTEXT, each
-    splitting a row into two chunks per shard)."""
+def mesh_splits(chips: int, seq_len: int = 0, experts: int = 0) -> list[tuple[int, int, int, int, int]]:
+    """(data, fsdp, expert, context, tensor) sizes whose product is `chips`: tensor at most
+    MAX_TENSOR; context 1 unless rows are LONG_SEQUENCE tokens or more (then up to MAX_CONTEXT,
+    each splitting a row into two chunks per shard); expert 1 unless the model has `experts`
+    (then any split of them)."""
     divisors = [d for d in range(1, chips + 1) if chips % d == 0]
     contexts = [
         c
         for c in divisors
         if c == 1 or (seq_len >= LONG_SEQUENCE and c <= MAX_CONTEXT and seq_len % (2 * c) == 0)
     ]
+    expert_sizes = [e for e in divisors if e == 1 or (experts and experts % e == 0)]
     return [
-        (data, chips // (context * tensor) // data, context, tensor)
+        (data, chips // (expert * context * tensor) // data, expert, context, tensor)
+        for expert in expert_sizes
         for context in contexts
+        if (chips // expert) % context == 0
         for tensor in divisors
-        if tensor <= MAX_TENSOR and (chips // context) % tensor == 0
+        if tensor <= MAX_TENSOR and (chips // (expert * context)) % tensor == 0
         for data in divisors
-        if (chips // (context * tensor)) % data == 0
+        if (chips // (expert * context * tensor)) % data == 0
     ]
 
 
@@ -117,7 +121,7 @@ def search(attempt: Attempt, policies: Sequence[str], counts: Sequence[int]) -> 
 def sweep(config: Config, topology: str, devices: list[jax.Device] | None = None) -> list[Trial]:
     """Plan each split's candidates (see `search`); all of them, ranked best first."""
     devices = devices if devices is not None else topology_devices(topology)
-    splits = mesh_splits(len(devices), config.data.seq_len)
+    splits = mesh_splits(len(devices), config.data.seq_len, getattr(config.model, "num_experts", 0))
     trials = []
     for number, split in enumerate(splits, start=1):
         trials += search_split(config, topology, devices, split, f"{number}/{len(splits)}")
@@ -128,12 +132,15 @@ def search_split(
     config: Config,
     topology: str,
     devices: list[jax.Device],
-    split: tuple[int, int, int, int],
+    split: tuple[int, int, int, int, int],
     progress: str = "",
 ) -> list[Trial]:
-    """`search` over SWEEP_POLICIES and the micro-batch counts for one (data, fsdp, context, tensor)."""
-    data, fsdp, context, tensor = split
+    """`search` over SWEEP_POLICIES and the micro-batch counts for one (data, fsdp, expert,
+    context, tensor); mesh.expert is named for a model with experts only."""
+    data, fsdp, expert, context, tensor = split
     mesh = [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.context={context}", f"mesh.tensor={tensor}"]
+    if getattr(config.model, "num_experts", 0):
+        mesh.insert(2, f"mesh.expert={expert}")
 
     def attempt(remat: str, micro_batches: int) -> Trial:
         trial = _try(
@@ -143,7 +150,7 @@ def search_split(
         log.info("sweep %s: %s: %s", progress, " ".join(trial.overrides), outcome)
         return trial
 
-    counts = micro_batch_counts(config.train.global_batch_size, data, fsdp)
+    counts = micro_batch_counts(config.train.global_batch_size, data, fsdp * expert)
     return search(attempt, SWEEP_POLICIES, counts)
 
 
@@ -175,15 +182,15 @@ def rank(trial: Trial) -> tuple:
 def format_sweep(topology: str, trials: list[Trial]) -> str:
     """The sweep's table, best first, then what was skipped and the overrides of the winner."""
     lines = [
-        f"sweep of {topology}: splits over data × fsdp × context × tensor; per split, the least "
-        "recomputation that fits, at 1 micro-batch and more",
-        f"{'rank':>4}  {'data':>4}  {'fsdp':>4}  {'context':>7}  {'tensor':>6}  {'remat':<24}  {'micro':>5}  "
+        f"sweep of {topology}: splits over data × fsdp × expert × context × tensor; per split, the "
+        "least recomputation that fits, at 1 micro-batch and more",
+        f"{'rank':>4}  {'data':>4}  {'fsdp':>4}  {'expert':>6}  {'context':>7}  {'tensor':>6}  {'remat':<24}  {'micro':>5}  "
         f"{'GiB/chip':>8}  {'FLOPs×':>6}  {'step s':>8}  {'tokens/s':>12}  {'MFU':>6}  bound",
     ]
     planned = [trial.plan for trial in trials if trial.plan is not None]
     for number, result in enumerate(planned, start=1):
         mesh = result.mesh
-        sizes = f"{mesh['data']:>4}  {mesh['fsdp']:>4}  {mesh['context']:>7}  {mesh['tensor']:>6}"
+        sizes = f"{mesh['data']:>4}  {mesh['fsdp']:>4}  {mesh['expert']:>6}  {mesh['context']:>7}  {mesh['tensor']:>6}"
         policy = f"{remat_label(result):<24}  {result.micro_batches:>5}"
         memory = f"{result.peak_bytes / GiB:8.2f}  {result.flops_ratio or 0:6.2f}"
         if result.fits and result.speed is not None:
@@ -193,7 +200,9 @@ def format_sweep(topology: str, trials: list[Trial]) -> str:
         else:
             lines.append(f"{'-':>4}  {sizes}  {policy}  {memory}  does not fit")
     lines += [
-        f"skipped {' '.join(trial.overrides[:4])}: {trial.skipped}" for trial in trials if trial.skipped
+        f"skipped {' '.join(o for o in trial.overrides if o.startswith('mesh.'))}: {trial.skipped}"
+        for trial in trials
+        if trial.skipped
     ]
     best = next((trial for trial in trials if trial.fits), None)
     if best is None:
