@@ -66,8 +66,7 @@ def make_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Me
     shape = tuple(ici[axis] * dcn[axis] for axis in MESH_AXES)
     if slice_count == 1:
         if len(devices) == len(jax.devices()):
-            # Lets JAX order devices for the physical topology (ICI rings on TPU, NVLink on GPU).
-            return jax.make_mesh(shape, MESH_AXES, axis_types=AUTO_AXES, devices=devices)
+            return Mesh(topology_grid(shape, devices), MESH_AXES, axis_types=AUTO_AXES)
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=AUTO_AXES)
     ici_shape = tuple(ici[axis] for axis in MESH_AXES)
     dcn_shape = tuple(dcn[axis] for axis in MESH_AXES)
@@ -92,6 +91,17 @@ def make_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Me
             )
         device_grid = np.block(blocks.tolist())
     return Mesh(device_grid, MESH_AXES, axis_types=AUTO_AXES)
+
+
+def topology_grid(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
+    """`devices` as an array of `shape`, ordered for the physical topology (ICI rings on TPU,
+    NVLink on GPU) as `jax.make_mesh` orders them. Where an axis is no product of whole physical
+    axes (8 experts on a 4x4x4 v5p), a physical axis is split between mesh axes, as MaxText's
+    allow_split_physical_axes does."""
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=AUTO_AXES, devices=devices).devices
+    except (ValueError, NotImplementedError):
+        return mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
 
 
 def _slice_granule(devices: Sequence[jax.Device], slice_count: int) -> str | None:

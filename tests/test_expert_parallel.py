@@ -15,6 +15,7 @@ from jaxlm import parallel
 from jaxlm.config import MESH_AXES
 from jaxlm.errors import ConfigError
 from jaxlm.model.decoder import MOE_RULES
+from jaxlm.model import moe
 from jaxlm.model.moe import MoE, MoESpec
 from jaxlm.training.train import train
 
@@ -116,6 +117,47 @@ def test_with_a_capacity_each_device_drops_among_its_own_tokens():
     assert float(one.dropped) < expected  # one device's capacity pools every token
 
 
+def test_a_receive_bound_drops_the_rows_past_a_device_s_buffer():
+    """receive_factor=1: each device's experts take as many rows as a device routes; the blocks
+    land source after source, each sorted by expert, and what passes the end is dropped. The
+    expected output is the one-device layer with the dropped assignments' weights zeroed."""
+    graphdef, state = layer()
+    state["router"][...] = state["router"][...].at[:, :2].add(0.5).at[:, 2:].add(-0.5)
+    x, shards = X + 1.0, 4  # most tokens choose experts 0 and 1, on the first device of each group
+    bounded = nnx.merge(graphdef, state)
+    bounded.spec = MoESpec(**{**bounded.spec.__dict__, "receive_factor": 1.0})
+    (_, out), _ = on(mesh_of(expert=shards, data=2), *nnx.split(bounded), x)
+
+    model = nnx.merge(graphdef, state)
+    flat = x.reshape(-1, x.shape[-1])
+    routing = moe.route(flat @ model.router[...], model.spec)
+    experts = np.asarray(routing.experts).reshape(8, -1)  # 8 devices' rows: data-major, then expert
+    keep = np.zeros_like(experts, bool)
+    here, assigned = 8 // shards, experts.shape[1]
+    for group in range(2):
+        landed = np.zeros(shards, int)
+        for source in range(group * shards, (group + 1) * shards):
+            order = np.argsort(experts[source], kind="stable")
+            for device in range(shards):
+                block = order[experts[source][order] // here == device]
+                room = max(0, assigned - landed[device])
+                keep[source, block[:room]] = True
+                landed[device] += len(block)
+    dropped = 1 - keep.mean()
+    assert dropped > 0.2
+    weights = routing.weights * jnp.asarray(keep.reshape(routing.weights.shape))
+    expected = moe.dropless(
+        flat,
+        routing._replace(weights=weights),
+        model.w_gate[...],
+        model.w_up[...],
+        model.w_down[...],
+        model.spec,
+    )
+    np.testing.assert_allclose(out.y.reshape(flat.shape), expected, rtol=1e-5, atol=1e-5)
+    assert abs(float(out.dropped) - dropped) < 1e-6
+
+
 MIXTRAL = [
     "model.family=mixtral",
     "model.num_experts=8",
@@ -162,6 +204,12 @@ def test_experts_that_do_not_split_over_the_expert_axis_are_one_line(tmp_path):
         r"use an expert split that divides 6 \(1, 2, 3, 6\)$",
     ):
         tiny_config(tmp_path, *MIXTRAL, "model.num_experts=6", "mesh.expert=4")
+    with pytest.raises(
+        ConfigError,
+        match=r"model.receive_factor=2.0 bounds the dropless experts, and model.capacity_factor=1.25 "
+        r"makes them drop by capacity instead; set one of them$",
+    ):
+        tiny_config(tmp_path, *MIXTRAL, "model.receive_factor=2", "model.capacity_factor=1.25")
     # An axis at -1 is sized by the devices: the shardings say it, before compiling.
     config = tiny_config(tmp_path, *MIXTRAL, "model.num_experts=4", "mesh.expert=-1", "mesh.fsdp=1")
     with pytest.raises(

@@ -107,6 +107,11 @@ class MoEConfig(DecoderConfig):
         gt=0,
         description="Null: dropless (every token reaches its experts). A number: each expert takes at most capacity_factor × tokens × experts_per_token / num_experts tokens per step and drops the rest.",
     )
+    receive_factor: float | None = Field(
+        None,
+        ge=1,
+        description="Dropless under expert parallelism (mesh.expert > 1): the rows a device's experts receive per layer at most, as a multiple of the rows each device routes (1: an even share). Null: the worst case (mesh.expert ×), never dropping, and the grouped matmuls run over that buffer; a bound drops what overflows (moe/dropped).",
+    )
     moe_kernel: Literal["auto", "ragged_dot", "megablox"] = Field(
         "auto",
         description="Grouped matmuls of the dropless experts: ragged_dot (jax.lax.ragged_dot, any device and mesh), megablox (the Pallas TPU kernel, in the experts' shard_map on a mesh), auto (ragged_dot).",
@@ -127,6 +132,11 @@ class MoEConfig(DecoderConfig):
                 f"model.experts_per_token={self.experts_per_token} is more than model.num_experts="
                 f"{self.num_experts}; choose at most {self.num_experts}"
             )
+        if self.receive_factor is not None and self.capacity_factor is not None:
+            raise ValueError(
+                f"model.receive_factor={self.receive_factor} bounds the dropless experts, and "
+                f"model.capacity_factor={self.capacity_factor} makes them drop by capacity instead; set one of them"
+            )
         return self
 
 
@@ -138,6 +148,7 @@ def moe_spec(config: MoEConfig, **router) -> MoESpec:
         top_k=config.experts_per_token,
         expert_dim=config.mlp_dim,
         capacity_factor=config.capacity_factor,
+        receive_factor=config.receive_factor,
         kernel=config.moe_kernel,
         balance_weight=config.load_balance_weight,
         z_weight=config.router_z_weight,

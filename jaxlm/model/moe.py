@@ -54,12 +54,22 @@ class MoESpec:
     top_groups: int = 1
     routed_scale: float = 1.0  # sigmoid router: the weights' factor (routed_scaling_factor)
     capacity_factor: float | None = None  # None: dropless
+    # Dropless under expert parallelism: rows a device's experts receive at most, as a multiple of
+    # the rows each device routes (None: every row of every device, never dropping).
+    receive_factor: float | None = None
     kernel: str = "ragged_dot"  # ragged_dot or megablox (a resolved `KERNELS` entry)
     activation: str = "silu"
     interpret: bool = False  # megablox in Pallas interpret mode (any backend; slow: for tests)
     # The weights of its auxiliary losses in the training objective.
     balance_weight: float = 0.0
     z_weight: float = 0.0
+
+    def receive_rows(self, assigned: int, shards: int) -> int:
+        """Expert parallelism, dropless: the rows a device's experts can receive, of `assigned`
+        rows routed on each of `shards` devices: all of them unless `receive_factor` bounds it."""
+        if self.receive_factor is None:
+            return shards * assigned
+        return min(shards * assigned, math.ceil(self.receive_factor * assigned))
 
     def capacity(self, tokens: int) -> int:
         """Assignments each expert takes at most, with a capacity factor."""
@@ -144,68 +154,74 @@ def _expert_mlps(rows: jax.Array, w_gate, w_up, w_down, sizes: jax.Array, spec: 
     return grouped(ACTIVATIONS[spec.activation](gate) * up, w_down, sizes)
 
 
-def dropless(
-    x: jax.Array, routing: Routing, w_gate, w_up, w_down, spec: MoESpec, layout: _Layout | None = None
-) -> jax.Array:
+def dropless(x: jax.Array, routing: Routing, w_gate, w_up, w_down, spec: MoESpec) -> jax.Array:
     """Every assignment computed: x [tokens, embed] → [tokens, embed]. The tokens' copies are
-    sorted by expert, run through grouped matmuls, and put back. Inside the layer's shard_map
-    (`layout`), with experts split over devices, the copies go to their experts' devices and
-    back (`_exchanged`)."""
+    sorted by expert, run through grouped matmuls, and put back."""
+    return _dropless(x, routing, w_gate, w_up, w_down, spec)[0]
+
+
+def _dropless(
+    x: jax.Array, routing: Routing, w_gate, w_up, w_down, spec: MoESpec, layout: _Layout | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """`dropless`, and the share of assignments dropped: none, except inside the layer's
+    shard_map (`layout`) with experts split over devices, where the copies go to their experts'
+    devices and back (`_exchanged`), and a `receive_factor` may drop some."""
     tokens, k = routing.experts.shape
     flat = routing.experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=spec.num_experts).astype(jnp.int32)
     rows = jnp.take(x, order // k, axis=0)  # [tokens·k, embed], grouped by expert
     if layout is None or layout.shards == 1:
-        out = _expert_mlps(rows, w_gate, w_up, w_down, sizes, spec)
+        out, dropped = _expert_mlps(rows, w_gate, w_up, w_down, sizes, spec), jnp.zeros((), jnp.float32)
     else:
-        out = _exchanged(rows, jnp.take(flat, order), sizes, w_gate, w_up, w_down, spec, layout)
+        out, dropped = _exchanged(rows, sizes, w_gate, w_up, w_down, spec, layout)
     unsorted = jnp.zeros_like(out).at[order].set(out).reshape(tokens, k, -1)
-    return jnp.einsum("tkd,tk->td", unsorted, routing.weights.astype(x.dtype))
+    return jnp.einsum("tkd,tk->td", unsorted, routing.weights.astype(x.dtype)), dropped
 
 
-def _exchanged(rows, experts, sizes, w_gate, w_up, w_down, spec: MoESpec, layout: _Layout) -> jax.Array:
-    """Dropless expert parallelism on one device of the shard_map: rows [a, embed] sorted by
-    their `experts` [a] (`sizes` per expert) → their experts' outputs, computed where the
-    experts live.
+def _exchanged(
+    rows, sizes, w_gate, w_up, w_down, spec: MoESpec, layout: _Layout
+) -> tuple[jax.Array, jax.Array]:
+    """Expert parallelism on one device of the shard_map: rows [a, embed] sorted by expert
+    (`sizes` per expert) → (their experts' outputs, computed where the experts live; the share
+    of rows dropped).
 
     Each device sends every other the block of rows for its experts, and receives the blocks of
-    rows for its own one source after another, in a buffer for the worst case (every row of
-    every device to it: shards × a rows, the tail unused); it groups them by its local expert,
-    runs the grouped matmuls, and sends the outputs back, which land in the rows' sorted order.
-    The blocks' sizes and places come from the matrix of row counts, all-gathered first."""
+    rows for its own, one source after another, in a buffer of `receive_rows` (the worst case,
+    every row of every device to it, unless `spec.receive_factor` bounds it: then the rows past
+    its end are dropped, their outputs zero); it groups them by its local expert, runs the
+    grouped matmuls, and sends the outputs back, which land in the rows' sorted order. The
+    blocks' sizes and places come from the matrix of row counts, all-gathered first."""
     assigned, width = rows.shape
     shards, here = layout.shards, spec.num_experts // layout.shards
+    buffer_rows = spec.receive_rows(assigned, shards)
     me = jax.lax.axis_index(layout.expert_axes)
     per_shard = sizes.reshape(shards, here)  # my rows for each device's experts
     counts = layout.exchange(per_shard)  # [source, here]: the rows each device sends me, per expert
     matrix = jax.lax.all_gather(jnp.sum(per_shard, axis=1), layout.expert_axes, tiled=False)  # [from, to]
-    sent, received = matrix[me], matrix[:, me]
-    start = jnp.cumsum(sent) - sent  # where each device's block starts in my rows
-    placed = (jnp.cumsum(matrix, axis=0) - matrix)[me]  # where my block lands on each device
-    arrived = jnp.cumsum(received) - received  # where each source's block lands on me
+    landing = jnp.cumsum(matrix, axis=0) - matrix  # where each block lands on its receiver
+    kept = jnp.clip(buffer_rows - landing, 0, matrix)  # of each block, the rows that fit there
+    sent, received = kept[me], kept[:, me]
+    start = (jnp.cumsum(matrix, axis=1) - matrix)[me]  # where each device's block starts in my rows
+    arrived = landing[:, me]  # where each source's block lands on me
     buffer = layout.ragged_exchange(
-        rows, jnp.zeros((shards * assigned, width), rows.dtype), start, sent, placed, received
+        rows, jnp.zeros((buffer_rows, width), rows.dtype), start, sent, landing[me], received
     )
-    # The local expert of each received row (sorted within each source's block); `here`: unused.
-    place = jnp.arange(shards * assigned)
+    # The local expert of each received row (each source's block sorted by expert, and cut
+    # where the buffer ends); `here`: unused.
+    place = jnp.arange(buffer_rows)
     source = jnp.minimum(jnp.searchsorted(jnp.cumsum(received), place, side="right"), shards - 1)
     within = place - arrived[source]
     local = jnp.sum(within[:, None] >= jnp.cumsum(counts, axis=1)[source], axis=1)
     local = jnp.where(place < jnp.sum(received), local, here)
     by_expert = jnp.argsort(local, stable=True)
-    out = _expert_mlps(
-        jnp.take(buffer, by_expert, axis=0),
-        w_gate,
-        w_up,
-        w_down,
-        jnp.sum(counts, axis=0).astype(jnp.int32),
-        spec,
-    )
+    group_sizes = jnp.bincount(local, length=here + 1)[:here].astype(jnp.int32)
+    out = _expert_mlps(jnp.take(buffer, by_expert, axis=0), w_gate, w_up, w_down, group_sizes, spec)
     out = jnp.zeros_like(out).at[by_expert].set(out)
     # Back: each source's block from where it arrived to where it started.
     back_to = (jnp.cumsum(matrix, axis=1) - matrix)[:, me]  # where my experts' rows started on each source
-    return layout.ragged_exchange(out, jnp.zeros_like(rows), arrived, received, back_to, sent)
+    out = layout.ragged_exchange(out, jnp.zeros_like(rows), arrived, received, back_to, sent)
+    return out, (assigned - jnp.sum(sent)).astype(jnp.float32) / assigned
 
 
 def with_capacity(
@@ -278,9 +294,9 @@ class _Layout:
             return jax.lax.ragged_all_to_all(
                 rows, output, offsets, sizes, output_offsets, receive_sizes, axis_name=self.expert_axes
             )
-        count = rows.shape[0]
+        count = min(rows.shape[0], output.shape[0])  # no block is longer than a receiver's output
         place = jnp.arange(count)
-        blocks = jnp.take(rows, jnp.minimum(offsets[:, None] + place, count - 1), axis=0)
+        blocks = jnp.take(rows, jnp.minimum(offsets[:, None] + place, rows.shape[0] - 1), axis=0)
         blocks = jnp.where((place < sizes[:, None])[..., None], blocks, 0)  # [shards, count, ...]
         arrived, at = self.exchange(blocks), self.exchange(output_offsets[:, None])[:, 0]
         index = jnp.where(place < receive_sizes[:, None], at[:, None] + place, output.shape[0])
@@ -311,15 +327,10 @@ def sharded_experts(
         batch, length, d = x.shape
         routing = Routing(weights.reshape(batch * length, -1), experts.reshape(batch * length, -1), None)
         flat = x.reshape(batch * length, d)
-        if spec.capacity_factor is None:
-            y, dropped = (
-                dropless(flat, routing, w_gate, w_up, w_down, spec, layout),
-                jnp.zeros((), jnp.float32),
-            )
-        else:
-            y, dropped = with_capacity(flat, routing, w_gate, w_up, w_down, spec, layout)
-            if layout.token_axes:
-                dropped = jax.lax.pmean(dropped, layout.token_axes)
+        expert_parallel = _dropless if spec.capacity_factor is None else with_capacity
+        y, dropped = expert_parallel(flat, routing, w_gate, w_up, w_down, spec, layout)
+        if layout.token_axes:
+            dropped = jax.lax.pmean(dropped, layout.token_axes)
         if layout.mlp_axes:
             y = jax.lax.psum(y, layout.mlp_axes)
         return y.reshape(batch, length, d), dropped

@@ -91,13 +91,13 @@ def _in_mesh_order(config: Config, devices: list[jax.Device]) -> list[jax.Device
     sizes = parallel.mesh_shape(config.mesh, len(devices))
     shape = tuple(sizes[axis] for axis in MESH_AXES)
     try:
-        mesh = jax.make_mesh(shape, MESH_AXES, devices=devices)
-    except (ValueError, NotImplementedError) as error:
+        grid = parallel.topology_grid(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError) as error:
         raise ConfigError(
             f"mesh {dict(zip(MESH_AXES, shape, strict=True))} cannot be laid onto this topology "
             f"({str(error).splitlines()[0]}); choose axis sizes that follow the topology's shape"
         ) from None
-    return list(mesh.devices.flat)
+    return list(grid.flat)
 
 
 def recomputes_weight_matmuls(model: ModelConfig) -> bool:
