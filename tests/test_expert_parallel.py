@@ -14,8 +14,8 @@ from flax import nnx
 from jaxlm import parallel
 from jaxlm.config import MESH_AXES
 from jaxlm.errors import ConfigError
-from jaxlm.model.decoder import MOE_RULES
 from jaxlm.model import moe
+from jaxlm.model.decoder import MOE_RULES
 from jaxlm.model.moe import MoE, MoESpec
 from jaxlm.training.train import train
 
