@@ -7,6 +7,7 @@ devices.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -139,7 +140,45 @@ class LinearRopeScaling:
         return inv_freq / self.factor
 
 
-FrequencyScaling = Llama3RopeScaling | LinearRopeScaling
+@dataclass(frozen=True)
+class YarnRopeScaling:
+    """YaRN's stretch (DeepSeek-V3's rope_scaling): frequencies that turn fewer than `beta_slow`
+    times over the original context are divided by `factor`, those that turn more than
+    `beta_fast` times are kept, and a linear ramp over the channels between blends the two.
+    `theta` is the base the frequencies came from (the ramp's bounds depend on it)."""
+
+    factor: float
+    original_max_positions: int
+    theta: float
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+
+    def __call__(self, inv_freq: jax.Array) -> jax.Array:
+        half = inv_freq.shape[0]
+
+        def channel(rotations: float) -> float:  # the channel whose frequency turns `rotations` times
+            return (
+                2
+                * half
+                * math.log(self.original_max_positions / (rotations * 2 * math.pi))
+                / (2 * math.log(self.theta))
+            )
+
+        low, high = channel(self.beta_fast), channel(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, 2 * half - 1)
+        ramp = jnp.clip((jnp.arange(half, dtype=jnp.float32) - low) / ((high - low) or 0.001), 0, 1)
+        return inv_freq / self.factor * ramp + inv_freq * (1 - ramp)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context stretched `factor` times."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+FrequencyScaling = Llama3RopeScaling | LinearRopeScaling | YarnRopeScaling
 
 
 def rotary_angles(
@@ -329,7 +368,7 @@ def xla_attention(
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(batch, length, heads, head_dim)
+    return out.reshape(batch, length, heads, v.shape[-1])  # values may be narrower than keys (MLA)
 
 
 def cached_attention(

@@ -1,0 +1,78 @@
+"""Multi-head latent attention (model/mla.py) against transformers' DeepseekV3Attention on random
+weights (tests/fixtures/mla, made by make_fixture.py): queries through one projection and through
+a bottleneck, interleaved rotary channels, YaRN's frequencies and its mscale in the scale."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO
+from flax import nnx
+
+from jaxlm.model.layers import YarnRopeScaling, attention_mask, rotary_angles, yarn_mscale
+from jaxlm.model.mla import MLA, MLASpec
+
+FIXTURES = REPO / "tests/fixtures/mla"
+HEADS, KV_RANK, NOPE, ROPE, V = 4, 16, 16, 8, 12
+YARN = YarnRopeScaling(factor=4.0, original_max_positions=16, theta=10000.0)
+
+
+def spec_of(name: str) -> MLASpec:
+    q_rank = None if name == "mla_q_full" else 24
+    scale = (NOPE + ROPE) ** -0.5 * (1 if q_rank is None else yarn_mscale(4.0, 1.0) ** 2)
+    return MLASpec(HEADS, KV_RANK, NOPE, ROPE, V, q_rank=q_rank, scale=scale)
+
+
+def load(name: str) -> tuple[MLA, dict]:
+    """The fixture's layer as jaxlm's: transformers' [out, in] matrices split into heads."""
+    fixture = dict(np.load(FIXTURES / f"{name}.npz"))
+    weight = {
+        key.removeprefix("weight/").removesuffix(".weight"): value
+        for key, value in fixture.items()
+        if key.startswith("weight/")
+    }
+    spec = spec_of(name)
+    layer = MLA(64, spec, nnx.Rngs(0), 0.02, 0.02, jnp.float32)
+    if spec.q_rank is None:
+        layer.wq[...] = weight["q_proj"].T.reshape(64, HEADS, NOPE + ROPE)
+    else:
+        layer.wq_a[...] = weight["q_a_proj"].T
+        layer.q_norm.scale[...] = weight["q_a_layernorm"]
+        layer.wq_b[...] = weight["q_b_proj"].T.reshape(spec.q_rank, HEADS, NOPE + ROPE)
+    layer.wkv_a[...] = weight["kv_a_proj_with_mqa"].T
+    layer.kv_norm.scale[...] = weight["kv_a_layernorm"]
+    layer.wkv_b[...] = weight["kv_b_proj"].T.reshape(KV_RANK, HEADS, NOPE + V)
+    layer.wo[...] = weight["o_proj"].T.reshape(HEADS, V, 64)
+    return layer, fixture
+
+
+@pytest.mark.parametrize("name", ["mla_q_full", "mla_q_rank"])
+def test_latent_attention_computes_transformers_deepseek_v3_attention(name):
+    layer, fixture = load(name)
+    spec = layer.spec
+    assert abs(spec.scale - float(fixture["scaling"])) < 1e-12
+    x = jnp.asarray(fixture["x"])
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    scaling = None if spec.q_rank is None else YARN
+    rope = rotary_angles(positions, ROPE, 10000.0, x.shape[1], scaling)
+    if scaling is not None:  # YaRN's frequencies, as transformers computes them
+        inv_freq = scaling(1.0 / (10000.0 ** (jnp.arange(ROPE // 2, dtype=jnp.float32) / (ROPE // 2))))
+        np.testing.assert_allclose(inv_freq, fixture["inv_freq"], rtol=1e-6)
+        assert float(fixture["attention_scaling"]) == 1.0  # mscale = mscale_all_dim: cos and sin unscaled
+    mask = attention_mask(jnp.ones(x.shape[:2], jnp.int32))
+    out = layer(x, rope, mask)
+    expected = fixture["out"]
+    assert float(jnp.max(jnp.abs(out - expected))) <= 1e-5 * float(np.abs(expected).max()) + 1e-6
+
+
+def test_keys_and_values_come_out_of_the_latent_alone():
+    """What a compressed cache holds (the latent and the shared positional key: kv_rank +
+    rope_dim per token) gives every head's keys and values."""
+    layer, fixture = load("mla_q_full")
+    x = jnp.asarray(fixture["x"])
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    rope = rotary_angles(positions, ROPE, 10000.0, x.shape[1])
+    latent, k_pe = layer.latent(x, *rope)
+    assert latent.shape[-1] + k_pe.shape[-1] == KV_RANK + ROPE  # 24 per token, for 4 heads' 28 + 12
+    k, v = layer.keys_values(latent, k_pe)
+    assert k.shape == (*x.shape[:2], HEADS, NOPE + ROPE) and v.shape == (*x.shape[:2], HEADS, V)
+    np.testing.assert_array_equal(k[:, :, 0, NOPE:], k[:, :, 3, NOPE:])  # one positional key for all heads
