@@ -30,7 +30,7 @@ from jaxlm.training.setup import build_model
 from jaxlm.training.train import train
 
 FIXTURES = REPO / "tests/fixtures/hf"
-FAMILIES = ["mistral", "qwen3", "gemma3", "gemma3_softcap", "mixtral", "qwen3_moe", "olmoe"]
+FAMILIES = ["mistral", "qwen3", "gemma3", "gemma3_softcap", "mixtral", "qwen3_moe", "olmoe", "deepseek_v3"]
 
 
 def reference(name: str) -> dict[str, np.ndarray]:
@@ -101,7 +101,7 @@ def test_transformers_logits_on_a_tensor_and_fsdp_mesh(name):
     assert logit_error(loaded, name) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3"])
 def test_transformers_logits_on_an_expert_and_fsdp_mesh(name):
     """Each device reads and holds a quarter of the experts (hf/read reads a block's experts
     only), and the tokens go to them by all-to-all."""
@@ -165,6 +165,16 @@ FAMILY_TINY = {
         "model.attn_logit_softcapping=50",
     ],
     "mixtral": ["model.family=mixtral", "model.num_experts=4", "model.router_z_weight=0.001"],
+    "deepseek_v3": [
+        *("model.family=deepseek_v3", "model.num_experts=4", "model.mlp_dim=32", "model.q_lora_rank=32"),
+        *(
+            "model.kv_lora_rank=16",
+            "model.qk_nope_head_dim=16",
+            "model.qk_rope_head_dim=8",
+            "model.v_head_dim=16",
+        ),
+        *("model.first_k_dense_replace=1", "model.dense_mlp_dim=128", "model.expert_groups=2"),
+    ],
 }
 
 
@@ -183,6 +193,7 @@ SPLITS = {
         ("qwen3", "data"),
         ("gemma3", "context"),
         ("mixtral", "data"),
+        ("deepseek_v3", "data"),
     ],
 )
 def test_a_mesh_split_trains_to_the_single_device_losses(tmp_path, name, split):
@@ -233,6 +244,16 @@ def test_lora_fine_tunes_a_mixture_of_experts_on_its_attention_and_exports_peft_
     assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     read = read_adapter(tmp_path / "adapter", with_adapters)
     assert jax.tree.all(jax.tree.map(jnp.array_equal, split_adapters(read)[0], trained))
+
+
+def test_latent_attention_refuses_a_kernel_other_than_xla_in_one_line(tmp_path):
+    splash = ["attention.kernel=splash", "attention.splash_interpret=true", "data.seq_len=128"]
+    with pytest.raises(
+        ConfigError,
+        match=r"^attention.kernel=splash does not compute the latent attention \(values narrower than keys\) "
+        r"model.family=deepseek_v3 asks for; use attention.kernel=xla \(or auto\)$",
+    ):
+        build_model(tiny_config(tmp_path, *FAMILY_TINY["deepseek_v3"], *splash), jax.devices()[:1])
 
 
 def test_more_experts_per_token_than_experts_is_one_line(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 from flax import nnx
 
-from jaxlm.model.layers import YarnRopeScaling, attention_mask, rotary_angles, yarn_mscale
+from jaxlm.model.layers import YarnRopeScaling, attention_mask, cache_masks, rotary_angles, yarn_mscale
 from jaxlm.model.mla import MLA, MLASpec
 
 FIXTURES = REPO / "tests/fixtures/mla"
@@ -59,7 +59,7 @@ def test_latent_attention_computes_transformers_deepseek_v3_attention(name):
         np.testing.assert_allclose(inv_freq, fixture["inv_freq"], rtol=1e-6)
         assert float(fixture["attention_scaling"]) == 1.0  # mscale = mscale_all_dim: cos and sin unscaled
     mask = attention_mask(jnp.ones(x.shape[:2], jnp.int32))
-    out = layer(x, rope, mask)
+    out, _ = layer(x, rope, mask)
     expected = fixture["out"]
     assert float(jnp.max(jnp.abs(out - expected))) <= 1e-5 * float(np.abs(expected).max()) + 1e-6
 
@@ -76,3 +76,24 @@ def test_keys_and_values_come_out_of_the_latent_alone():
     k, v = layer.keys_values(latent, k_pe)
     assert k.shape == (*x.shape[:2], HEADS, NOPE + ROPE) and v.shape == (*x.shape[:2], HEADS, V)
     np.testing.assert_array_equal(k[:, :, 0, NOPE:], k[:, :, 3, NOPE:])  # one positional key for all heads
+
+
+def test_the_compressed_cache_attends_as_the_expanded_keys_and_values_do():
+    """A prompt's first 16 tokens into an empty cache, then 8 more over it: the absorbed
+    attention over latents gives the layer's output on all 24 at once."""
+    layer, fixture = load("mla_q_rank")
+    x = jnp.asarray(fixture["x"])
+    batch, length = x.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    rope = rotary_angles(positions, ROPE, 10000.0, length, YARN)
+    whole, _ = layer(x, rope, attention_mask(jnp.ones((batch, length), jnp.int32)))
+    first, rest = slice(0, 16), slice(16, length)
+    empty = jnp.zeros((batch, length), jnp.int32)
+    masks = cache_masks(jnp.ones((batch, 16), jnp.int32), empty, jnp.asarray(0))
+    head, (latent, k_pe) = layer(x[:, first], tuple(r[:, first] for r in rope), masks, (None, None))
+    cache_segments = empty.at[:, :16].set(1)
+    slots = jnp.zeros((batch, 1, length, KV_RANK)).at[:, 0, :16].set(latent[:, :, 0])
+    pe_slots = jnp.zeros((batch, 1, length, ROPE)).at[:, 0, :16].set(k_pe[:, :, 0])
+    masks = cache_masks(jnp.ones((batch, 8), jnp.int32), cache_segments, jnp.asarray(16))
+    tail, _ = layer(x[:, rest], tuple(r[:, rest] for r in rope), masks, (slots, pe_slots))
+    np.testing.assert_allclose(jnp.concatenate([head, tail], axis=1), whole, atol=2e-6, rtol=1e-5)

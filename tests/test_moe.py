@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm.model import moe
+from jaxlm.model import decoder, moe
 from jaxlm.training.metrics import matmul_flops
 
 TOKENS, D, M, E, K = 48, 16, 24, 8, 2
@@ -210,12 +210,15 @@ def test_the_layer_adds_its_shared_experts_and_names_the_expert_axis():
     assert set(out.aux_losses) == {"load_balance", "router_z"} and float(out.dropped) == 0.0
     assert float(out.load.sum()) == pytest.approx(1.0)
     assert layer.w_gate.out_sharding == ("expert", "embed", "expert_mlp")
-    # The balancing bias is state, not a parameter: gradients and the optimizer never see it.
-    assert (
-        not issubclass(moe.RouterBias, nnx.Param)
-        and len(jax.tree.leaves(nnx.state(layer, moe.RouterBias))) == 1
-    )
-    assert len(jax.tree.leaves(nnx.state(layer, nnx.Param))) == 7
+    # The balancing bias is a parameter (loaded, checkpointed, exported with the rest) that only
+    # moves the choice: it gets no gradient, and no weight decay.
+    assert len(jax.tree.leaves(nnx.state(layer, moe.RouterBias))) == 1
+    assert len(jax.tree.leaves(nnx.state(layer, nnx.Param))) == 8
+    graphdef, params = nnx.split(layer, nnx.Param)
+    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x).y ** 2))(params)
+    assert float(jnp.abs(grads["router_bias"][...]).max()) == 0.0
+    assert float(jnp.abs(grads["router"][...]).max()) > 0
+    assert not decoder.decays("blocks.mlp.router_bias", decay_embeddings=True)
 
 
 def test_flop_counts_take_each_row_through_its_own_expert_only(inputs):

@@ -1,6 +1,6 @@
 """Model families (Flax NNX). `registry` says what a family provides; each family registers here."""
 
-from jaxlm.model import gemma3, gpt2, llama, mistral, mixtral, olmoe, qwen3, qwen3_moe, registry
+from jaxlm.model import deepseek_v3, gemma3, gpt2, llama, mistral, mixtral, olmoe, qwen3, qwen3_moe, registry
 
 for family in (
     llama.FAMILY,
@@ -11,5 +11,6 @@ for family in (
     mixtral.FAMILY,
     qwen3_moe.FAMILY,
     olmoe.FAMILY,
+    deepseek_v3.FAMILY,
 ):
     registry.register(family)

@@ -43,6 +43,7 @@ from jaxlm.model.layers import (
     xla_attention,
 )
 from jaxlm.model.lora import Adapters, LoRASpec, key_for
+from jaxlm.model.mla import MLA, MLASpec
 from jaxlm.model.moe import MoE, MoESpec
 from jaxlm.model.registry import (
     AttentionNeeds,
@@ -181,7 +182,12 @@ class DecoderSpec:
     query_scale: float | None = None  # scores' scale; None: head_dim ** -0.5
     attn_softcap: float | None = None  # scores → cap · tanh(scores / cap)
     final_softcap: float | None = None  # logits → cap · tanh(logits / cap)
-    moe: MoESpec | None = None  # every layer's MLP a mixture of experts (model/moe.py)
+    moe: MoESpec | None = None  # every layer's MLP a mixture of experts (model/moe.py)...
+    dense_layers: int = (
+        0  # ...but the first this many, whose MLP is dense (DeepSeek-V3's first_k_dense_replace)
+    )
+    dense_mlp_dim: int = 0  # those layers' MLP width
+    mla: MLASpec | None = None  # multi-head latent attention (model/mla.py) instead of grouped-query
 
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -352,7 +358,12 @@ class Block(nnx.Module):
         lora: LoRASpec | None = None,
     ):
         self.attention_norm = _norm(config, spec, config.d_model)
-        self.attention = Attention(config, spec, rngs, kernel, lora)
+        if spec.mla is None:
+            self.attention = Attention(config, spec, rngs, kernel, lora)
+        else:
+            out_std = config.init_std / (2 * config.num_layers) ** 0.5
+            pdt = dtype_of(config.param_dtype)
+            self.attention = MLA(config.d_model, spec.mla, rngs, config.init_std, out_std, pdt)
         self.mlp_norm = _norm(config, spec, config.d_model)
         if spec.moe is None:
             self.mlp = MLP(config, spec, rngs, lora)
@@ -407,17 +418,26 @@ class Decoder(nnx.Module):
         self.scan_layers = config.scan_layers
         self.num_layers, self.num_kv_heads = config.num_layers, config.num_kv_heads
         self.head_dim, self.d_model = config.head_dim, config.d_model
+        # Rotary channels per head; latent attention caches one latent and positional key per token.
+        self.rope_dim = config.head_dim if spec.mla is None else spec.mla.rope_dim
+        self.dense_layers = spec.dense_layers
         self.tie_embeddings = config.tie_embeddings
         self.embedding = param(
             rngs, (config.vocab_size, config.d_model), ("vocab", "embed"), config.init_std, pdt
         )
 
-        @nnx.split_rngs(splits=config.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def stacked_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(config, spec, rngs, kernel, lora)
+        def stack(count: int, config: DecoderConfig, spec: DecoderSpec):
+            @nnx.split_rngs(splits=count)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(config, spec, rngs, kernel, lora)
 
-        self.blocks = stacked_blocks(rngs)
+            return stacked_blocks(rngs)
+
+        if spec.dense_layers:  # the dense first layers, then the mixtures: two stacks, two scans
+            dense = config.model_copy(update={"mlp_dim": spec.dense_mlp_dim})
+            self.dense_blocks = stack(spec.dense_layers, dense, dataclasses.replace(spec, moe=None))
+        self.blocks = stack(config.num_layers - spec.dense_layers, config, spec)
         self.final_norm = _norm(config, spec, config.d_model)
         if not config.tie_embeddings:
             self.lm_head = param(
@@ -479,7 +499,7 @@ class Decoder(nnx.Module):
         return {"aux_losses": losses, "metrics": metrics}
 
     def _rope(self, kind: LayerKind, positions: jax.Array, table_length: int):
-        return rotary_angles(positions, self.head_dim, kind.rope_theta, table_length, kind.rope_scaling)
+        return rotary_angles(positions, self.rope_dim, kind.rope_theta, table_length, kind.rope_scaling)
 
     def _per_kind(self, shared):
         """What every layer shares, computed once per kind of layer: `shared(kind)` for each, and
@@ -514,18 +534,29 @@ class Decoder(nnx.Module):
             return rope, documents
 
         per_kind, kinds = self._per_kind(shared)
-        block_def, block_params = nnx.split(self.blocks)
         # One dropout key per layer, scanned with its parameters.
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
+        routed = None
+        for blocks, layers in self._stacks():
+            block_def, block_params = nnx.split(blocks)
 
-        def apply_block(x, layer):
-            layer_params, key, kind = layer
-            rope, documents = self._select(per_kind, kind)
-            x, _, routed = nnx.merge(block_def, layer_params)(x, rope, documents, dropout_key=key)
-            return x, routed
+            def apply_block(x, layer, block_def=block_def):
+                layer_params, key, kind = layer
+                rope, documents = self._select(per_kind, kind)
+                x, _, routed = nnx.merge(block_def, layer_params)(x, rope, documents, dropout_key=key)
+                return x, routed
 
-        apply_block = remat.checkpointed(apply_block, *self.remat)
-        return over_layers(apply_block, x, (block_params, keys, kinds), self.scan_layers)
+            apply_block = remat.checkpointed(apply_block, *self.remat)
+            scanned = (block_params, _part(keys, layers), _part(kinds, layers))
+            x, routed = over_layers(apply_block, x, scanned, self.scan_layers)
+        return x, routed  # the mixtures' (the last stack's)
+
+    def _stacks(self) -> list[tuple[nnx.Module, slice]]:
+        """The stacks of blocks in order, each with the layers it holds."""
+        if not self.dense_layers:
+            return [(self.blocks, slice(0, self.num_layers))]
+        first = self.dense_layers
+        return [(self.dense_blocks, slice(0, first)), (self.blocks, slice(first, self.num_layers))]
 
     def _blocks_with_cache(self, x, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """The blocks over tokens that continue the cache's rows, writing their keys and values
@@ -538,15 +569,22 @@ class Decoder(nnx.Module):
             return self._rope(kind, positions, max_length), masks
 
         per_kind, kinds = self._per_kind(shared)
-        block_def, block_params = nnx.split(self.blocks)
+        written = []
+        for blocks, layers in self._stacks():
+            block_def, block_params = nnx.split(blocks)
 
-        def apply_block(x, layer):
-            layer_params, keys, values, kind = layer
-            rope, documents = self._select(per_kind, kind)
-            return nnx.merge(block_def, layer_params)(x, rope, documents, (keys, values))[:2]
+            def apply_block(x, layer, block_def=block_def):
+                layer_params, keys, values, kind = layer
+                rope, documents = self._select(per_kind, kind)
+                return nnx.merge(block_def, layer_params)(x, rope, documents, (keys, values))[:2]
 
-        read = (None, None) if cache.empty else (cache.keys, cache.values)
-        x, (keys, values) = over_layers(apply_block, x, (block_params, *read, kinds), self.scan_layers)
+            read = (None, None) if cache.empty else (cache.keys[layers], cache.values[layers])
+            scanned = (block_params, *read, _part(kinds, layers))
+            x, new = over_layers(apply_block, x, scanned, self.scan_layers)
+            written.append(new)
+        keys, values = (
+            jnp.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*written, strict=True)
+        )
         return x, cache.appended(keys, values, segment_ids)
 
     def output_head(self) -> OutputHead:
@@ -557,15 +595,23 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty cache; under `parallel.activation_sharding` (in a jitted function) it is born
         sharded by `KVCache.logical_axes`."""
-        shape = (self.num_layers, batch, self.num_kv_heads, max_length, self.head_dim)
+        shape = (self.num_layers, batch, self.num_kv_heads, max_length)
+        widths = (self.head_dim, self.head_dim)
+        if self.spec.mla is not None:  # one latent and one positional key per token
+            shape, widths = (self.num_layers, batch, 1, max_length), (self.spec.mla.kv_rank, self.rope_dim)
         axes = KVCache.logical_axes()
         return KVCache(
-            keys=constrain(jnp.zeros(shape, self.dtype), axes.keys),
-            values=constrain(jnp.zeros(shape, self.dtype), axes.values),
+            keys=constrain(jnp.zeros((*shape, widths[0]), self.dtype), axes.keys),
+            values=constrain(jnp.zeros((*shape, widths[1]), self.dtype), axes.values),
             segment_ids=constrain(jnp.zeros((batch, max_length), jnp.int32), axes.segment_ids),
             length=jnp.zeros((), jnp.int32),
             empty=True,
         )
+
+
+def _part(per_layer, layers: slice):
+    """The layers' part of something given per layer (a list, an array, or None)."""
+    return None if per_layer is None else per_layer[layers]
 
 
 def bias(shape: tuple[int, ...], logical_axes: tuple[str, ...], dtype: jnp.dtype) -> nnx.Param:
@@ -607,7 +653,7 @@ def decays(path: str, decay_embeddings: bool) -> bool:
     """Weight matrices decay; norm scales and biases never; the embedding only with
     optim.decay_embeddings."""
     name = path.rsplit(".", 1)[-1]
-    if name in ("scale", "bq", "bk", "bv"):
+    if name in ("scale", "bq", "bk", "bv", "router_bias"):
         return False
     return decay_embeddings or name != "embedding"
 
@@ -660,35 +706,44 @@ def family(
     hf: HuggingFace,
     shape_keys: tuple[str, ...] = SHAPE_KEYS,
     moe: bool = False,
+    *,
+    flops: Callable | None = None,
+    layer_traffic: Callable | None = None,
+    attention: Callable | None = None,
+    rules: dict | None = None,
+    projections: tuple | None = None,
 ) -> ModelFamily:
     """The registry entry of a family of this decoder: its name, config section, `spec` (what the
     decoder computes for a config) and Hugging Face conversion; the decoder answers the rest
     (FLOPs, weight decay, logical axes and their rules, collective traffic, LoRA projections,
     named activations), and what its attention needs follows from the spec's windows and cap.
-    `moe`: its MLPs are mixtures of experts (the experts' axes, and LoRA on attention only)."""
+    `moe`: its MLPs are mixtures of experts (the experts' axes, and LoRA on attention only). A
+    family whose layers differ more (DeepSeek-V3's latent attention) gives its own `flops`,
+    `layer_traffic`, `attention` needs, extra `rules` and LoRA `projections`."""
 
     def build(
         config: DecoderConfig, rngs, kernel: AttentionKernel = XLA_KERNEL, lora: LoRASpec | None = None
     ):
         return Decoder(config, spec(config), rngs, kernel, lora)
 
-    def attention(config: DecoderConfig) -> AttentionNeeds:
+    def attention_needs(config: DecoderConfig) -> AttentionNeeds:
         computed = spec(config)
         windows = [kind.window for kind in computed.kinds if kind.window is not None]
         return AttentionNeeds(sliding_window=max(windows, default=None), logit_softcap=computed.attn_softcap)
 
+    default_projections = PROJECTIONS[:4] if moe else PROJECTIONS  # LoRA adapts no expert (yet)
     return ModelFamily(
         name=name,
         config=config,
         build=build,
-        flops_per_token=flops_per_token,
+        flops_per_token=flops or flops_per_token,
         decays=decays,
         hf=hf,
-        projections=PROJECTIONS[:4] if moe else PROJECTIONS,  # LoRA adapts no expert (yet)
+        projections=default_projections if projections is None else projections,
         lora_targets=LORA_TARGETS,
         shape_keys=shape_keys,
-        rules={**RULES, **MOE_RULES} if moe else RULES,
-        traffic=traffic,
-        attention=attention,
+        rules={**RULES, **(MOE_RULES if moe else {}), **(rules or {})},
+        traffic=layer_traffic or traffic,
+        attention=attention or attention_needs,
         activations=NAMED_ACTIVATIONS,
     )

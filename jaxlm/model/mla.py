@@ -108,10 +108,45 @@ class MLA(nnx.Module):
         k_pe = jnp.broadcast_to(k_pe[:, :, None], (*k_nope.shape[:3], spec.rope_dim))
         return jnp.concatenate([k_nope, k_pe.astype(k_nope.dtype)], axis=-1), v
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
-        """x [batch, length, embed]; rope: `rotary_angles` (sin, cos) of rope_dim; mask [batch,
-        1, length, length] (`attention_mask`) → [batch, length, embed]."""
+    def __call__(self, x: jax.Array, rope, documents, cache=None, dropout_key=None):
+        """x [batch, length, embed]; rope: `rotary_angles` (sin, cos) of rope_dim; documents:
+        `attention_mask` [batch, 1, length, length], or with a cache its `cache_masks`. cache:
+        this layer's compressed cache (the latents [batch, 1, max_length, kv_rank] and positional
+        keys [batch, 1, max_length, rope_dim], `KVCache`'s keys and values), read only; None each
+        for an empty one. Returns the output [batch, length, embed] and, with a cache, x's latents
+        and positional keys [batch, length, 1, ...] for the caller to write."""
+        del dropout_key  # no adapters on latent attention (yet)
         q = self.queries(x, *rope)
-        k, v = self.keys_values(*self.latent(x, *rope))
-        out = xla_attention(q, k, v, mask)  # [batch, length, heads, v_dim]
-        return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(x.dtype))
+        latent, k_pe = self.latent(x, *rope)
+        if cache is None:
+            k, v = self.keys_values(latent, k_pe)
+            out = xla_attention(q, k, v, documents)  # [batch, length, heads, v_dim]
+        else:
+            out = self._absorbed(q, latent, k_pe, cache, documents)
+            cache = (latent[:, :, None], k_pe[:, :, None])
+        return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(x.dtype)), cache
+
+    def _absorbed(self, q, latent, k_pe, cache, masks) -> jax.Array:
+        """Attention of new tokens over the compressed cache and themselves, without expanding
+        the cache into keys and values: W_kvb's key part folds into the queries (scores against
+        the latents), its value part is applied after the weighted sum of latents. Per cached
+        token it reads kv_rank + rope_dim numbers, not heads × (qk + v_dim)."""
+        spec, dt = self.spec, q.dtype
+        w = self.wkv_b[...].astype(dt)
+        w_k, w_v = w[..., : spec.nope_dim], w[..., spec.nope_dim :]  # [kv_rank, heads, ...]
+        q = q * jnp.asarray(spec.qk_dim**-0.5, dt)
+        q_latent = jnp.einsum("bthn,rhn->bthr", q[..., : spec.nope_dim], w_k)
+        q_pe = q[..., spec.nope_dim :]
+        cached_latent, cached_pe = cache
+        in_cache, in_new = masks
+        if cached_latent is None:
+            latents, pes, mask = latent, k_pe, in_new
+        else:
+            latents = jnp.concatenate([cached_latent[:, 0].astype(dt), latent], axis=1)
+            pes = jnp.concatenate([cached_pe[:, 0].astype(dt), k_pe], axis=1)
+            mask = jnp.concatenate([in_cache, in_new], axis=-1)
+        scores = jnp.einsum("bthr,bsr->bhts", q_latent, latents, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bthp,bsp->bhts", q_pe, pes, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        return jnp.einsum("bhts,bsr,rhv->bthv", probs, latents, w_v)

@@ -404,7 +404,7 @@ class MoE(nnx.Module):
         return MoEOutput(y.reshape(batch, length, d), aux, expert_load(routing, spec.num_experts), dropped)
 
 
-class RouterBias(nnx.Variable):
+class RouterBias(nnx.Param):
     """The sigmoid router's per-expert balancing bias (DeepSeek-V3's e_score_correction_bias): it
-    shifts which experts are chosen, not their weights, and is moved toward balance between steps,
-    not by gradients."""
+    shifts which experts are chosen, not their weights, so it gets no gradient (and no weight
+    decay); DeepSeek moves it toward balance between steps, which jaxlm does not do yet."""

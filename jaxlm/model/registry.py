@@ -105,6 +105,7 @@ class AttentionNeeds:
     # Tokens a query sees back (itself included) in its layers with a local window, if any.
     sliding_window: int | None = None
     logit_softcap: float | None = None  # soft-capping of the attention scores
+    latent: bool = False  # multi-head latent attention: values of another width than keys (XLA's einsums)
 
 
 @dataclass(frozen=True)
@@ -121,17 +122,21 @@ class HFTensor:
     order: tuple[int, ...]
     stacked: bool  # the parameter has a leading `layers` axis, one Hugging Face tensor per layer
     experts: int = 0  # and then an `experts` axis of this many, one tensor per expert (0: none)
+    # A stack of some of the layers (DeepSeek-V3's dense first ones, then its mixtures): the
+    # checkpoint's first layer of it and how many; None: every layer.
+    layers: tuple[int, int] | None = None
 
     def names(self, num_layers: int) -> list[tuple[tuple[int, ...] | None, str]]:
         """(index of the leading axes it fills, or None for the whole parameter; its name) of
         each Hugging Face tensor that holds the parameter."""
         if not self.stacked:
             return [(None, self.name)]
+        first, count = self.layers or (0, num_layers)
         if not self.experts:
-            return [((layer,), self.name.format(layer=layer)) for layer in range(num_layers)]
+            return [((layer,), self.name.format(layer=first + layer)) for layer in range(count)]
         return [
-            ((layer, expert), self.name.format(layer=layer, expert=expert))
-            for layer in range(num_layers)
+            ((layer, expert), self.name.format(layer=first + layer, expert=expert))
+            for layer in range(count)
             for expert in range(self.experts)
         ]
 

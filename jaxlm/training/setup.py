@@ -183,6 +183,8 @@ def _unmet_needs(needs: registry.AttentionNeeds, kind: str) -> str:
         unmet.append(f"sliding window of {needs.sliding_window} tokens")
     if needs.logit_softcap is not None and kind != "xla":
         unmet.append(f"soft-capping of attention scores at {needs.logit_softcap}")
+    if needs.latent and kind != "xla":
+        unmet.append("latent attention (values narrower than keys)")
     return " and ".join(unmet)
 
 
