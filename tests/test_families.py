@@ -24,9 +24,9 @@ from jaxlm.hf.peft import read_adapter
 from jaxlm.inference.export import export, export_adapter
 from jaxlm.inference.generation import complete
 from jaxlm.inference.loading import apply_init_from, open_source, source_config
-from jaxlm.model import qwen3_moe
+from jaxlm.model import moe, qwen3_moe, registry
 from jaxlm.model.lora import split_adapters
-from jaxlm.training.setup import build_model
+from jaxlm.training.setup import _unmet_needs, build_model
 from jaxlm.training.train import train
 
 FIXTURES = REPO / "tests/fixtures/hf"
@@ -246,14 +246,35 @@ def test_lora_fine_tunes_a_mixture_of_experts_on_its_attention_and_exports_peft_
     assert jax.tree.all(jax.tree.map(jnp.array_equal, split_adapters(read)[0], trained))
 
 
-def test_latent_attention_refuses_a_kernel_other_than_xla_in_one_line(tmp_path):
-    splash = ["attention.kernel=splash", "attention.splash_interpret=true", "data.seq_len=128"]
-    with pytest.raises(
-        ConfigError,
-        match=r"^attention.kernel=splash does not compute the latent attention \(values narrower than keys\) "
-        r"model.family=deepseek_v3 asks for; use attention.kernel=xla \(or auto\)$",
-    ):
-        build_model(tiny_config(tmp_path, *FAMILY_TINY["deepseek_v3"], *splash), jax.devices()[:1])
+def test_latent_attention_on_splash_trains_to_xla_s_losses(tmp_path):
+    """Splash takes values as wide as the keys: the latent attention's are padded with zeros and
+    the output cut back, which changes nothing; cuDNN is refused in one line."""
+    steps = [*FAMILY_TINY["deepseek_v3"], "train.steps=2", "mesh.fsdp=1", "data.seq_len=128"]
+    splash = ["attention.kernel=splash", "attention.splash_interpret=true"]
+    train(tiny_config(tmp_path / "xla", *steps, "attention.kernel=xla"), devices=jax.devices()[:1])
+    train(tiny_config(tmp_path / "splash", *steps, *splash), devices=jax.devices()[:1])
+    xla, kernel = train_losses(tmp_path / "xla"), train_losses(tmp_path / "splash")
+    assert xla.keys() == kernel.keys() == {1, 2}
+    for step, loss in kernel.items():
+        assert abs(loss - xla[step]) / xla[step] < 1e-5
+    needs = registry.get("deepseek_v3").attention(tiny_config(tmp_path, *steps).model)
+    assert (
+        _unmet_needs(needs, "cudnn") == "latent attention (values narrower than keys)"
+    )  # in the refusal's line
+    assert _unmet_needs(needs, "splash") == ""
+
+
+def test_the_routers_balancing_bias_moves_toward_balance_after_every_step(tmp_path):
+    """DeepSeek-V3's auxiliary-loss-free balancing: from 0, one step moves each expert's bias by
+    +rate (less than an even share of the step's assignments), -rate (more) or 0."""
+    load = jnp.asarray([[0.5, 0.25, 0.25, 0.0]])
+    np.testing.assert_allclose(moe.balanced_bias(jnp.zeros((1, 4)), load, 0.01), [[-0.01, 0, 0, 0.01]])
+    steps = [*FAMILY_TINY["deepseek_v3"], "train.steps=1", "checkpoint.every=1", "mesh.fsdp=1"]
+    train(tiny_config(tmp_path, *steps, "model.bias_update_rate=0.01"), devices=jax.devices()[:1])
+    loaded = jaxlm.load(tmp_path, devices=jax.devices()[:1])
+    bias = np.asarray(loaded.params["blocks"]["mlp"]["router_bias"][...])  # [layers with experts, experts]
+    assert bias.shape == (1, 4) and set(np.round(bias.ravel() / 0.01).tolist()) <= {-1.0, 0.0, 1.0}
+    assert bias.min() < 0 < bias.max()
 
 
 def test_more_experts_per_token_than_experts_is_one_line(tmp_path):

@@ -192,6 +192,10 @@ class DecoderSpec:
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
+# The metric that carries each MoE layer's per-expert load [layers, experts] to the train step,
+# which balances the sigmoid routers' biases by it (`moe.balanced_bias`) and logs it no further.
+EXPERT_LOAD = "moe/expert_load"
+
 
 @flax.struct.dataclass
 class KVCache:
@@ -363,7 +367,7 @@ class Block(nnx.Module):
         else:
             out_std = config.init_std / (2 * config.num_layers) ** 0.5
             pdt = dtype_of(config.param_dtype)
-            self.attention = MLA(config.d_model, spec.mla, rngs, config.init_std, out_std, pdt)
+            self.attention = MLA(config.d_model, spec.mla, rngs, config.init_std, out_std, pdt, kernel)
         self.mlp_norm = _norm(config, spec, config.d_model)
         if spec.moe is None:
             self.mlp = MLP(config, spec, rngs, lora)
@@ -496,6 +500,8 @@ class Decoder(nnx.Module):
             "moe/load_min": jnp.min(routed.load) * experts,
             "moe/dropped": jnp.mean(routed.dropped),
         }
+        if self.spec.moe.router == "sigmoid":  # what the step balances the routers' biases by
+            metrics[EXPERT_LOAD] = routed.load  # [layers with experts, experts]
         return {"aux_losses": losses, "metrics": metrics}
 
     def _rope(self, kind: LayerKind, positions: jax.Array, table_length: int):

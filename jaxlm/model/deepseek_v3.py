@@ -46,6 +46,11 @@ class DeepseekV3Config(MoEConfig):
     top_groups: int = Field(1, gt=0, description="Groups whose experts a token may choose (topk_group).")
     routed_scaling_factor: float = Field(1.0, gt=0, description="Factor of the routed experts' weights.")
     norm_top_k: bool = Field(True, description="Renormalise the chosen experts' scores (norm_topk_prob).")
+    bias_update_rate: float = Field(
+        0.001,
+        ge=0,
+        description="Auxiliary-loss-free balancing: after every step each expert's router bias moves this much up if the step gave it less than an even share, down if more (DeepSeek-V3's γ); 0: the bias stays as loaded.",
+    )
     yarn_factor: float | None = Field(
         None,
         gt=0,
@@ -378,8 +383,9 @@ def tensors(config: DeepseekV3Config) -> list[HFTensor]:
     return found
 
 
-# Latent attention's own logical axes: the bottlenecks stay whole (they are narrow).
-MLA_RULES = {"q_rank": None, "kv_rank": None}
+# Latent attention's own logical axes: the bottlenecks' widths split as the residual stream's
+# (`embed`) do, so that wq_b and wkv_b, which have no embed axis, are not whole on every device.
+MLA_RULES = {"q_rank": ("fsdp", "context", "expert"), "kv_rank": ("fsdp", "context", "expert")}
 
 FAMILY = decoder.family(
     "deepseek_v3",

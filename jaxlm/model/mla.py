@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.model.layers import RMSNorm, param, xla_attention
+from jaxlm.model.layers import XLA_KERNEL, AttentionKernel, RMSNorm, param, xla_attention
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,18 @@ class MLA(nnx.Module):
     qk]); wkv_a [embed, kv_rank + rope_dim]; kv_norm; wkv_b [kv_rank, heads, nope_dim + v_dim];
     wo [heads, v_dim, embed]."""
 
-    def __init__(self, d_model: int, spec: MLASpec, rngs: nnx.Rngs, init_std: float, out_std: float, dtype):
+    def __init__(
+        self,
+        d_model: int,
+        spec: MLASpec,
+        rngs: nnx.Rngs,
+        init_std: float,
+        out_std: float,
+        dtype,
+        kernel: AttentionKernel = XLA_KERNEL,
+    ):
         h, qk = spec.heads, spec.qk_dim
-        self.spec = spec
+        self.spec, self.kernel = spec, kernel
         if spec.q_rank is None:
             self.wq = param(rngs, (d_model, h, qk), ("embed", "heads", "head_dim"), init_std, dtype)
         else:
@@ -120,7 +129,12 @@ class MLA(nnx.Module):
         latent, k_pe = self.latent(x, *rope)
         if cache is None:
             k, v = self.keys_values(latent, k_pe)
-            out = xla_attention(q, k, v, documents)  # [batch, length, heads, v_dim]
+            if self.kernel.kind == "splash":  # its values as wide as its keys: zeros appended, cut off after
+                padded = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, self.spec.qk_dim - self.spec.v_dim)))
+                blocks = self.kernel.splash_block_q, self.kernel.splash_block_kv, self.kernel.splash_interpret
+                out = documents.attend(q, k, padded, *blocks)[..., : self.spec.v_dim]  # splash.Documents
+            else:
+                out = xla_attention(q, k, v, documents)  # [batch, length, heads, v_dim]
         else:
             out = self._absorbed(q, latent, k_pe, cache, documents)
             cache = (latent[:, :, None], k_pe[:, :, None])

@@ -407,4 +407,11 @@ class MoE(nnx.Module):
 class RouterBias(nnx.Param):
     """The sigmoid router's per-expert balancing bias (DeepSeek-V3's e_score_correction_bias): it
     shifts which experts are chosen, not their weights, so it gets no gradient (and no weight
-    decay); DeepSeek moves it toward balance between steps, which jaxlm does not do yet."""
+    decay); the train step moves it toward balance after every step (`balanced_bias`)."""
+
+
+def balanced_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+    """DeepSeek-V3's auxiliary-loss-free balancing: each expert's bias [..., experts] up by `rate`
+    where the step gave it less than an even share of the assignments (`load`, shares per layer),
+    down where more, unchanged where exactly even."""
+    return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load).astype(bias.dtype)

@@ -105,7 +105,7 @@ class AttentionNeeds:
     # Tokens a query sees back (itself included) in its layers with a local window, if any.
     sliding_window: int | None = None
     logit_softcap: float | None = None  # soft-capping of the attention scores
-    latent: bool = False  # multi-head latent attention: values of another width than keys (XLA's einsums)
+    latent: bool = False  # multi-head latent attention: values of another width than keys (not cuDNN)
 
 
 @dataclass(frozen=True)

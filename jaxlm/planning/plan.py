@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import topologies
 
 from jaxlm import parallel
@@ -107,7 +108,13 @@ def recomputes_weight_matmuls(model: ModelConfig) -> bool:
     return remat.recomputes_weight_matmuls(model.remat, model.remat_save, model.remat_offload, activations)
 
 
-def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: int, chip: Chip) -> float:
+def collective_seconds(
+    config: Config,
+    mesh_sizes: dict[str, int],
+    param_count: int,
+    chip: Chip,
+    expert_span: tuple[int, ...] | None = None,
+) -> float:
     """ICI time of one step's collectives, each on a bidirectional ring over its mesh axis.
 
     A model of what GSPMD inserts, not a reading of the compiled program: FSDP gathers every
@@ -119,7 +126,7 @@ def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: 
     gradients backward, and shards the weights as FSDP does. Expert parallelism shards the
     weights as FSDP does too, except the routed experts' (split over `expert`, gathered over the
     other axes), and sends each token's copies to its experts' devices and back by all-to-all,
-    forward and backward (`all_to_all_hops`).
+    forward and backward (`all_to_all_hops`, over the torus axes the expert axis spans).
     """
     model, train = config.model, config.train
     data, fsdp, expert, context, tensor = (mesh_sizes[axis] for axis in MESH_AXES)
@@ -146,15 +153,31 @@ def collective_seconds(config: Config, mesh_sizes: dict[str, int], param_count: 
     volume += (forwards + 1) * model.num_layers * share(context) * keys_values
     tokens_per_chip = rows_per_chip * config.data.seq_len / context
     copies = tokens_per_chip * traffic.routed_copies * model.d_model * compute_bytes
-    volume += 2 * (forwards + 1) * model.num_layers * all_to_all_hops(expert) * copies
+    volume += 2 * (forwards + 1) * model.num_layers * all_to_all_hops(expert_span or (expert,)) * copies
     return train.micro_batches * volume / (2 * chip.ici_link_bandwidth)
 
 
-def all_to_all_hops(size: int) -> float:
-    """Of a chip's all-to-all over a ring of `size` chips, the bytes that cross a link, per byte
-    sent: the (size − 1)/size that leaves the chip, a quarter of the ring away on average over
-    both directions (at least one hop)."""
-    return (size - 1) / size * max(1.0, size / 4)
+def all_to_all_hops(span: tuple[int, ...]) -> float:
+    """Of a chip's all-to-all over chips spanning `span` chips along each axis of a torus (a
+    ring: one axis), the link crossings per byte sent, shared over the two links of each axis
+    spanned: Σ over the axes of the mean ring distance to a chip on it (self included, at 0),
+    divided by the axes spanned. A ring of 8: 2 hops over 1 axis; a 8x8x4 block: (2 + 2 + 1) / 3."""
+    spanned = [size for size in span if size > 1]
+    if not spanned:
+        return 0.0
+    distance = sum(sum(min(step, size - step) for step in range(size)) / size for size in spanned)
+    return distance / len(spanned)
+
+
+def axis_span(mesh, axis: str) -> tuple[int, ...] | None:
+    """How many distinct coordinates the devices along mesh `axis` (the others at index 0) take on
+    each physical axis of the torus; None where the devices have no coordinates (CPU)."""
+    group = np.moveaxis(mesh.devices, mesh.axis_names.index(axis), 0)
+    group = group.reshape(group.shape[0], -1)[:, 0]
+    coords = [getattr(device, "coords", None) for device in group]
+    if any(c is None for c in coords):
+        return None
+    return tuple(len({c[i] for c in coords}) for i in range(len(coords[0])))
 
 
 @dataclass
@@ -228,6 +251,9 @@ class Plan:
     host_output_bytes: int = 0
     speed: Speed | None = None  # None when the compiler refused the program
     refusal: str | None = None  # the compiler's words when it refused
+    # The expert axis's extent along each physical axis of the torus (8 experts on a 4x4x4 v5p:
+    # (2, 4, 1)); None where the devices name no coordinates.
+    expert_span: tuple[int, ...] | None = None
 
     @property
     def fits(self) -> bool:
@@ -251,6 +277,7 @@ def plan(config: Config, topology: str, devices: list[jax.Device] | None = None)
         chip=chip,
         chips=len(devices),
         mesh=dict(setup.mesh.shape),
+        expert_span=axis_span(setup.mesh, "expert"),
         remat=model.remat,
         param_count=count_params(state.params),
         param_bytes=parallel.bytes_per_device(state.params, shardings.params),
@@ -316,7 +343,7 @@ def _speed(config: Config, figures: Plan, cost: dict, peak_flops: float) -> Spee
         xla_seconds=xla_seconds if xla_seconds and xla_seconds > 0 else None,
         compute_s=flops / peak_flops,
         memory_s=xla_bytes / chip.hbm_bandwidth,
-        collective_s=collective_seconds(config, figures.mesh, figures.param_count, chip),
+        collective_s=collective_seconds(config, figures.mesh, figures.param_count, chip, figures.expert_span),
         host_bytes=host_bytes,
         # The forward pass's writes and the backward pass's reads do not overlap each other.
         host_s=host_bytes / chip.host_link_bandwidth if host_bytes else 0.0,

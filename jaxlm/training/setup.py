@@ -183,7 +183,7 @@ def _unmet_needs(needs: registry.AttentionNeeds, kind: str) -> str:
         unmet.append(f"sliding window of {needs.sliding_window} tokens")
     if needs.logit_softcap is not None and kind != "xla":
         unmet.append(f"soft-capping of attention scores at {needs.logit_softcap}")
-    if needs.latent and kind != "xla":
+    if needs.latent and kind == "cudnn":
         unmet.append("latent attention (values narrower than keys)")
     return " and ".join(unmet)
 
@@ -319,6 +319,7 @@ def jit_train_step(config: Config, setup: TrainSetup) -> Callable:
         offloaded_opt_state=opt_state_moves(setup.state_shardings.opt_state)
         if config.optim.offload_state
         else None,
+        bias_update_rate=getattr(config.model, "bias_update_rate", 0.0),
     )
     return jax.jit(
         step,

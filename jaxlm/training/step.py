@@ -19,6 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxlm import parallel
+from jaxlm.model import moe
+from jaxlm.model.decoder import EXPERT_LOAD
 from jaxlm.model.lora import combine
 from jaxlm.model.registry import OutputHead
 from jaxlm.training import lora
@@ -202,6 +204,7 @@ def make_train_step(
     trainable: Callable = _all_trained,
     dropout_seed: int | None = None,
     offloaded_opt_state: tuple[Callable, Callable] | None = None,
+    bias_update_rate: float = 0.0,
 ) -> Callable:
     """(state, batch) → (state, metrics). The loss is the mean over the batch's trained targets
     (`loss_mask`): each micro-batch's summed loss is divided by the whole batch's count of them
@@ -212,7 +215,9 @@ def make_train_step(
     differentiated and updated (with LoRA, the adapters). dropout_seed: train.seed, when the
     model has dropout (LoRA's); each step and micro-batch draws its own key from it.
     offloaded_opt_state: for an optimizer state kept in host memory (optim.offload_state), the
-    functions that move it into device memory for the update and back out."""
+    functions that move it into device memory for the update and back out. bias_update_rate:
+    after the update, the sigmoid routers' balancing biases move by this toward balance, by the
+    step's per-expert load (DeepSeek-V3's; `moe.balanced_bias`)."""
 
     def objective(trained, frozen, batch, denominator, key):
         """What is differentiated: this (micro-)batch's share of the mean token loss plus its share
@@ -274,6 +279,9 @@ def make_train_step(
             trained, opt_state = _offloaded_optimizer_step(
                 optimizer, offloaded_opt_state, grads, state.opt_state, trained, grad_norm
             )
+        load = model_metrics.pop(EXPERT_LOAD, None)
+        if load is not None and bias_update_rate:
+            trained = _balance_router_biases(trained, load, bias_update_rate)
         params = combine(trained, frozen)
         metrics = {
             "loss": loss,
@@ -286,6 +294,17 @@ def make_train_step(
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
+
+
+def _balance_router_biases(trained, load: jax.Array, rate: float):
+    """The trained parameters with the experts' stack's router biases [layers, experts] moved
+    toward balance by the step's `load` (a stack of dense first layers has none)."""
+
+    def update(path, value):
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        return moe.balanced_bias(value, load, rate) if name == "blocks.mlp.router_bias" else value
+
+    return jax.tree_util.tree_map_with_path(update, trained)
 
 
 def _optimizer_step(optimizer, grads, opt_state, trained) -> tuple[Any, Any]:
