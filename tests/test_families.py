@@ -24,7 +24,7 @@ from jaxlm.hf.peft import read_adapter
 from jaxlm.inference.export import export, export_adapter
 from jaxlm.inference.generation import complete
 from jaxlm.inference.loading import apply_init_from, open_source, source_config
-from jaxlm.model import moe, qwen3_moe, registry
+from jaxlm.model import deepseek_v3, moe, qwen3_moe, registry
 from jaxlm.model.lora import split_adapters
 from jaxlm.training.setup import _unmet_needs, build_model
 from jaxlm.training.train import train
@@ -262,6 +262,16 @@ def test_latent_attention_on_splash_trains_to_xla_s_losses(tmp_path):
         _unmet_needs(needs, "cudnn") == "latent attention (values narrower than keys)"
     )  # in the refusal's line
     assert _unmet_needs(needs, "splash") == ""
+
+
+def test_a_quantized_deepseek_v3_checkpoint_is_one_line():
+    given = json.loads((FIXTURES / "deepseek_v3/config.json").read_text())
+    assert deepseek_v3.config_from_hf(given)["first_k_dense_replace"] == 1
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    with pytest.raises(
+        UserError, match=r"^config.json has quantization_config \(fp8 e4m3\): the weights are quantized"
+    ):
+        deepseek_v3.config_from_hf({**given, "quantization_config": fp8})
 
 
 def test_the_routers_balancing_bias_moves_toward_balance_after_every_step(tmp_path):

@@ -173,6 +173,14 @@ def traffic(config: DeepseekV3Config) -> LayerTraffic:
 
 def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """config.json of a DeepseekV3ForCausalLM → model keys of the deepseek_v3 family."""
+    quantized = hf.get("quantization_config")
+    if quantized:
+        raise UserError(
+            f"config.json has quantization_config ({quantized.get('quant_method', '?')} "
+            f"{quantized.get('fmt', '')}): the weights are quantized (DeepSeek-V3's release is fp8 with "
+            "block scales); jaxlm reads bfloat16 or float32 weights: convert them first (DeepSeek's "
+            "fp8_cast_bf16.py)"
+        )
     if hf.get("rope_interleave") is False:
         raise UserError(
             "config.json has rope_interleave=false; jaxlm reads DeepSeek-V3's interleaved rotary channels only"
