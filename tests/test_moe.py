@@ -119,6 +119,18 @@ def test_dropless_experts_compute_the_per_token_loop(inputs, kernel):
     np.testing.assert_allclose(moe.dropless(x, routing, *w, spec), expected, atol=2e-5, rtol=1e-5)
 
 
+def test_megablox_takes_rows_that_are_no_whole_number_of_its_tiles(inputs):
+    """200 rows (100 tokens × 2): the kernel's 128-row tiles need 256; the rows are padded and the
+    padding, past every group, is never computed."""
+    _, w, _ = inputs
+    rng = np.random.default_rng(1)
+    x, logits = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((100, D), (100, E)))
+    spec = moe.MoESpec(num_experts=E, top_k=K, expert_dim=M, kernel="megablox", interpret=True)
+    routing = moe.route(logits, spec)
+    expected, _ = reference_layer(x, np.asarray(routing.weights), np.asarray(routing.experts), *w)
+    np.testing.assert_allclose(moe.dropless(x, routing, *w, spec), expected, atol=2e-5, rtol=1e-5)
+
+
 def dense_reference(x, routing, w_gate, w_up, w_down):
     """Every assignment with its expert's weights gathered: a differentiable per-token loop."""
     gathered = [jnp.take(weight, routing.experts, axis=0) for weight in (w_gate, w_up, w_down)]

@@ -138,8 +138,14 @@ def _grouped(kernel: str, interpret: bool):
 
         def grouped(lhs, rhs, sizes):
             m, k, n = lhs.shape[0], lhs.shape[1], rhs.shape[2]
-            tiling = (min(m, 128), min(k, 128), min(n, 128))
-            return gmm(lhs, rhs, sizes, lhs.dtype, tiling, None, None, False, interpret)
+            tm = min(m, 128)
+            padded = -(-m // tm) * tm  # the kernel takes whole row tiles; it skips those past the groups
+            if padded != m:
+                lhs = jnp.pad(lhs, ((0, padded - m), (0, 0)))
+            out = gmm(
+                lhs, rhs, sizes, lhs.dtype, (tm, min(k, 128), min(n, 128)), None, None, False, interpret
+            )
+            return out[:m]
 
         return grouped
     return lambda lhs, rhs, sizes: jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=lhs.dtype)
