@@ -75,7 +75,7 @@ def test_local_launcher_exits_nonzero_and_names_the_failed_process(tmp_path):
     )  # fmt: skip
     assert result.returncode == 1
     assert (
-        "jaxlm[p0]: error: mesh data=1 fsdp=3 context=1 tensor=1 uses 3 devices but there are 8"
+        "jaxlm[p0]: error: mesh data=1 fsdp=3 expert=1 context=1 tensor=1 uses 3 devices but there are 8"
         in result.stderr
     )
     assert "launch/local.sh: process 0 exited with status 2" in result.stderr

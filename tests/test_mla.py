@@ -8,7 +8,15 @@ import pytest
 from conftest import REPO
 from flax import nnx
 
-from jaxlm.model.layers import YarnRopeScaling, attention_mask, cache_masks, rotary_angles, yarn_mscale
+from jaxlm.model import splash
+from jaxlm.model.layers import (
+    AttentionKernel,
+    YarnRopeScaling,
+    attention_mask,
+    cache_masks,
+    rotary_angles,
+    yarn_mscale,
+)
 from jaxlm.model.mla import MLA, MLASpec
 
 FIXTURES = REPO / "tests/fixtures/mla"
@@ -97,3 +105,17 @@ def test_the_compressed_cache_attends_as_the_expanded_keys_and_values_do():
     masks = cache_masks(jnp.ones((batch, 8), jnp.int32), cache_segments, jnp.asarray(16))
     tail, _ = layer(x[:, rest], tuple(r[:, rest] for r in rope), masks, (slots, pe_slots))
     np.testing.assert_allclose(jnp.concatenate([head, tail], axis=1), whole, atol=2e-6, rtol=1e-5)
+
+
+def test_on_splash_the_values_are_padded_to_the_keys_width_and_cut_back():
+    """Splash wants values as wide as the keys (28 here, 12 of values): zeros appended, output
+    cut back; the layer then gives XLA's output (Pallas interpret mode)."""
+    layer, fixture = load("mla_q_rank")
+    x = jnp.asarray(fixture["x"])
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    rope = rotary_angles(positions, ROPE, 10000.0, x.shape[1], YARN)
+    segments = jnp.ones(x.shape[:2], jnp.int32)
+    xla, _ = layer(x, rope, attention_mask(segments))
+    layer.kernel = AttentionKernel("splash", splash_interpret=True)
+    kernel, _ = layer(x, rope, splash.Documents(segments, 0, None, (None,)))
+    np.testing.assert_allclose(kernel, xla, atol=2e-6, rtol=1e-5)
