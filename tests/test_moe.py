@@ -245,3 +245,8 @@ def test_flop_counts_take_each_row_through_its_own_expert_only(inputs):
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr
     expected = 3 * 3 * 2 * TOKENS * K * D * M + 2 * 2 * TOKENS * K * D
     assert matmul_flops(jaxpr) == expected
+    # megablox visits a traced number of row tiles: counted at their bound, every row tile once
+    # per tile of the other dimensions (96 rows fit one tile here: the same count as ragged_dot).
+    megablox = moe.MoESpec(num_experts=E, top_k=K, expert_dim=M, kernel="megablox", interpret=True)
+    forward = jax.make_jaxpr(lambda x, w: moe.dropless(x, routing, *w, megablox))(x, w).jaxpr
+    assert matmul_flops(forward) == 3 * 2 * TOKENS * K * D * M + 2 * TOKENS * K * D

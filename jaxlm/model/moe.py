@@ -24,6 +24,7 @@ beside the output for the family to add through `ModelOutput.aux_losses`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -131,6 +132,15 @@ def expert_load(routing: Routing, num_experts: int) -> jax.Array:
     return counts / routing.experts.size
 
 
+DYNAMIC_GRID = re.compile(r"dynamic_grid_at_most_(\d+)")
+
+
+def dynamic_grid_scope(bound: int) -> str:
+    """A name scope bounding the dynamic dimension of a Pallas kernel's grid (megablox's row
+    tiles, which it visits only as far as the groups reach)."""
+    return f"dynamic_grid_at_most_{bound}"
+
+
 def _grouped(kernel: str, interpret: bool):
     """lhs [m, k] sorted by group, rhs [groups, k, n], group sizes [groups] → [m, n]."""
     if kernel == "megablox":
@@ -142,9 +152,11 @@ def _grouped(kernel: str, interpret: bool):
             padded = -(-m // tm) * tm  # the kernel takes whole row tiles; it skips those past the groups
             if padded != m:
                 lhs = jnp.pad(lhs, ((0, padded - m), (0, 0)))
-            out = gmm(
-                lhs, rhs, sizes, lhs.dtype, (tm, min(k, 128), min(n, 128)), None, None, False, interpret
-            )
+            # The kernel's grid visits a traced number of row tiles: at most every tile, which the
+            # FLOP counter (`jaxlm.training.metrics.matmul_flops`) reads from this scope.
+            with jax.named_scope(dynamic_grid_scope(padded // tm)):
+                tiling = (tm, min(k, 128), min(n, 128))
+                out = gmm(lhs, rhs, sizes, lhs.dtype, tiling, None, None, False, interpret)
             return out[:m]
 
         return grouped

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jaxlm import storage
 from jaxlm.config import Config
 from jaxlm.devices import table_entry
-from jaxlm.model import registry
+from jaxlm.model import moe, registry
 
 log = logging.getLogger("jaxlm")
 
@@ -65,9 +65,11 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
     return _matmul_flops(used, 1.0)
 
 
-def _matmul_flops(jaxpr: jax.extend.core.Jaxpr, blocks_run: float) -> float:
+def _matmul_flops(jaxpr: jax.extend.core.Jaxpr, blocks_run: float, grid_bound: int | None = None) -> float:
     total = 0.0
     for eqn in jaxpr.eqns:
+        bound = moe.DYNAMIC_GRID.search(str(eqn.source_info.name_stack))
+        bound = int(bound[1]) if bound else grid_bound  # scopes reach into a custom VJP's jaxprs
         if eqn.primitive.name == "dot_general":
             (contracting, _), _ = eqn.params["dimension_numbers"]
             lhs_shape = eqn.invars[0].aval.shape
@@ -84,10 +86,10 @@ def _matmul_flops(jaxpr: jax.extend.core.Jaxpr, blocks_run: float) -> float:
         runs = registry.share_of_blocks_run(str(eqn.source_info.name_stack)) or blocks_run
         repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
         if eqn.primitive.name == "pallas_call":
-            repeats = math.prod(eqn.params["grid_mapping"].grid) * runs
+            repeats = math.prod(_static_grid(eqn, bound)) * runs
         if eqn.primitive.name == "shard_map":
             repeats = math.prod(eqn.params["mesh"].shape[axis] for axis in eqn.params["newly_manual_axes"])
-        inner = [_matmul_flops(jaxpr, runs) for jaxpr in jax.extend.core.jaxprs_in_params(eqn.params)]
+        inner = [_matmul_flops(jaxpr, runs, bound) for jaxpr in jax.extend.core.jaxprs_in_params(eqn.params)]
         if eqn.primitive.name == "cond":  # one branch runs: counted as the dearest
             inner = [max(inner)]
         total += repeats * sum(inner)
@@ -342,3 +344,16 @@ class StepProfiler:
             self.active = False
             if self._mirror:
                 self._mirror.close()
+
+
+def _static_grid(eqn, bound: int | None) -> tuple[int, ...]:
+    """A Pallas kernel's grid, a dynamic dimension (megablox's row tiles) at the `bound` its name
+    scope states (`moe.dynamic_grid_scope`): an upper bound of the cells that run."""
+    grid = eqn.params["grid_mapping"].grid
+    if all(isinstance(size, int) for size in grid):
+        return grid
+    if bound is None:
+        raise ValueError(
+            f"a Pallas kernel's grid {grid} has a dynamic dimension and no dynamic_grid_scope bounding it"
+        )
+    return tuple(size if isinstance(size, int) else bound for size in grid)
