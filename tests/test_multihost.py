@@ -2,6 +2,7 @@
 process, exact resume, SIGTERM preemption, a killed process, resume on another process count and
 mesh, and the SLURM path through JAX's auto-detection."""
 
+import json
 import os
 import re
 import signal
@@ -167,6 +168,63 @@ def test_two_processes_sharing_an_expert_axis_log_the_losses_of_one(tmp_path):
     assert one.keys() == two.keys() == {1, 2, 3, 4}
     for step, loss in two.items():
         assert abs(loss - one[step]) / one[step] < 1e-5
+
+
+# One process of two loading a Hugging Face mixture of experts onto mesh.expert=8: it prints which
+# experts' tensors of w_gate it read (each safetensors slice wrapped to note its reads).
+READ_EXPERTS = """
+import json
+import sys
+import jax
+from jaxlm.hf import read
+
+process, port, fixture = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process)
+experts_read = set()
+
+
+class Noted:
+    def __init__(self, number, tensor, inner):
+        self.number, self.tensor, self.inner = number, tensor, inner
+
+    def __getitem__(self, index):
+        if self.tensor.param == "blocks.mlp.w_gate":
+            experts_read.add(self.number % self.tensor.experts)
+        return self.inner[index]
+
+
+original = read._sharded_array
+read._sharded_array = lambda tensor, slices, *rest: original(
+    tensor, [Noted(i, tensor, s) for i, s in enumerate(slices)], *rest
+)
+import jaxlm
+
+jaxlm.load(fixture, overrides=["mesh.expert=8", "mesh.fsdp=1"])
+print("experts read:", json.dumps(sorted(experts_read)))
+"""
+
+
+def test_each_process_reads_only_the_experts_it_holds(tmp_path):
+    script = tmp_path / "read_experts.py"
+    script.write_text(READ_EXPERTS)
+    port = free_port()
+    environment = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    fixture = REPO / "tests/fixtures/hf/qwen3_moe"  # 8 experts
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(index), str(port), str(fixture)],
+            cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for index in range(2)
+    ]  # fmt: skip
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], "".join(err for _, err in outputs)
+    read = [json.loads(out.split("experts read:")[1]) for out, _ in outputs]
+    assert sorted(read[0] + read[1]) == list(range(8)) and len(read[0]) == len(read[1]) == 4
 
 
 def test_sigterm_to_one_process_saves_at_an_agreed_step_and_all_exit_as_preempted(
