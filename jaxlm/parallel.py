@@ -135,7 +135,7 @@ def check_divisible(name: str, shape: Sequence[int], spec: PartitionSpec, mesh: 
     for dim, axes, logical in zip(shape, spec, logical_axes, strict=False):
         if axes is None:
             continue
-        parts = _axis_size(mesh, axes)
+        parts = axis_size(mesh, axes)
         axes = (axes,) if isinstance(axes, str) else axes
         if dim % parts:
             raise ConfigError(
@@ -271,7 +271,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     # tensor parallelism) is left to the compiler rather than padded.
     spec = PartitionSpec(
         *(
-            axes if axes is None or dim % _axis_size(mesh, axes) == 0 else None
+            axes if axes is None or dim % axis_size(mesh, axes) == 0 else None
             for dim, axes in zip(x.shape, spec, strict=False)
         )
     )
@@ -280,7 +280,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 def context_size(mesh: Mesh, rules: Rules) -> int:
     """How many ways context parallelism splits the sequence: the size of the `length` rule's axes."""
-    return _axis_size(mesh, rules.get("length") or ())
+    return axis_size(mesh, rules.get("length") or ())
 
 
 def check_context(config: Config, shards: int) -> None:
@@ -324,8 +324,9 @@ def load_balanced_order(length: int, shards: int) -> np.ndarray:
     return np.concatenate([np.arange(start, start + chunk) for start in starts])
 
 
-def _axis_size(mesh: Mesh, axes: str | Sequence[str]) -> int:
-    return math.prod(mesh.shape[axis] for axis in ((axes,) if isinstance(axes, str) else axes))
+def axis_size(mesh: Mesh, axes: str | Sequence[str] | None) -> int:
+    """Devices along mesh `axes` (a PartitionSpec entry: a name, names, or None for none)."""
+    return math.prod(mesh.shape[axis] for axis in ((axes,) if isinstance(axes, str) else axes or ()))
 
 
 def _describe_sizes(sizes: Mapping[str, int]) -> str:

@@ -279,115 +279,89 @@ def config_to_hf(config: DeepseekV3Config, context_length: int) -> dict[str, Any
 
 
 def tensors(config: DeepseekV3Config) -> list[HFTensor]:
-    """The embedding, final norm and head; per layer the norms and latent attention's
-    projections; the dense first layers' mlp.{gate,up,down}_proj (stack `dense_blocks`), and the
-    mixtures' router mlp.gate.weight [experts, embed] with its e_score_correction_bias, experts
-    mlp.experts.{e}.* and shared experts mlp.shared_experts.* (stack `blocks`)."""
-    d, h, v = config.d_model, config.num_heads, config.vocab_size
-    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
-    r, rope, nope, vd = (
-        config.kv_lora_rank,
-        config.qk_rope_head_dim,
-        config.qk_nope_head_dim,
-        config.v_head_dim,
-    )
-    dense, total = config.first_k_dense_replace, config.num_layers
-    e, m = config.num_experts, config.mlp_dim
-    layer = "model.layers.{layer}"
-    stacks = (
-        [("dense_blocks", (0, dense)), ("blocks", (dense, total - dense))] if dense else [("blocks", None)]
-    )
-
-    def block(stack, layers, param, name, hf_shape, view, order, experts=0) -> HFTensor:
-        return HFTensor(f"{stack}.{param}", f"{layer}.{name}", hf_shape, view, order, True, experts, layers)
-
-    def matrix(stack, layers, param, name, rows, columns, experts=0) -> HFTensor:  # a transposed Linear
-        return block(stack, layers, param, name, (rows, columns), (rows, columns), (1, 0), experts)
-
+    """The embedding, final norm and head, and each stack's (`stack_tensors`): the dense first
+    layers' (`dense_blocks`) and the mixtures' (`blocks`)."""
+    d, v, dense = config.d_model, config.vocab_size, config.first_k_dense_replace
     found = [
         HFTensor("embedding", "model.embed_tokens.weight", (v, d), (v, d), (0, 1), stacked=False),
         HFTensor("final_norm.scale", "model.norm.weight", (d,), (d,), (0,), stacked=False),
     ]
     if not config.tie_embeddings:
         found.append(HFTensor("lm_head", "lm_head.weight", (v, d), (v, d), (1, 0), stacked=False))
-    for stack, layers in stacks:
+    if not dense:
+        return found + stack_tensors(config, "blocks", None)
+    mixtures = (dense, config.num_layers - dense)
+    return (
+        found + stack_tensors(config, "dense_blocks", (0, dense)) + stack_tensors(config, "blocks", mixtures)
+    )
+
+
+def stack_tensors(config: DeepseekV3Config, stack: str, layers: tuple[int, int] | None) -> list[HFTensor]:
+    """One stack's tensors (`layers`: its first layer in the checkpoint and how many): the norms
+    and latent attention's projections; the dense MLP's mlp.{gate,up,down}_proj, or the router
+    mlp.gate.weight [experts, embed] with its e_score_correction_bias, the experts
+    mlp.experts.{e}.* and the shared experts mlp.shared_experts.*."""
+    d, h, e, m = config.d_model, config.num_heads, config.num_experts, config.mlp_dim
+    qk, nope, vd = (
+        config.qk_nope_head_dim + config.qk_rope_head_dim,
+        config.qk_nope_head_dim,
+        config.v_head_dim,
+    )
+    r, rope = config.kv_lora_rank, config.qk_rope_head_dim
+
+    def block(param, name, hf_shape, view, order, experts=0) -> HFTensor:
+        return HFTensor(
+            f"{stack}.{param}", f"model.layers.{{layer}}.{name}", hf_shape, view, order, True, experts, layers
+        )
+
+    def norm(param, name, size) -> HFTensor:
+        return block(param, name, (size,), (size,), (0,))
+
+    def matrix(param, name, rows, columns, experts=0) -> HFTensor:  # a transposed Linear
+        return block(param, name, (rows, columns), (rows, columns), (1, 0), experts)
+
+    def heads_out(param, name, width, inputs) -> HFTensor:  # [heads × width, inputs] → [inputs, heads, width]
+        return block(param, name, (h * width, inputs), (h, width, inputs), (2, 0, 1))
+
+    found = [
+        norm("attention_norm.scale", "input_layernorm.weight", d),
+        norm("mlp_norm.scale", "post_attention_layernorm.weight", d),
+        matrix("attention.wkv_a", "self_attn.kv_a_proj_with_mqa.weight", r + rope, d),
+        norm("attention.kv_norm.scale", "self_attn.kv_a_layernorm.weight", r),
+        heads_out("attention.wkv_b", "self_attn.kv_b_proj.weight", nope + vd, r),
+        block("attention.wo", "self_attn.o_proj.weight", (d, h * vd), (d, h, vd), (1, 2, 0)),
+    ]
+    if config.q_lora_rank is None:
+        found.append(heads_out("attention.wq", "self_attn.q_proj.weight", qk, d))
+    else:
+        q = config.q_lora_rank
         found += [
-            block(stack, layers, "attention_norm.scale", "input_layernorm.weight", (d,), (d,), (0,)),
-            block(stack, layers, "mlp_norm.scale", "post_attention_layernorm.weight", (d,), (d,), (0,)),
-            matrix(stack, layers, "attention.wkv_a", "self_attn.kv_a_proj_with_mqa.weight", r + rope, d),
-            block(
-                stack, layers, "attention.kv_norm.scale", "self_attn.kv_a_layernorm.weight", (r,), (r,), (0,)
-            ),
-            block(
-                stack,
-                layers,
-                "attention.wkv_b",
-                "self_attn.kv_b_proj.weight",
-                (h * (nope + vd), r),
-                (h, nope + vd, r),
-                (2, 0, 1),
-            ),
-            block(
-                stack, layers, "attention.wo", "self_attn.o_proj.weight", (d, h * vd), (d, h, vd), (1, 2, 0)
-            ),
+            matrix("attention.wq_a", "self_attn.q_a_proj.weight", q, d),
+            norm("attention.q_norm.scale", "self_attn.q_a_layernorm.weight", q),
+            heads_out("attention.wq_b", "self_attn.q_b_proj.weight", qk, q),
         ]
-        if config.q_lora_rank is None:
-            found.append(
-                block(
-                    stack,
-                    layers,
-                    "attention.wq",
-                    "self_attn.q_proj.weight",
-                    (h * qk, d),
-                    (h, qk, d),
-                    (2, 0, 1),
-                )
-            )
-        else:
-            q = config.q_lora_rank
-            found += [
-                matrix(stack, layers, "attention.wq_a", "self_attn.q_a_proj.weight", q, d),
-                block(
-                    stack,
-                    layers,
-                    "attention.q_norm.scale",
-                    "self_attn.q_a_layernorm.weight",
-                    (q,),
-                    (q,),
-                    (0,),
-                ),
-                block(
-                    stack,
-                    layers,
-                    "attention.wq_b",
-                    "self_attn.q_b_proj.weight",
-                    (h * qk, q),
-                    (h, qk, q),
-                    (2, 0, 1),
-                ),
-            ]
-        if stack == "dense_blocks":
-            md = config.dense_mlp_dim
-            found += [
-                matrix(stack, layers, "mlp.w_gate", "mlp.gate_proj.weight", md, d),
-                matrix(stack, layers, "mlp.w_up", "mlp.up_proj.weight", md, d),
-                matrix(stack, layers, "mlp.w_down", "mlp.down_proj.weight", d, md),
-            ]
-            continue
+    if stack == "dense_blocks":
+        md = config.dense_mlp_dim
+        return [
+            *found,
+            matrix("mlp.w_gate", "mlp.gate_proj.weight", md, d),
+            matrix("mlp.w_up", "mlp.up_proj.weight", md, d),
+            matrix("mlp.w_down", "mlp.down_proj.weight", d, md),
+        ]
+    found += [
+        matrix("mlp.router", "mlp.gate.weight", e, d),
+        norm("mlp.router_bias", "mlp.gate.e_score_correction_bias", e),
+        matrix("mlp.w_gate", "mlp.experts.{expert}.gate_proj.weight", m, d, e),
+        matrix("mlp.w_up", "mlp.experts.{expert}.up_proj.weight", m, d, e),
+        matrix("mlp.w_down", "mlp.experts.{expert}.down_proj.weight", d, m, e),
+    ]
+    if config.shared_experts:
+        s = config.shared_experts * m
         found += [
-            matrix(stack, layers, "mlp.router", "mlp.gate.weight", e, d),
-            block(stack, layers, "mlp.router_bias", "mlp.gate.e_score_correction_bias", (e,), (e,), (0,)),
-            matrix(stack, layers, "mlp.w_gate", "mlp.experts.{expert}.gate_proj.weight", m, d, e),
-            matrix(stack, layers, "mlp.w_up", "mlp.experts.{expert}.up_proj.weight", m, d, e),
-            matrix(stack, layers, "mlp.w_down", "mlp.experts.{expert}.down_proj.weight", d, m, e),
+            matrix("mlp.shared_gate", "mlp.shared_experts.gate_proj.weight", s, d),
+            matrix("mlp.shared_up", "mlp.shared_experts.up_proj.weight", s, d),
+            matrix("mlp.shared_down", "mlp.shared_experts.down_proj.weight", d, s),
         ]
-        if config.shared_experts:
-            s = config.shared_experts * m
-            found += [
-                matrix(stack, layers, "mlp.shared_gate", "mlp.shared_experts.gate_proj.weight", s, d),
-                matrix(stack, layers, "mlp.shared_up", "mlp.shared_experts.up_proj.weight", s, d),
-                matrix(stack, layers, "mlp.shared_down", "mlp.shared_experts.down_proj.weight", d, s),
-            ]
     return found
 
 

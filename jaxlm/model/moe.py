@@ -321,7 +321,7 @@ class _Layout:
         return output.at[index.reshape(-1)].set(arrived.reshape(-1, *rows.shape[1:]), mode="drop")
 
     def _size(self, axes) -> int:
-        return math.prod(self.mesh.shape[axis] for axis in _names(axes))
+        return parallel.axis_size(self.mesh, axes)
 
     def _dividing(self, axes, dim: int):
         return axes if dim % self._size(axes) == 0 else None

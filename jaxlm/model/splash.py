@@ -338,8 +338,7 @@ class _Layout:
         return kernel.manual_sharding_spec(NamedSharding(self.mesh, PartitionSpec(None, self.q[1])))
 
     def _size(self, axes) -> int:
-        axes = () if axes is None else ((axes,) if isinstance(axes, str) else axes)
-        return math.prod(self.mesh.shape[axis] for axis in axes)
+        return parallel.axis_size(self.mesh, axes)
 
     def _dividing(self, spec: PartitionSpec, shape) -> PartitionSpec:
         return PartitionSpec(
